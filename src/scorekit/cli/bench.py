@@ -1,0 +1,30 @@
+"""``scorekit bench NAME``: run one benchmark; each lives in ``scorekit.bench.NAME``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+#: benchmark -> one-line help; the module ``scorekit.bench.<name>`` defines add_arguments and run.
+BENCHES: dict[str, str] = {
+    "samplers": "error vs NFE of every sampler x schedule on exact targets, against diffusers",
+    "train": "training quality and loop overhead on ring8 and digits",
+    "likelihood": "bits/dim, NFE and time of ODE likelihood and ELBO; OOD AUROC",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, help_ in BENCHES.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        try:
+            mod = importlib.import_module(f"scorekit.bench.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"scorekit.bench.{name}":
+                raise
+            continue
+        mod.add_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(f"scorekit.bench.{args.bench}").run(args) or 0)
