@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["karras", "loglinear"]
+__all__ = ["SCHEDULES", "get_schedule", "karras", "loglinear"]
 
 
 def _check_range(n: int, sigma_min: float, sigma_max: float) -> None:
@@ -60,3 +60,14 @@ def loglinear(
         ramp,
     )
     return _append_zero(log_s.exp()).to(dtype=dtype, device=device)
+
+
+#: Schedule name -> function ``(n, sigma_min, sigma_max, **options) -> sigmas [n + 1]``.
+SCHEDULES = {"karras": karras, "loglinear": loglinear}
+
+
+def get_schedule(name: str):
+    """A schedule function by name (see ``SCHEDULES``)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; allowed: {sorted(SCHEDULES)}")
+    return SCHEDULES[name]
