@@ -1,29 +1,68 @@
 """Sigma schedules: functions returning a decreasing ``sigmas`` tensor ``[n + 1]`` that ends in 0.
 
+Every schedule returns ``n`` decreasing positive sigmas from ``sigma_max`` to ``sigma_min``, then 0,
+as float64 (or the ``dtype`` asked for). The fixed schedules are registered in ``SCHEDULES`` with the
+signature ``(n, sigma_min, sigma_max, **options)``; ``optimized`` needs a denoiser and a sampler, so it
+is a separate function (its result can be cached in a JSON file).
+
+================  =================================================================================
+schedule          ``sigma_i`` for ``u_i = i / (n - 1)``, ``i = 0 .. n-1``
+================  =================================================================================
+karras            ``(smax^(1/rho) + u_i (smin^(1/rho) - smax^(1/rho)))^rho``  (EDM eq. 5)
+loglinear         ``exp(lerp(log smax, log smin, u_i))``  (uniform log-SNR)
+polyexponential   ``exp(log smin + (1 - u_i)^rho (log smax - log smin))``  (rho = 1: loglinear)
+uniform_t         ``process.sigma(lerp(t(smax), t(smin), u_i))``  (uniform in a process's time)
+optimized         chosen to minimise a sampler's error against the exact ODE solution
+================  =================================================================================
+
 References:
     Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models", NeurIPS 2022,
-    eq. 5 (the rho schedule).
+    eq. 5 (the rho schedule). Sabour, Fidler & Kreis, "Align Your Steps: Optimizing Sampling Schedules
+    in Diffusion Models", ICML 2024 (optimising a schedule per model and sampler). Song et al.,
+    "Denoising Diffusion Implicit Models", ICLR 2021 (uniform time steps).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
-__all__ = ["SCHEDULES", "get_schedule", "karras", "loglinear"]
+__all__ = [
+    "SCHEDULES",
+    "get_schedule",
+    "karras",
+    "loglinear",
+    "optimized",
+    "pf_ode_reference",
+    "polyexponential",
+    "uniform_t",
+]
 
 
 def _check_range(n: int, sigma_min: float, sigma_max: float) -> None:
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n (number of steps) must be an integer >= 1; got {n!r}")
-    if not 0 < sigma_min < sigma_max:
+    if not 0 < sigma_min < sigma_max or not math.isfinite(sigma_max):
         raise ValueError(
-            f"need 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}"
+            f"need 0 < sigma_min < sigma_max < inf; got sigma_min={sigma_min}, sigma_max={sigma_max}"
         )
 
 
 def _append_zero(sigmas: Tensor) -> Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def _ramp(n: int) -> Tensor:
+    """``u_i = i / (n - 1)`` for ``i = 0 .. n-1`` (``[0.]`` when ``n = 1``), float64."""
+    return torch.linspace(0, 1, n, dtype=torch.float64)
 
 
 def karras(
@@ -43,7 +82,7 @@ def karras(
     _check_range(n, sigma_min, sigma_max)
     if not rho > 0:
         raise ValueError(f"rho must be > 0; got {rho}")
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    ramp = _ramp(n)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return _append_zero((hi + ramp * (lo - hi)) ** rho).to(dtype=dtype, device=device)
 
@@ -53,21 +92,353 @@ def loglinear(
 ) -> Tensor:
     """``n`` sigmas uniform in ``log sigma`` (uniform log-SNR) from ``sigma_max`` to ``sigma_min``, then 0."""
     _check_range(n, sigma_min, sigma_max)
-    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     log_s = torch.lerp(
         torch.tensor(sigma_max, dtype=torch.float64).log(),
         torch.tensor(sigma_min, dtype=torch.float64).log(),
-        ramp,
+        _ramp(n),
     )
     return _append_zero(log_s.exp()).to(dtype=dtype, device=device)
 
 
+def polyexponential(
+    n: int,
+    sigma_min: float,
+    sigma_max: float,
+    rho: float = 1.0,
+    *,
+    dtype=torch.float64,
+    device=None,
+) -> Tensor:
+    """A power ramp in log space: ``log sigma_i = log smin + (1 - u_i)^rho (log smax - log smin)``.
+
+    ``u_i = i / (n - 1)``. ``rho = 1`` is ``loglinear``; ``rho > 1`` takes larger log-steps at high
+    noise and smaller ones near ``sigma_min``; ``rho < 1`` the opposite. Then 0 is appended.
+    """
+    _check_range(n, sigma_min, sigma_max)
+    if not rho > 0:
+        raise ValueError(f"rho must be > 0; got {rho}")
+    lo, hi = math.log(sigma_min), math.log(sigma_max)
+    log_s = lo + (1 - _ramp(n)) ** rho * (hi - lo)
+    return _append_zero(log_s.exp()).to(dtype=dtype, device=device)
+
+
+def uniform_t(
+    n: int,
+    sigma_min: float,
+    sigma_max: float,
+    *,
+    process="vp",
+    dtype=torch.float64,
+    device=None,
+) -> Tensor:
+    """``n`` sigmas uniform in a process's own time ``t``: ``sigma_i = sigma(lerp(t(smax), t(smin), u_i))``.
+
+    ``process`` is a ``scorekit.process.Process`` or a name from ``scorekit.process.PROCESSES``
+    (``"ddpm"`` gives DDIM's uniform time steps on DDPM's linear table, continuously interpolated;
+    ``"vp"`` Song et al.'s VP SDE). ``sigma_min`` and ``sigma_max`` must lie in the process's range.
+    Then 0 is appended.
+    """
+    from scorekit.process import get_process
+
+    _check_range(n, sigma_min, sigma_max)
+    proc = get_process(process)
+    lo, hi = proc.sigma_min, proc.sigma_max
+    tol = 1e-9 * hi
+    if sigma_min < lo * (1 - 1e-9) or sigma_max > hi + tol:
+        raise ValueError(
+            f"uniform_t: [sigma_min, sigma_max] = [{sigma_min:.6g}, {sigma_max:.6g}] must lie inside "
+            f"the range of process {proc!r}"
+        )
+    ends = proc.t(torch.tensor([sigma_max, sigma_min], dtype=torch.float64))
+    t = torch.lerp(ends[0], ends[1], _ramp(n))
+    sig = proc.sigma(t)
+    # Pin the ends exactly (t(sigma(t)) round trips are accurate, not exact).
+    sig[0] = sigma_max
+    sig[-1] = sigma_min if n > 1 else sigma_max
+    if not (sig[1:] < sig[:-1]).all():
+        raise ValueError(f"uniform_t: process {proc!r} gave non-decreasing sigmas for n={n}")
+    return _append_zero(sig).to(dtype=dtype, device=device)
+
+
 #: Schedule name -> function ``(n, sigma_min, sigma_max, **options) -> sigmas [n + 1]``.
-SCHEDULES = {"karras": karras, "loglinear": loglinear}
+SCHEDULES: dict[str, Callable[..., Tensor]] = {
+    "karras": karras,
+    "loglinear": loglinear,
+    "polyexponential": polyexponential,
+    "uniform_t": uniform_t,
+}
 
 
 def get_schedule(name: str):
-    """A schedule function by name (see ``SCHEDULES``)."""
+    """A schedule function by name (see ``SCHEDULES``; ``optimized`` is called directly)."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; allowed: {sorted(SCHEDULES)}")
     return SCHEDULES[name]
+
+
+# -- the exact probability-flow ODE solution, the reference every error is measured against --------
+
+
+def pf_ode_reference(
+    denoiser,
+    x: Tensor,
+    sigma_start: float,
+    sigma_end: float = 0.0,
+    *,
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+    method: str = "dopri5",
+) -> Tensor:
+    """Solve the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` tightly (torchdiffeq).
+
+    Integrates in ``sigma`` itself from ``sigma_start`` down to ``sigma_end`` (0 allowed: the drift
+    ``-sigma * score`` is smooth there for targets with a density). ``x`` ``[B, ...]`` is the state at
+    ``sigma_start``; the result has its shape. Use float64 for tolerances below ~1e-6. ``denoiser`` is
+    called with ``sigma`` of shape ``[B]``.
+
+    References:
+        Song et al., "Score-Based Generative Modeling through SDEs", ICLR 2021, eq. 13; Karras et al.
+        2022, eq. 4 (the ODE in the sigma frame). Chen, "torchdiffeq", 2018 (the adaptive solver).
+    """
+    from torchdiffeq import odeint
+
+    if not sigma_start > sigma_end >= 0:
+        raise ValueError(f"need sigma_start > sigma_end >= 0; got {sigma_start}, {sigma_end}")
+    batch, ndim = x.shape[0], x.ndim
+
+    def drift(s: Tensor, y: Tensor) -> Tensor:
+        if float(s) == 0.0:  # the limit of (x - D) / sigma is 0 when sigma -> 0 with a density
+            return torch.zeros_like(y)
+        # The adaptive solver may step past sigma = 0 and interpolate back. The drift
+        # -sigma * score(x; sigma^2) extends smoothly (oddly) to sigma < 0, so use |sigma| in D.
+        s_b = s.to(y.dtype).expand(batch)
+        return (y - denoiser(y, s_b.abs())) / s_b.reshape(-1, *([1] * (ndim - 1)))
+
+    span = torch.tensor([sigma_start, sigma_end], dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        return odeint(drift, x, span, rtol=rtol, atol=atol, method=method)[-1]
+
+
+# -- the optimised schedule -----------------------------------------------------------------------
+
+
+def _resolve_sampler(sampler) -> tuple[Callable, str]:
+    if callable(sampler):
+        return sampler, getattr(sampler, "__name__", type(sampler).__name__)
+    if isinstance(sampler, str):
+        # Imported here: samplers sit below schedules in the layer order; only ``optimized`` needs them.
+        from scorekit.samplers import REGISTRY
+
+        if sampler not in REGISTRY:
+            raise ValueError(f"unknown sampler {sampler!r}; allowed: {sorted(REGISTRY)}")
+        return REGISTRY[sampler], sampler
+    raise TypeError(f"sampler must be a name or a function; got {type(sampler).__name__}")
+
+
+def _sigmas_from_params(
+    z: Tensor, log_max: float, log_min: float, fraction: Tensor | None
+) -> Tensor:
+    """Positive decreasing sigmas ``[n]`` from gap logits ``z`` ``[n - 1]`` (then 0 is appended).
+
+    ``log sigma_i = log smax - span * cumsum(softmax(z))_{i-1}``: the log-gaps are positive and sum to
+    ``span``, so any ``z`` gives an ordered schedule with the ends pinned. ``span = log smax - log smin``
+    unless ``fraction`` (``sigmoid`` of a free parameter) shortens it, freeing the last positive sigma.
+    """
+    span = log_max - log_min
+    if fraction is not None:
+        span = span * fraction
+    steps = torch.softmax(z, 0) * span
+    log_s = log_max - torch.cat([z.new_zeros(1), torch.cumsum(steps, 0)])
+    return torch.cat([log_s.exp(), z.new_zeros(1)])
+
+
+def _cache_key(name: str, n: int, sigma_min, sigma_max, shape, seed, batch, extra: str) -> str:
+    return (
+        f"{name}|n={n}|smin={sigma_min!r}|smax={sigma_max!r}|shape={list(shape)}|seed={seed}"
+        f"|batch={batch}|{extra}"
+    )
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def optimized(
+    denoiser,
+    sampler,
+    n: int,
+    *,
+    sigma_min: float,
+    sigma_max: float,
+    shape,
+    seed: int = 0,
+    init: str = "karras",
+    free_sigma_min: bool = False,
+    iterations: int = 60,
+    reference_rtol: float = 1e-9,
+    cache: str | os.PathLike | None = None,
+    cache_key: str = "",
+    sampler_options: dict | None = None,
+    dtype=torch.float64,
+    device=None,
+    verbose: bool = False,
+) -> Tensor:
+    """Sigmas that minimise one sampler's error against the exact probability-flow ODE solution.
+
+    Draws calibration noise ``x_T = sigma_max * z``, ``z ~ N(0, I)`` of ``shape`` ``[B, ...]`` (seeded
+    by ``seed``), solves the PF-ODE from it tightly (``pf_ode_reference``) to get ``x_ref``, then picks
+    the schedule minimising
+
+        J(sigmas) = log mean_b |sampler(D, x_T, sigmas)_b - x_ref_b|^2
+
+    over the ``n - 2`` interior sigmas (``sigma_max`` and ``sigma_min`` stay fixed unless
+    ``free_sigma_min``, see below). The interior log-sigmas are parametrised by softmax gap
+    logits (``log sigma_i = log smax - span * cumsum(softmax(z))``), so every iterate is ordered; the
+    start is the ``init`` schedule (``karras`` by default). The objective is minimised by L-BFGS with
+    gradients from autograd through the sampler and the denoiser; if the sampler does not carry
+    gradients to its ``sigmas`` (a ``float(sigma)`` inside, say), central finite differences are used.
+
+    With ``free_sigma_min=True`` the log-span is ``sigmoid(w) * (log smax - log smin)``, so the last
+    positive sigma becomes a free parameter in ``[sigma_min, sigma_max)``; pass a small ``sigma_min``
+    (a floor) then.
+
+    This is the criterion of "Align Your Steps" (Sabour et al., ICML 2024) made concrete: instead of
+    their KL upper bound on the discretisation error, the actual error against the exact solution
+    from the same noise, which costs seconds on exact targets (a Gaussian mixture denoiser) and once
+    per model and sampler on a network.
+
+    Args:
+        denoiser: ``D(x [B, ...], sigma [B]) -> x0_hat``; should accept float64 and autograd.
+        sampler: a name in ``scorekit.samplers.REGISTRY`` or a sampler function.
+        n: number of positive sigmas (the schedule has ``n + 1`` entries).
+        sigma_min, sigma_max: the ends of the positive part.
+        shape: shape ``[B, ...]`` of the calibration batch (B of 64..512 is typical).
+        seed: seed of the calibration noise.
+        init: a name in ``SCHEDULES`` whose ``n``-step schedule starts the search.
+        iterations: L-BFGS iterations (each costs about ``3 * NFE`` denoiser calls with autograd).
+        reference_rtol: ``rtol = atol`` of the reference solve.
+        cache: a JSON file; if it holds this problem's key the stored sigmas are returned, otherwise
+            the result is added to it (written atomically).
+        cache_key: extra text naming the denoiser in the cache key (the model or target name); the
+            key also holds the sampler, n, sigma_min, sigma_max, shape, seed.
+        sampler_options: keyword options passed to the sampler.
+
+    Returns:
+        ``[n + 1]`` decreasing sigmas ending in 0, in ``dtype`` (float64 by default).
+
+    References:
+        Sabour, Fidler & Kreis, "Align Your Steps: Optimizing Sampling Schedules in Diffusion Models",
+        ICML 2024. Nocedal & Wright, "Numerical Optimization", 2006, ch. 7 (L-BFGS).
+    """
+    _check_range(n, sigma_min, sigma_max)
+    fn, name = _resolve_sampler(sampler)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or shape[0] < 1:
+        raise ValueError(f"shape must be [B, ...] with B >= 1 and a data dimension; got {shape}")
+    if init not in SCHEDULES:
+        raise ValueError(f"unknown init schedule {init!r}; allowed: {sorted(SCHEDULES)}")
+    opts = dict(sampler_options or {})
+    key = _cache_key(
+        name, n, sigma_min, sigma_max, shape, seed, shape[0],
+        f"init={init}|free_min={free_sigma_min}|it={iterations}|opts={sorted(opts.items())}|{cache_key}",
+    )  # fmt: skip
+    cache_path = Path(cache) if cache is not None else None
+    if cache_path is not None and cache_path.exists():
+        stored = json.loads(cache_path.read_text())
+        if key in stored:
+            return torch.tensor(stored[key]["sigmas"], dtype=dtype, device=device)
+
+    start = get_schedule(init)(n, sigma_min, sigma_max).to(torch.float64)
+    if (n <= 2 and not free_sigma_min) or n == 1:
+        return start.to(dtype=dtype, device=device)  # nothing to choose
+
+    t0 = time.perf_counter()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x_t = sigma_max * torch.randn(shape, generator=gen, dtype=torch.float64).to(device)
+    x_ref = pf_ode_reference(
+        denoiser, x_t, sigma_max, 0.0, rtol=reference_rtol, atol=reference_rtol
+    )
+    log_max, log_min = math.log(sigma_max), math.log(sigma_min)
+
+    gaps = -torch.diff(start[:-1].log())
+    z0 = gaps.log()
+    z0 = z0 - z0.mean()
+    w0 = torch.tensor([4.0], dtype=torch.float64)  # sigmoid(4) = 0.982: start near sigma_min
+    params0 = torch.cat([z0, w0]) if free_sigma_min else z0
+
+    def unpack(p: Tensor) -> Tensor:
+        if free_sigma_min:
+            return _sigmas_from_params(p[:-1], log_max, log_min, torch.sigmoid(p[-1]))
+        return _sigmas_from_params(p, log_max, log_min, None)
+
+    def objective(p: Tensor) -> Tensor:
+        sig = unpack(p).to(device)
+        out = fn(denoiser, x_t.clone(), sig, **opts)
+        return torch.log((out - x_ref).square().sum() / x_t.shape[0])
+
+    # Does the sampler carry gradients to its sigmas?
+    probe = params0.clone().requires_grad_(True)
+    use_autograd = True
+    try:
+        val = objective(probe)
+        (g,) = torch.autograd.grad(val, probe, allow_unused=True)
+        use_autograd = g is not None and bool(torch.isfinite(g).all()) and bool(g.abs().sum() > 0)
+    except RuntimeError:
+        use_autograd = False
+
+    def value_and_grad(p: Tensor) -> tuple[Tensor, Tensor]:
+        if use_autograd:
+            p = p.detach().clone().requires_grad_(True)
+            v = objective(p)
+            (g,) = torch.autograd.grad(v, p)
+            return v.detach(), g
+        with torch.no_grad():
+            v = objective(p)
+            g = torch.zeros_like(p)
+            eps = 1e-4
+            for i in range(p.numel()):
+                e = torch.zeros_like(p)
+                e[i] = eps
+                g[i] = (objective(p + e) - objective(p - e)) / (2 * eps)
+        return v, g
+
+    best_p, best_v = params0.clone(), float("inf")
+    params = params0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [params], lr=1.0, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9, tolerance_change=1e-12,
+    )  # fmt: skip
+
+    def closure():
+        nonlocal best_p, best_v
+        v, g = value_and_grad(params.detach())
+        if not torch.isfinite(v):  # a bad trial point: make the line search back off
+            params.grad = torch.zeros_like(params)
+            return torch.tensor(float("inf"), dtype=torch.float64)
+        if float(v) < best_v:
+            best_v, best_p = float(v), params.detach().clone()
+        params.grad = g.to(params.dtype)
+        return v
+
+    opt.step(closure)
+    sigmas = unpack(best_p).detach()
+    if verbose:
+        v0 = float(objective(params0).detach())
+        print(
+            f"optimized[{name}, n={n}]: rms {math.exp(v0 / 2):.3g} -> {math.exp(best_v / 2):.3g} "
+            f"in {time.perf_counter() - t0:.1f}s ({'autograd' if use_autograd else 'finite diff'})"
+        )
+    if cache_path is not None:
+        stored = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+        stored[key] = {"sigmas": sigmas.tolist(), "log_mse": best_v}
+        _write_json_atomic(cache_path, stored)
+    return sigmas.to(dtype=dtype, device=device)
