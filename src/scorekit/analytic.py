@@ -224,10 +224,10 @@ class Empirical:
         self.dim = self.flat.shape[1]
         self.chunk = chunk
 
-    def _logits(self, xf: Tensor, s2: Tensor) -> Tensor:
-        # -|x - y|^2 / (2 s^2) via the expansion; the |x|^2 term is constant per row and cancels.
-        d2 = self.sq_norms[None] - 2 * xf @ self.flat.T
-        return -d2 / (2 * s2[:, None])
+    def _sq_dists(self, xf: Tensor) -> Tensor:
+        """``|x_b - y_i|^2`` ``[b, N]`` via the expansion, clamped at 0 against rounding."""
+        d2 = xf.square().sum(1, keepdim=True) - 2 * xf @ self.flat.T + self.sq_norms[None]
+        return d2.clamp(min=0)
 
     def denoise(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         """Exact ``E[x0 | x]`` under the empirical distribution; shape of ``x``."""
@@ -237,7 +237,13 @@ class Empirical:
         for i in range(0, xf.shape[0], self.chunk):
             xs, ss = xf[i : i + self.chunk], s[i : i + self.chunk]
             zero = ss == 0
-            w = torch.softmax(self._logits(xs, ss.clamp(min=torch.finfo(ss.dtype).tiny)), dim=1)
+            # softmax_i(-|x - y_i|^2 / (2 sigma^2)); |x|^2 is constant per row and dropped, and the
+            # row is shifted so the nearest point has logit 0 and the others are <= 0 (-inf when
+            # sigma^2 underflows): no row is ever all -inf, so no NaN at any sigma.
+            d2 = self.sq_norms[None] - 2 * xs @ self.flat.T
+            d2 = d2 - d2.min(dim=1, keepdim=True).values
+            s2 = ss.square().clamp(min=torch.finfo(ss.dtype).tiny)
+            w = torch.softmax(-d2 / (2 * s2[:, None]), dim=1)
             out[i : i + self.chunk] = w @ self.flat
             if zero.any():
                 nearest = torch.cdist(xs[zero], self.flat).argmin(dim=1)
@@ -262,9 +268,7 @@ class Empirical:
         out = []
         for i in range(0, xf.shape[0], self.chunk):
             xs, ss = xf[i : i + self.chunk], s[i : i + self.chunk]
-            logits = self._logits(xs, ss) - xs.square().sum(1, keepdim=True) / (
-                2 * ss[:, None] ** 2
-            )
+            logits = -self._sq_dists(xs) / (2 * ss[:, None] ** 2)
             norm = -0.5 * self.dim * (LOG_2PI + 2 * ss.log()) - math.log(self.flat.shape[0])
             out.append(torch.logsumexp(logits, dim=1) + norm)
         return torch.cat(out).to(x.dtype)
