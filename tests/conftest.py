@@ -1,0 +1,17 @@
+"""Shared pytest setup: few threads (the suite shares two cores) and a float64 fixture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def float64():
+    """Run the test with float64 as torch's default dtype, restoring the previous default after."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield torch.float64
+    torch.set_default_dtype(old)
