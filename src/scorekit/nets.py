@@ -1,0 +1,534 @@
+"""Raw networks ``F(x_in, c_noise, class_labels=None)``: an MLP for vectors and a small U-Net for images.
+
+A raw network is never a denoiser by itself: ``scorekit.denoiser.NetDenoiser`` wraps it as
+``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)`` with the parameterisation's scalings, so the same
+network serves eps-, x0-, v-, score-, flow- and EDM-parameterised training. Shapes:
+
+    x_in          [B, dim] (MLP) or [B, C, H, W] (UNet), float
+    c_noise       [B] float (a 0-d tensor or Python number is broadcast to the batch)
+    class_labels  [B] integer in 0..num_classes-1, or -1 for "no label" (a learned null embedding);
+                  ``None`` means every row is unconditional. Classifier-free guidance (Ho & Salimans
+                  2022) trains with labels randomly replaced by -1 and samples both branches.
+    result        x_in's shape
+
+The noise level enters through a sinusoidal embedding of ``c_noise`` (``_NoiseEmbedding``), a small MLP,
+and a per-block scale and shift (FiLM, Perez et al. 2018) of the normalised activations.
+
+``build(config)`` makes a network from a JSON-able dict through the explicit two-entry table ``NETS``;
+``default_config(dataset)`` gives CPU-sized defaults for a ``scorekit.data.Dataset``.
+
+References:
+    Vaswani et al., "Attention Is All You Need", NeurIPS 2017 (sinusoidal embedding, Sec. 3.5).
+    Tancik et al., "Fourier Features Let Networks Learn High Frequency Functions in Low Dimensional
+    Domains", NeurIPS 2020 (Fourier features of a low-dimensional input).
+    Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020 (U-Net with GroupNorm,
+    time embedding, self-attention at 16x16). Dhariwal & Nichol, "Diffusion Models Beat GANs on Image
+    Synthesis", NeurIPS 2021 (adaptive GroupNorm scale/shift from the embedding, Sec. 3).
+    Perez et al., "FiLM: Visual Reasoning with a General Conditioning Layer", AAAI 2018.
+    Ho & Salimans, "Classifier-Free Diffusion Guidance", NeurIPS 2021 workshop (null label).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scorekit._util import append_dims
+
+if TYPE_CHECKING:
+    from scorekit.data import Dataset
+
+__all__ = ["MLP", "NETS", "UNet", "build", "default_config", "num_parameters"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces: input checks, noise and class embeddings.
+
+
+def _check_c_noise(c_noise: Tensor | float, x: Tensor) -> Tensor:
+    """``c_noise`` as a float ``[B]`` tensor on x's device and dtype (a scalar is broadcast)."""
+    batch = x.shape[0]
+    if not isinstance(c_noise, Tensor):
+        if not isinstance(c_noise, (int, float)):
+            raise TypeError(f"c_noise must be a number or a tensor, got {type(c_noise).__name__}")
+        return torch.full((batch,), float(c_noise), device=x.device, dtype=x.dtype)
+    c_noise = c_noise.to(device=x.device, dtype=x.dtype)
+    if c_noise.ndim == 0:
+        return c_noise.expand(batch)
+    if c_noise.shape != (batch,):
+        raise ValueError(
+            f"c_noise must be a scalar or have shape [B] = [{batch}]; got shape {tuple(c_noise.shape)}"
+        )
+    return c_noise
+
+
+class _NoiseEmbedding(nn.Module):
+    """Sinusoidal features of a scalar noise coordinate, then a two-layer MLP.
+
+    ``phi(c) = [cos(w_1 c), ..., cos(w_k c), sin(w_1 c), ..., sin(w_k c)]`` with ``k = dim / 2``
+    angular frequencies spaced geometrically from ``w_max = 1e3`` down to ``w_min = 1e-2`` (Vaswani et al.
+    2017, Sec. 3.5, with the frequency band moved to cover the ``c_noise`` of every adapter: ``t`` in
+    [0, 1] for VP/VE/flow, ``ln(sigma)/4`` in about [-2, 1.5] for EDM, ``t = sigma`` up to 80 for the
+    EDM process and a discrete step index up to 999); a deterministic stand-in for Tancik et al.'s
+    random Fourier features. The MLP ``Linear -> SiLU -> Linear`` maps ``phi`` to ``out_dim``.
+    """
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        if dim < 2 or dim % 2:
+            raise ValueError(f"the noise embedding size must be even and >= 2, got {dim}")
+        k = dim // 2
+        exponent = torch.arange(k, dtype=torch.float64) / max(k - 1, 1)
+        freqs = 1e3 * (1e-2 / 1e3) ** exponent
+        self.register_buffer("freqs", freqs.to(torch.float32), persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
+
+    def forward(self, c_noise: Tensor) -> Tensor:
+        # The phase is formed in float32 at least: w c reaches ~1e5, where bfloat16 loses the phase.
+        arg = c_noise.float()[:, None] * self.freqs[None, :]
+        phi = torch.cat([arg.cos(), arg.sin()], dim=1).to(c_noise.dtype)
+        return self.mlp(phi)
+
+
+class _ClassEmbedding(nn.Module):
+    """A learned vector per class plus one learned "null" vector used for label ``-1``."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)  # row ``num_classes`` is the null label
+
+    def forward(self, class_labels: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        if class_labels is None:
+            idx = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
+        else:
+            idx = torch.where(class_labels < 0, self.num_classes, class_labels)
+        return self.table(idx)
+
+
+def _check_labels(class_labels: Tensor | None, num_classes: int, batch: int) -> None:
+    """Raise a clear error unless ``class_labels`` is ``None`` or an integer ``[B]`` in ``-1..K-1``."""
+    if class_labels is None:
+        return
+    if not isinstance(class_labels, Tensor):
+        raise TypeError(
+            f"class_labels must be a LongTensor [B] or None, got {type(class_labels).__name__}"
+        )
+    if num_classes == 0:
+        raise ValueError(
+            "class_labels were given but this network is unconditional (num_classes=0); "
+            "build it with num_classes > 0 or pass class_labels=None"
+        )
+    if class_labels.dtype.is_floating_point or class_labels.dtype.is_complex:
+        raise TypeError(f"class_labels must be an integer tensor, got dtype {class_labels.dtype}")
+    if class_labels.shape != (batch,):
+        raise ValueError(
+            f"class_labels must have shape [B] = [{batch}]; got {tuple(class_labels.shape)}"
+        )
+    if batch and (class_labels.min() < -1 or class_labels.max() >= num_classes):
+        lo, hi = int(class_labels.min()), int(class_labels.max())
+        raise ValueError(
+            f"class_labels must be in 0..{num_classes - 1} or -1 (no label); got values in [{lo}, {hi}]"
+        )
+
+
+def _check_options(**kwargs: Any) -> None:
+    for name, value in kwargs.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_dropout(dropout: float) -> float:
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    return float(dropout)
+
+
+# --------------------------------------------------------------------------------------------------
+# MLP for vectors.
+
+
+class _MLPBlock(nn.Module):
+    """``h + W2 drop(SiLU(FiLM(LN(W1 SiLU(LN(h))), emb)))`` with ``FiLM(a) = a (1 + s) + b``."""
+
+    def __init__(self, hidden: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False)
+        self.film = nn.Linear(emb_dim, 2 * hidden)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        scale, shift = self.film(emb).chunk(2, dim=1)
+        a = self.norm2(self.fc1(F.silu(self.norm1(h))))
+        a = F.silu(a * (1 + scale) + shift)
+        return h + self.fc2(self.drop(a))
+
+
+class MLP(nn.Module):
+    """A residual MLP ``F(x [B, dim], c_noise [B], class_labels=None) -> [B, dim]`` for vector data.
+
+    ``x -> Linear(dim, hidden) -> depth x residual block -> LayerNorm -> SiLU -> Linear(hidden, dim)``.
+    The embedding ``e = MLP(phi(c_noise)) + class_emb(label)`` (``phi`` sinusoidal, see
+    ``_NoiseEmbedding``) goes through SiLU and sets a per-block scale and shift (FiLM). The output layer
+    starts at zero, so the untrained network returns 0 and the denoiser starts at ``c_skip x``.
+
+    Args:
+        dim: the data dimension ``d``.
+        hidden: width of the residual stream.
+        depth: number of residual blocks.
+        emb_dim: size of the noise (and class) embedding.
+        num_classes: number of classes for conditioning (0: unconditional; labels then not allowed).
+        dropout: dropout rate inside the blocks.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        hidden: int = 256,
+        depth: int = 4,
+        emb_dim: int = 128,
+        num_classes: int = 0,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        _check_options(dim=dim, hidden=hidden, depth=depth, emb_dim=emb_dim)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        self.dim, self.num_classes = dim, num_classes
+        self.noise_emb = _NoiseEmbedding(emb_dim, emb_dim)
+        self.class_emb = _ClassEmbedding(num_classes, emb_dim) if num_classes else None
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(
+            _MLPBlock(hidden, emb_dim, _check_dropout(dropout)) for _ in range(depth)
+        )
+        self.out_norm = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(
+        self, x: Tensor, c_noise: Tensor | float, class_labels: Tensor | None = None
+    ) -> Tensor:
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(
+                f"MLP(dim={self.dim}) expects x of shape [B, {self.dim}]; got {tuple(x.shape)}"
+            )
+        c_noise = _check_c_noise(c_noise, x)
+        _check_labels(class_labels, self.num_classes, x.shape[0])
+        emb = self.noise_emb(c_noise)
+        if self.class_emb is not None:
+            emb = emb + self.class_emb(class_labels, x.shape[0], x.device)
+        emb = F.silu(emb)
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.out(F.silu(self.out_norm(h)))
+
+
+# --------------------------------------------------------------------------------------------------
+# U-Net for small images.
+
+
+def _groups(channels: int) -> int:
+    """GroupNorm groups: a divisor of ``channels``, at most 32, with at least 4 channels per group."""
+    g = math.gcd(channels, 32)
+    while g > 1 and channels // g < 4:
+        g //= 2
+    return g
+
+
+class _ResBlock(nn.Module):
+    """``skip(h) + conv(drop(SiLU(GN(conv(SiLU(GN(h)))) (1 + s) + b)))``; ``(s, b)`` from the embedding."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(cin), cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * cout)
+        self.norm2 = nn.GroupNorm(_groups(cout), cout, affine=False)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        scale, shift = self.emb(emb).chunk(2, dim=1)
+        a = self.norm2(self.conv1(F.silu(self.norm1(h))))
+        a = F.silu(_film(a, scale, shift))
+        return self.skip(h) + self.conv2(self.drop(a))
+
+
+def _film(a: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``a (1 + scale) + shift`` for ``a [B, C, H, W]`` and per-channel ``scale, shift [B, C]``."""
+    return a * append_dims(1 + scale, a.ndim) + append_dims(shift, a.ndim)
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention over the ``H * W`` positions, residual: ``h + proj(attn(GN(h)))``."""
+
+    def __init__(self, channels: int, head_dim: int = 32):
+        super().__init__()
+        self.heads = max(1, channels // head_dim)
+        if channels % self.heads:
+            self.heads = 1
+        self.norm = nn.GroupNorm(_groups(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        b, c, hh, ww = h.shape
+        q, k, v = (
+            self.qkv(self.norm(h)).reshape(b, 3, self.heads, c // self.heads, hh * ww).unbind(1)
+        )
+        # [B, heads, positions, head_dim] for scaled_dot_product_attention.
+        out = F.scaled_dot_product_attention(q.mT, k.mT, v.mT)
+        return h + self.proj(out.mT.reshape(b, c, hh, ww))
+
+
+class _Down(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        return self.conv(h)
+
+
+class _Up(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        return self.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """A small U-Net ``F(x [B, C, H, W], c_noise [B], class_labels=None) -> [B, C, H, W]``.
+
+    Layout (DDPM / ADM style): a 3x3 input conv to ``base_channels``; for each level ``i`` with
+    multiplier ``channel_mults[i]``, ``num_res_blocks`` residual blocks at ``base_channels * mult``
+    (self-attention after each block when the level's spatial size is in ``attn_resolutions``), then a
+    stride-2 conv down (not after the last level); a middle ResBlock-Attention-ResBlock; the mirror path
+    up with ``num_res_blocks + 1`` blocks per level, each taking the matching skip (concatenated),
+    nearest-neighbour upsampling + 3x3 conv; GroupNorm, SiLU and a zero-initialised 3x3 output conv.
+    Residual blocks use GroupNorm + SiLU, and the embedding ``SiLU(MLP(phi(c_noise)) + class_emb)``
+    sets a per-channel scale and shift after the second GroupNorm (Dhariwal & Nichol 2021, Sec. 3).
+
+    Args:
+        in_channels: image channels ``C`` (the output has the same).
+        image_size: ``H`` (square) or ``(H, W)``; both divisible by ``2 ** (len(channel_mults) - 1)``.
+            The attention placement depends on it, so the network checks inputs against it.
+        base_channels: channels of the first level.
+        channel_mults: per-level channel multipliers; one level per entry, halving the size each time.
+        num_res_blocks: residual blocks per level on the way down.
+        attn_resolutions: spatial sizes (the level's height) at which self-attention is used.
+        num_classes: classes for conditioning (0: unconditional).
+        dropout: dropout rate in the residual blocks.
+        emb_dim: size of the noise/class embedding (default ``4 * base_channels``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        image_size: int | Sequence[int] = 8,
+        base_channels: int = 32,
+        channel_mults: Sequence[int] = (1, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (4,),
+        num_classes: int = 0,
+        dropout: float = 0.0,
+        emb_dim: int | None = None,
+    ):
+        super().__init__()
+        emb_dim = 4 * base_channels if emb_dim is None else emb_dim
+        _check_options(
+            in_channels=in_channels,
+            base_channels=base_channels,
+            num_res_blocks=num_res_blocks,
+            emb_dim=emb_dim,
+        )
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        channel_mults = tuple(channel_mults)
+        if not channel_mults:
+            raise ValueError("channel_mults must have at least one entry")
+        for m in channel_mults:
+            _check_options(channel_mults=m)
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+            raise ValueError(
+                f"image_size must be an int or (H, W) of positive ints; got {image_size!r}"
+            )
+        factor = 2 ** (len(channel_mults) - 1)
+        if size[0] % factor or size[1] % factor:
+            raise ValueError(
+                f"image_size {size[0]}x{size[1]} must be divisible by 2**(len(channel_mults)-1) = "
+                f"{factor} for channel_mults={channel_mults}"
+            )
+        levels = [size[0] // 2**i for i in range(len(channel_mults))]
+        attn_resolutions = tuple(attn_resolutions)
+        unused = [r for r in attn_resolutions if r not in levels]
+        if unused:
+            raise ValueError(
+                f"attn_resolutions {unused} match no level; the levels' heights are {levels} "
+                f"for image_size {size[0]}x{size[1]} and channel_mults={channel_mults}"
+            )
+        dropout = _check_dropout(dropout)
+        self.in_channels, self.image_size, self.num_classes = in_channels, size, num_classes
+
+        self.noise_emb = _NoiseEmbedding(2 * ((base_channels + 1) // 2), emb_dim)
+        self.class_emb = _ClassEmbedding(num_classes, emb_dim) if num_classes else None
+        self.inp = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        # Down path: every module's output is pushed as a skip (the input conv's too).
+        self.down = nn.ModuleList()
+        skips = [base_channels]
+        ch = base_channels
+        for i, mult in enumerate(channel_mults):
+            for _ in range(num_res_blocks):
+                block = [_ResBlock(ch, base_channels * mult, emb_dim, dropout)]
+                ch = base_channels * mult
+                if levels[i] in attn_resolutions:
+                    block.append(_Attention(ch))
+                self.down.append(nn.ModuleList(block))
+                skips.append(ch)
+            if i < len(channel_mults) - 1:
+                self.down.append(nn.ModuleList([_Down(ch)]))
+                skips.append(ch)
+
+        self.mid = nn.ModuleList(
+            [
+                _ResBlock(ch, ch, emb_dim, dropout),
+                _Attention(ch),
+                _ResBlock(ch, ch, emb_dim, dropout),
+            ]
+        )
+
+        # Up path: each block takes one skip; the last block of a level is followed by upsampling.
+        self.up = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(channel_mults))):
+            for j in range(num_res_blocks + 1):
+                block = [_ResBlock(ch + skips.pop(), base_channels * mult, emb_dim, dropout)]
+                ch = base_channels * mult
+                if levels[i] in attn_resolutions:
+                    block.append(_Attention(ch))
+                if i > 0 and j == num_res_blocks:
+                    block.append(_Up(ch))
+                self.up.append(nn.ModuleList(block))
+        self.out_norm = nn.GroupNorm(_groups(ch), ch)
+        self.out = nn.Conv2d(ch, in_channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(
+        self, x: Tensor, c_noise: Tensor | float, class_labels: Tensor | None = None
+    ) -> Tensor:
+        h_, w_ = self.image_size
+        if x.ndim != 4 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.image_size:
+            raise ValueError(
+                f"UNet(in_channels={self.in_channels}, image_size={h_}x{w_}) expects x of shape "
+                f"[B, {self.in_channels}, {h_}, {w_}]; got {tuple(x.shape)}"
+            )
+        c_noise = _check_c_noise(c_noise, x)
+        _check_labels(class_labels, self.num_classes, x.shape[0])
+        emb = self.noise_emb(c_noise)
+        if self.class_emb is not None:
+            emb = emb + self.class_emb(class_labels, x.shape[0], x.device)
+        emb = F.silu(emb)
+
+        h = self.inp(x)
+        skips = [h]
+        for block in self.down:
+            for layer in block:
+                h = layer(h, emb)
+            skips.append(h)
+        for layer in self.mid:
+            h = layer(h, emb)
+        for block in self.up:
+            h = torch.cat([h, skips.pop()], dim=1)
+            for layer in block:
+                h = layer(h, emb)
+        return self.out(F.silu(self.out_norm(h)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Build from a JSON-able config.
+
+#: Network type -> class. ``build`` looks names up here only (no import-by-name).
+NETS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "unet": UNet}
+
+_POSITIONAL = {"mlp": "dim", "unet": "in_channels"}
+
+
+def build(config: dict[str, Any]) -> nn.Module:
+    """Build a raw network from a JSON-able config, e.g. ``{"type": "mlp", "dim": 2, "hidden": 256}``.
+
+    ``type`` picks the class from ``NETS``; every other key is passed as a keyword argument, so a
+    misspelt key is a ``TypeError`` naming it. Lists (from JSON) are accepted where tuples are expected.
+    """
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    kind = config.get("type")
+    if kind not in NETS:
+        raise ValueError(f"config['type'] must be one of {sorted(NETS)}; got {kind!r}")
+    kwargs = {k: v for k, v in config.items() if k != "type"}
+    first = _POSITIONAL[kind]
+    if first not in kwargs:
+        raise ValueError(f"config for {kind!r} needs the key {first!r}; got keys {sorted(config)}")
+    try:
+        return NETS[kind](kwargs.pop(first), **kwargs)
+    except TypeError as err:
+        raise TypeError(f"bad config for {kind!r}: {err}") from None
+
+
+def default_config(dataset: Dataset) -> dict[str, Any]:
+    """CPU-sized defaults for a ``scorekit.data.Dataset``, as a JSON-able config for ``build``.
+
+    Vectors: ``MLP(hidden=256, depth=4, emb_dim=128)`` (about 0.8M parameters for 2-D data).
+    Images: a two-level U-Net (32 and 64 channels, two residual blocks per level, attention at the
+    lower level when it is at most 16 pixels high), about 1.08M parameters for 8x8 digits with 10
+    classes. The number of classes is the data set's, so class-conditional training (and classifier-free
+    guidance) is available whenever the data carries labels.
+    """
+    if dataset.kind == "vector":
+        (dim,) = dataset.shape
+        return {
+            "type": "mlp",
+            "dim": int(dim),
+            "hidden": 256,
+            "depth": 4,
+            "emb_dim": 128,
+            "num_classes": int(dataset.num_classes),
+            "dropout": 0.0,
+        }
+    if dataset.kind == "image":
+        c, h, w = dataset.shape
+        mults = [1, 2] if h % 2 == 0 and w % 2 == 0 else [1]
+        low = h // 2 ** (len(mults) - 1)
+        return {
+            "type": "unet",
+            "in_channels": int(c),
+            "image_size": [int(h), int(w)],
+            "base_channels": 32,
+            "channel_mults": mults,
+            "num_res_blocks": 2,
+            "attn_resolutions": [low] if low <= 16 else [],
+            "num_classes": int(dataset.num_classes),
+            "dropout": 0.0,
+        }
+    raise ValueError(f"dataset.kind must be 'vector' or 'image', got {dataset.kind!r}")
+
+
+def num_parameters(net: nn.Module) -> int:
+    """The number of trainable parameters."""
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
