@@ -70,14 +70,19 @@ class Process(ABC):
         return self.alpha(t) * self.sigma(t)
 
     def derivatives(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``(d alpha / dt, d s / dt)`` at ``t``, by automatic differentiation."""
+        """``(d alpha / dt, d s / dt)`` at ``t``.
+
+        The built-in processes override this with closed forms; this fallback differentiates
+        ``alpha`` and ``s`` by autograd, and works under ``torch.no_grad`` and
+        ``torch.inference_mode`` too (where a plain autograd call would silently give zeros).
+        """
 
         def grad(fn):
-            with torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad():
                 tt = t.detach().clone().requires_grad_(True)
                 out = fn(tt)
                 if not out.requires_grad:  # constant in t (alpha = 1 for VE and EDM)
-                    return torch.zeros_like(t)
+                    return torch.zeros_like(tt).detach()
                 return torch.autograd.grad(out.sum(), tt)[0]
 
         return grad(self.alpha), grad(self.s)
@@ -145,6 +150,13 @@ class VPLinear(Process):
         # Root of beta_d/2 t^2 + beta_min t - L = 0, in the form without cancellation.
         return 2 * big_l / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * self.beta_d * big_l))
 
+    def derivatives(self, t):
+        # alpha = exp(-L/2), s^2 = 1 - alpha^2 with L' = beta(t): alpha' = -L' alpha / 2, s' = alpha^2 L' / (2 s).
+        dl = self.beta_min + self.beta_d * t
+        alpha = self.alpha(t)
+        s = torch.sqrt(-torch.expm1(-self._log_snr_inv(t)))
+        return -0.5 * dl * alpha, 0.5 * alpha**2 * dl / s
+
 
 class VPCosine(Process):
     """Variance-preserving cosine schedule ``alpha(t)**2 = f(t) / f(0)``, ``f(t) = cos((t+s)/(1+s) pi/2)**2``.
@@ -179,6 +191,13 @@ class VPCosine(Process):
         )
         return ang * (2 * (1 + self.s_offset) / math.pi) - self.s_offset
 
+    def derivatives(self, t):
+        # alpha' = -sin(angle) angle' / sqrt(f0); s^2 = 1 - alpha^2 gives s' = -alpha alpha' / s.
+        dang = math.pi / (2 * (1 + self.s_offset))
+        alpha = self.alpha(t)
+        da = -torch.sin(self._angle(t)) * dang / math.sqrt(self.f0)
+        return da, -alpha * da / self.s(t)
+
 
 class VE(Process):
     """Variance-exploding process ``sigma(t) = sigma_min (sigma_max / sigma_min)**t``, ``alpha = 1``."""
@@ -199,6 +218,9 @@ class VE(Process):
 
     def t(self, sigma):
         return torch.log(sigma / self._smin) / self._log_ratio
+
+    def derivatives(self, t):
+        return torch.zeros_like(t), self.sigma(t) * self._log_ratio
 
 
 class EDM(Process):
@@ -226,6 +248,9 @@ class EDM(Process):
 
     def t(self, sigma):
         return sigma
+
+    def derivatives(self, t):
+        return torch.zeros_like(t), torch.ones_like(t)
 
     def training_sigma(self, n, *, generator=None, device=None, dtype=torch.float32):
         z = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
@@ -260,6 +285,9 @@ class RectifiedFlow(Process):
 
     def t(self, sigma):
         return sigma / (1 + sigma)
+
+    def derivatives(self, t):
+        return -torch.ones_like(t), torch.ones_like(t)
 
     def training_sigma(self, n, *, generator=None, device=None, dtype=torch.float32):
         z = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
@@ -323,6 +351,17 @@ class DiscreteProcess(Process):
         lo = hi - 1
         w = (log_s - ls[lo]) / (ls[hi] - ls[lo])
         return lo.to(sigma.dtype) + w
+
+    def derivatives(self, t):
+        # Within step [i, i+1]: sigma' = sigma (log_sigma_{i+1} - log_sigma_i); with
+        # alpha = (1 + sigma^2)^(-1/2): alpha' = -alpha^3 sigma sigma', s' = alpha^3 sigma'.
+        # At an integer t this is the slope of the step that starts there (the last step at t_max).
+        ls = self.log_sigmas.to(device=t.device, dtype=t.dtype)
+        lo = t.clamp(self.t_min, self.t_max).floor().long().clamp(max=len(ls) - 2)
+        sigma = self.sigma(t)
+        dsigma = sigma * (ls[lo + 1] - ls[lo])
+        a3 = self.alpha(t) ** 3
+        return -a3 * sigma * dsigma, a3 * dsigma
 
     def training_sigma(self, n, *, generator=None, device=None, dtype=torch.float32):
         i = torch.randint(0, len(self.log_sigmas), (n,), generator=generator, device=device)
