@@ -1,0 +1,192 @@
+"""Samplers: one plain function per method, the registry, exact NFE counts and ``sample()``.
+
+Every sampler has the signature
+
+    name(denoiser, x, sigmas, *, generator=None, callback=None, progress=False, <options>) -> x
+
+with ``x`` ``[B, ...]`` already at ``sigmas[0]`` and ``sigmas`` 1-D, strictly decreasing, ending in 0.
+``REGISTRY`` maps each name to its function; ``nfe(name, sigmas, **options)`` is the exact number of
+denoiser calls it makes; ``sample()`` picks the number of steps that gives a requested NFE exactly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from scorekit.samplers._common import check_sigmas, row_generators
+from scorekit.samplers.ode import dpmpp_2m, euler, heun
+
+__all__ = ["ADAPTIVE", "REGISTRY", "nfe", "sample"]
+
+#: Sampler name -> function. One explicit table; the contract tests cover exactly these names.
+REGISTRY: dict[str, Callable] = {
+    "euler": euler,
+    "heun": heun,
+    "dpmpp_2m": dpmpp_2m,
+}
+
+#: Number of denoiser calls as a function of the number of steps ``n = len(sigmas) - 1`` and the
+#: sampler's options (defaults filled in). Adaptive samplers are absent: their NFE depends on the run.
+_NFE: dict[str, Callable[..., int]] = {
+    "euler": lambda n, o: n,
+    "heun": lambda n, o: 2 * n - 1,
+    "dpmpp_2m": lambda n, o: n,
+}
+
+#: Samplers whose number of steps is chosen by error control (``nfe`` cannot be known in advance);
+#: they report the calls they made in ``stats["nfe"]``.
+ADAPTIVE: frozenset[str] = frozenset()
+
+
+def _lookup(name: str) -> Callable:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown sampler {name!r}; allowed: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def _options(name: str, options: dict) -> dict:
+    """The sampler's keyword options with defaults filled in; a misspelt option is a TypeError."""
+    params = inspect.signature(_lookup(name)).parameters
+    allowed = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"{name}() got unexpected option(s) {unknown}; allowed: {allowed}")
+    return {p: options.get(p, params[p].default) for p in allowed}
+
+
+def _count(name: str, n: int, options: dict) -> int:
+    if name in ADAPTIVE:
+        raise ValueError(
+            f"{name} is adaptive: its NFE is not known in advance (it depends on the tolerances and "
+            "the denoiser); pass stats={} to the sampler and read stats['nfe'] after the call"
+        )
+    return _NFE[name](n, _options(name, options))
+
+
+def nfe(name: str, sigmas: Tensor | Sequence[float], **options) -> int:
+    """The exact number of denoiser calls ``REGISTRY[name]`` makes on ``sigmas`` with ``options``.
+
+    Raises:
+        ValueError: unknown name, invalid ``sigmas``, or an adaptive sampler (NFE not known in advance).
+        TypeError: an option the sampler does not take.
+    """
+    s = check_sigmas(sigmas)
+    _lookup(name)
+    return _count(name, len(s) - 1, options)
+
+
+def _steps_for(name: str, target: int, options: dict) -> int:
+    """The number of steps ``n`` whose NFE is exactly ``target``, or a ValueError naming neighbours."""
+    if not isinstance(target, int) or isinstance(target, bool) or target < 1:
+        raise ValueError(f"nfe must be a positive integer; got {target!r}")
+    least = _count(name, 2, options)
+    if target < least:
+        raise ValueError(
+            f"nfe={target} is too small for {name}: it needs at least {least} (one full step of its "
+            "order before the final step to sigma = 0)"
+        )
+    below, n = None, 2
+    while True:
+        got = _count(name, n, options)
+        if got == target:
+            return n
+        if got > target:
+            raise ValueError(
+                f"{name} cannot make exactly nfe={target} denoiser calls; nearest achievable: "
+                f"{below} ({n - 1} steps) or {got} ({n} steps)"
+            )
+        below, n = got, n + 1
+
+
+def sample(
+    denoiser: Callable,
+    shape: Sequence[int],
+    *,
+    nfe: int | None = None,
+    sampler: str = "dpmpp_2m",
+    schedule: str | Callable = "karras",
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    seed: int = 0,
+    index_offset: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    sigmas: Tensor | Sequence[float] | None = None,
+    progress: bool = False,
+    **options,
+) -> Tensor:
+    """Draw ``shape[0]`` samples with ``sampler`` using exactly ``nfe`` denoiser calls.
+
+    Row ``i`` starts from ``sigmas[0] * z_i`` with ``z_i`` drawn from its own generator seeded by
+    ``(seed, i)``, and a stochastic sampler draws row ``i``'s noise from that generator too, so
+    sample ``i`` depends only on ``(seed, i)``, never on the batch size.
+
+    Args:
+        denoiser: ``D(x [B, ...], sigma [B]) -> [B, ...]``; bind conditioning into it beforehand.
+        shape: ``[B, ...]`` of the result.
+        nfe: exact number of denoiser calls; the number of steps is chosen to match it (ValueError
+            naming the nearest achievable values if the sampler cannot). Leave ``None`` with explicit
+            ``sigmas`` or an adaptive sampler.
+        sampler: a name in ``REGISTRY``.
+        schedule: a name for ``scorekit.schedules.get_schedule`` or a callable
+            ``(n, sigma_min, sigma_max) -> sigmas [n + 1]``.
+        seed: the seed; row ``i`` of the result is sample number ``index_offset + i`` of this seed.
+        index_offset: first sample number (for sharding: rank ``r`` draws rows ``start_r ...``).
+        sigmas: explicit noise levels (overrides ``schedule``, ``sigma_min``, ``sigma_max``).
+        **options: the sampler's own keyword options (misspelt ones are a TypeError).
+
+    Returns:
+        ``[B, ...]`` samples in ``dtype`` on ``device``.
+    """
+    fn = _lookup(sampler)
+    _options(sampler, options)
+    shape = tuple(int(v) for v in shape)
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"shape must be [B, ...] with rank >= 2 and positive sizes; got {shape}")
+    if sigmas is not None:
+        s = check_sigmas(sigmas)
+        if (
+            nfe is not None
+            and sampler not in ADAPTIVE
+            and _count(sampler, len(s) - 1, options) != nfe
+        ):
+            raise ValueError(
+                f"nfe={nfe} does not match the explicit sigmas: {sampler} makes "
+                f"{_count(sampler, len(s) - 1, options)} calls on {len(s) - 1} steps"
+            )
+    elif sampler in ADAPTIVE:
+        if nfe is not None:
+            raise ValueError(
+                f"{sampler} is adaptive: its NFE follows from its tolerances (rtol/atol), so nfe must "
+                f"be None; got nfe={nfe}"
+            )
+        s = [float(sigma_max), float(sigma_min), 0.0]
+    else:
+        if nfe is None:
+            raise ValueError(
+                f"give nfe (the number of denoiser calls) or explicit sigmas for {sampler}"
+            )
+        n = _steps_for(sampler, nfe, options)
+        if isinstance(schedule, str):
+            from scorekit.schedules import get_schedule
+
+            schedule = get_schedule(schedule)
+        if not callable(schedule):
+            raise TypeError(f"schedule must be a name or a callable; got {type(schedule).__name__}")
+        s = check_sigmas(
+            schedule(n, sigma_min, sigma_max), name=f"sigmas from schedule {schedule!r}"
+        )
+        if len(s) != n + 1:
+            raise ValueError(f"schedule returned {len(s)} sigmas for n={n} steps; expected {n + 1}")
+    device = torch.device(device if device is not None else "cpu")
+    if not isinstance(index_offset, int) or index_offset < 0:
+        raise ValueError(f"index_offset must be an integer >= 0; got {index_offset!r}")
+    gens = row_generators(seed, range(index_offset, index_offset + shape[0]), device)
+    x = torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype, device=device) for g in gens])
+    x = x * s[0]
+    sig = torch.tensor(s, dtype=torch.float64)
+    return fn(denoiser, x, sig, generator=gens, progress=progress, **options)

@@ -1,0 +1,202 @@
+"""Plumbing shared by every sampler: sigma validation, the checked denoiser call, callbacks, progress,
+per-row noise, and the host-side coefficient maths (phi functions, Lagrange weights).
+
+Everything here runs once per sampler call or works on Python floats, so the sampling loops stay free
+of host-device synchronisation: ``sigmas`` is read to the host once, per-step scalars are Python
+floats, and the denoiser's output is checked for NaN/inf only at the first call and on the final
+sample (one synchronisation each).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from scorekit._util import check_finite
+
+__all__ = [
+    "GeneratorLike",
+    "Model",
+    "check_sigmas",
+    "emit",
+    "finish",
+    "lagrange_weights",
+    "phi",
+    "prepare",
+    "randn_like",
+    "row_generators",
+    "steps",
+]
+
+#: One generator for the whole batch, or one per row (sample i then depends only on generator i).
+GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
+
+Model = Callable[[Tensor, "float | Tensor"], Tensor]
+
+
+def check_sigmas(sigmas: Tensor | Sequence[float], *, name: str = "sigmas") -> list[float]:
+    """Validate a noise-level sequence and return it as Python floats (one host read).
+
+    ``sigmas`` must be 1-D with at least two entries, finite, non-negative, strictly decreasing and
+    end in exactly 0 (so the sample is clean).
+    """
+    if isinstance(sigmas, Tensor):
+        if sigmas.ndim != 1:
+            raise ValueError(f"{name} must be 1-D; got a tensor of shape {tuple(sigmas.shape)}")
+        s = sigmas.detach().to("cpu", torch.float64).tolist()
+    else:
+        try:
+            s = [float(v) for v in sigmas]
+        except TypeError as err:
+            raise TypeError(
+                f"{name} must be a 1-D tensor or a sequence of numbers; got {type(sigmas).__name__}"
+            ) from err
+    if len(s) < 2:
+        raise ValueError(f"{name} needs at least 2 entries (sigma_max ... 0); got {len(s)}")
+    if not all(math.isfinite(v) for v in s):
+        raise ValueError(f"{name} must be finite; got {s}")
+    if min(s) < 0:
+        raise ValueError(f"{name} must be >= 0; got min {min(s):.6g}")
+    if s[-1] != 0:
+        raise ValueError(f"{name} must end in 0 so the result is a clean sample; got last {s[-1]}")
+    bad = [i for i in range(len(s) - 1) if not s[i] > s[i + 1]]
+    if bad:
+        i = bad[0]
+        raise ValueError(
+            f"{name} must be strictly decreasing; sigmas[{i}]={s[i]:.6g} <= sigmas[{i + 1}]={s[i + 1]:.6g}"
+        )
+    return s
+
+
+def _checked_model(denoiser: Callable, x: Tensor) -> Model:
+    """Wrap ``denoiser`` as ``model(x, sigma)`` with ``sigma`` a float (broadcast to ``[B]``) or ``[B]``.
+
+    Every call checks the output shape (free); the first call also checks it is finite (one sync).
+    """
+    batch, shape = x.shape[0], x.shape
+    first = True
+
+    def model(x: Tensor, sigma: float | Tensor) -> Tensor:
+        nonlocal first
+        if not isinstance(sigma, Tensor):
+            sigma = x.new_full((batch,), sigma)
+        out = denoiser(x, sigma)
+        if not isinstance(out, Tensor) or out.shape != shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"denoiser must return a tensor of x's shape {tuple(shape)}; got {got}"
+            )
+        if first:
+            first = False
+            check_finite(out, "denoiser output at the first call")
+        return out
+
+    return model
+
+
+def prepare(
+    denoiser: Callable, x: Tensor, sigmas: Tensor | Sequence[float]
+) -> tuple[list[float], Model]:
+    """Validate the inputs of a sampler; return host ``sigmas`` and the checked denoiser call."""
+    if not callable(denoiser):
+        raise TypeError(f"denoiser must be callable; got {type(denoiser).__name__}")
+    if not isinstance(x, Tensor) or x.ndim < 2 or not x.is_floating_point():
+        got = f"shape {tuple(x.shape)}, {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a floating tensor of shape [B, ...] (rank >= 2); got {got}")
+    return check_sigmas(sigmas), _checked_model(denoiser, x)
+
+
+def steps(n: int, progress: bool) -> Iterable[int]:
+    """``range(n)``, with a tqdm bar when ``progress`` is true."""
+    if progress:
+        from tqdm.auto import trange
+
+        return trange(n, desc="sampling", leave=False)
+    return range(n)
+
+
+def emit(
+    callback: Callable | None, i: int, sigma: float, x: Tensor, denoised: Tensor | None
+) -> None:
+    """Call ``callback({"i", "sigma", "x", "denoised"})`` if given: ``x`` is the state at ``sigma``."""
+    if callback is not None:
+        callback({"i": i, "sigma": sigma, "x": x, "denoised": denoised})
+
+
+def finish(x: Tensor) -> Tensor:
+    """Raise if the final sample holds NaN/inf (one sync per sampler call), else return it."""
+    return check_finite(x, "the sample after the last step")
+
+
+def randn_like(x: Tensor, generator: GeneratorLike) -> Tensor:
+    """Standard normal noise of ``x``'s shape, dtype and device.
+
+    ``generator`` is ``None``, one ``torch.Generator``, or a sequence of ``B`` generators: row ``i`` is
+    then drawn from ``generator[i]`` alone, so it does not depend on the batch it sits in.
+    """
+    kw = {"dtype": x.dtype, "device": x.device}
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, **kw)
+    if not isinstance(generator, (list, tuple)) or len(generator) != x.shape[0]:
+        got = len(generator) if isinstance(generator, (list, tuple)) else type(generator).__name__
+        raise ValueError(
+            f"generator must be None, a torch.Generator or a list of B = {x.shape[0]} generators; got {got}"
+        )
+    return torch.stack([torch.randn(x.shape[1:], generator=g, **kw) for g in generator])
+
+
+def row_generators(seed: int, rows: Iterable[int], device=None) -> list[torch.Generator]:
+    """One generator per row, seeded from ``(seed, row)`` alone (numpy ``SeedSequence`` mixing)."""
+    gens = []
+    for i in rows:
+        a, b = np.random.SeedSequence([seed, i]).generate_state(2, dtype=np.uint32)
+        g = torch.Generator(device=device or "cpu")
+        g.manual_seed(((int(a) << 32) | int(b)) & (2**63 - 1))
+        gens.append(g)
+    return gens
+
+
+# -- host-side coefficient maths ------------------------------------------------------------------
+
+
+def phi(k: int, z: float) -> float:
+    """``phi_k(z) = sum_j z^j / (j + k)!`` (``phi_0 = e^z``, ``phi_{k+1}(z) = (phi_k(z) - 1/k!) / z``).
+
+    A power series for ``|z| < 1`` (no cancellation at small steps), the recursion otherwise.
+
+    References:
+        Hochbruck & Ostermann, "Exponential integrators", Acta Numerica 2010, eq. 2.10.
+    """
+    if abs(z) < 1:
+        term, total, j = 1.0 / math.factorial(k), 0.0, 0
+        while abs(term) > 1e-18 * max(abs(total), 1e-300) or j < 2:
+            total += term
+            j += 1
+            term *= z / (j + k)
+        return total
+    value = math.exp(z)
+    for m in range(k):
+        value = (value - 1.0 / math.factorial(m)) / z
+    return value
+
+
+def lagrange_weights(nodes: Sequence[float], moments: Sequence[float]) -> list[float]:
+    """Weights ``w_j`` with ``sum_j w_j f(tau_j) = sum_k moments[k] * a_k`` for the polynomial
+    ``p(tau) = sum_k a_k tau^k`` interpolating ``f`` at ``nodes`` (``len(nodes) == len(moments)``).
+
+    With ``moments[k] = int kernel(tau) tau^k dtau`` this is the integral of the kernel times the
+    Lagrange interpolant, the building block of every exponential / Adams multistep step here. The
+    Vandermonde system is scaled by ``max |tau_j|`` for conditioning.
+    """
+    n = len(nodes)
+    if n == 1:
+        return [moments[0]]
+    scale = max(abs(t) for t in nodes)
+    v = np.vander(np.asarray(nodes, dtype=np.float64) / scale, n, increasing=True)  # V[j, k]
+    m = np.asarray(moments, dtype=np.float64) / scale ** np.arange(n)
+    # p(tau) = sum_k (tau/scale)^k c_k with V c = f, so sum_k m_k c_k = m^T V^{-1} f = (V^{-T} m)^T f.
+    return np.linalg.solve(v.T, m).tolist()

@@ -1,0 +1,202 @@
+"""The contract every sampler in ``scorekit.samplers.REGISTRY`` keeps (DESIGN.md, "Sampler").
+
+Shape and dtype kept (float32 and float64, 2-D and 4-D data), exactly ``nfe(...)`` denoiser calls
+(counted by the test's own denoiser), determinism for a fixed generator, sample ``i`` independent of
+the batch, and clear errors for bad input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scorekit.analytic import gaussian, target
+from scorekit.samplers import ADAPTIVE, REGISTRY, nfe, sample
+from scorekit.schedules import karras
+
+#: Every sampler and the options the contract runs it with (small, so the suite stays fast).
+CONTRACT: dict[str, dict] = {
+    "euler": {},
+    "heun": {},
+    "dpmpp_2m": {},
+}
+
+NAMES = sorted(CONTRACT)
+
+
+def test_registry_and_contract_cover_the_same_names():
+    assert set(REGISTRY) == set(CONTRACT)
+
+
+class Counting:
+    """Wraps an exact denoiser and counts its calls; checks the sigma contract on every call."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, x, sigma):
+        assert sigma.shape == (x.shape[0],) and sigma.dtype == x.dtype and sigma.device == x.device
+        self.calls += 1
+        return self.inner(x, sigma)
+
+
+def _run(name, den, x, sigmas, generator=None, **extra):
+    opts = {**CONTRACT[name], **extra}
+    return REGISTRY[name](den, x, sigmas, generator=generator, **opts)
+
+
+def _gens(seed, n):
+    return [torch.Generator().manual_seed(seed * 1000 + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shape_dtype_kept_and_exact_nfe(name, dtype):
+    # 4-D data [B, 1, 2, 3] against a 6-D Gaussian: rank-agnostic broadcasting, exact call counts.
+    g = gaussian(torch.zeros(6, dtype=torch.float64), torch.linspace(0.2, 1.5, 6).double())
+    for n_steps in (1, 2, 5):
+        den = Counting(g)
+        sig = karras(n_steps, 0.05, 10.0, dtype=torch.float64)
+        x = 10.0 * torch.randn(4, 1, 2, 3, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        stats = {}
+        extra = {"stats": stats} if name in ADAPTIVE else {}
+        out = _run(name, den, x, sig, generator=_gens(0, 4), **extra)
+        assert out.shape == x.shape and out.dtype == dtype
+        assert torch.isfinite(out).all()
+        if name in ADAPTIVE:
+            assert stats["nfe"] == den.calls
+        else:
+            assert den.calls == nfe(name, sig, **CONTRACT[name]), (n_steps, den.calls)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deterministic_for_a_fixed_generator(name):
+    g = target("ring8")
+    sig = karras(6, 0.02, 20.0)
+    x = 20.0 * torch.randn(5, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    a = _run(name, g, x.clone(), sig, generator=_gens(7, 5))
+    b = _run(name, g, x.clone(), sig, generator=_gens(7, 5))
+    assert torch.equal(a, b)
+    c = _run(name, g, x.clone(), sig, generator=torch.Generator().manual_seed(5))
+    d = _run(name, g, x.clone(), sig, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(c, d)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sample_i_does_not_depend_on_the_batch(name):
+    g = target("ring8")
+    sig = karras(6, 0.02, 20.0)
+    x = 20.0 * torch.randn(5, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    full = _run(name, g, x, sig, generator=_gens(2, 5))
+    for i in (0, 3):
+        one = _run(name, g, x[i : i + 1], sig, generator=_gens(2, 5)[i : i + 1])
+        torch.testing.assert_close(one[0], full[i], rtol=1e-9, atol=1e-9)
+    # The same through sample(): row i of a batch of 5 equals sample number i drawn alone.
+    kw = {"sampler": name, "sigmas": sig, "seed": 11, "dtype": torch.float64, **CONTRACT[name]}
+    batch = sample(g, (5, 2), **kw)
+    for i in (1, 4):
+        alone = sample(g, (1, 2), index_offset=i, **kw)
+        torch.testing.assert_close(alone[0], batch[i], rtol=1e-9, atol=1e-9)
+    other_seed = sample(g, (5, 2), **{**kw, "seed": 12})
+    assert not torch.allclose(other_seed, batch)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ADAPTIVE])
+def test_sample_matches_the_requested_nfe_exactly(name):
+    g = Counting(target("ring8"))
+    opts = CONTRACT[name]
+    # The achievable NFEs are nfe(name, sigmas) over step counts; each must be hit exactly.
+    achievable = sorted({nfe(name, karras(n, 0.1, 10.0), **opts) for n in range(2, 7)})
+    for want in achievable:
+        g.calls = 0
+        out = sample(g, (3, 2), nfe=want, sampler=name, sigma_min=0.1, sigma_max=10.0, **opts)
+        assert g.calls == want and out.shape == (3, 2) and out.dtype == torch.float32
+    gaps = sorted(set(range(achievable[0], achievable[-1])) - set(achievable))
+    if gaps:
+        with pytest.raises(ValueError, match="nearest achievable"):
+            sample(g, (3, 2), nfe=gaps[0], sampler=name, **opts)
+    with pytest.raises(ValueError, match="too small"):
+        sample(g, (3, 2), nfe=achievable[0] - 1, sampler=name, **opts)
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+
+def test_unknown_sampler_lists_the_valid_names():
+    with pytest.raises(ValueError, match="euler"):
+        sample(target("ring8"), (2, 2), nfe=10, sampler="eulr")
+    with pytest.raises(ValueError, match="dpmpp_2m"):
+        nfe("nope", karras(3, 0.1, 1.0))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    ("sigmas", "match"),
+    [
+        (torch.tensor([[1.0, 0.0]]), "1-D"),
+        (torch.tensor([2.0, 3.0, 1.0, 0.0]), "strictly decreasing"),
+        (torch.tensor([2.0, 1.0, 1.0, 0.0]), "strictly decreasing"),
+        (torch.tensor([2.0, 1.0, 0.5]), "end in 0"),
+        (torch.tensor([2.0, 1.0, -0.5, 0.0]), ">= 0"),
+        (torch.tensor([math.nan, 1.0, 0.0]), "finite"),
+        (torch.tensor([0.0]), "at least 2"),
+    ],
+)
+def test_bad_sigmas_are_rejected_before_any_call(name, sigmas, match):
+    den = Counting(target("ring8"))
+    with pytest.raises(ValueError, match=match):
+        _run(name, den, torch.zeros(2, 2), sigmas)
+    assert den.calls == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_denoisers_fail_at_the_first_call(name):
+    x = torch.randn(3, 2, dtype=torch.float64) * 10
+    sig = karras(4, 0.1, 10.0)
+    with pytest.raises(ValueError, match="shape"):
+        _run(name, lambda x, s: x[:, :1], x, sig)
+    calls = []
+
+    def nan_denoiser(x, s):
+        calls.append(1)
+        return torch.full_like(x, math.nan)
+
+    with pytest.raises(FloatingPointError, match="not finite"):
+        _run(name, nan_denoiser, x, sig)
+    assert len(calls) == 1
+
+    def late_nan(x, s):  # finite at first, NaN later: caught on the final sample, never returned
+        calls.append(1)
+        return torch.full_like(x, math.nan) if len(calls) > 3 else torch.zeros_like(x)
+
+    with pytest.raises(FloatingPointError, match="not finite"):
+        _run(name, late_nan, x, sig)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_misspelt_options_are_type_errors(name):
+    g = target("ring8")
+    with pytest.raises(TypeError):
+        REGISTRY[name](g, torch.zeros(2, 2), karras(3, 0.1, 1.0), not_an_option=1)
+    with pytest.raises(TypeError, match="not_an_option"):
+        sample(g, (2, 2), nfe=20, sampler=name, not_an_option=1)
+    if name not in ADAPTIVE:
+        with pytest.raises(TypeError, match="not_an_option"):
+            nfe(name, karras(3, 0.1, 1.0), not_an_option=1)
+
+
+def test_adaptive_nfe_is_not_known_in_advance():
+    for name in ADAPTIVE:
+        with pytest.raises(ValueError, match="not known in advance"):
+            nfe(name, karras(3, 0.1, 1.0))
+
+
+def test_per_row_generators_must_match_the_batch():
+    stochastic = [n for n in NAMES if n not in {"euler", "heun", "dpmpp_2m"}]
+    for name in stochastic[:1]:
+        with pytest.raises(ValueError, match="generator"):
+            _run(
+                name, target("ring8"), torch.zeros(3, 2), karras(3, 0.1, 1.0), generator=_gens(0, 2)
+            )
