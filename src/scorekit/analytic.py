@@ -68,6 +68,9 @@ class GaussianMixture:
             raise ValueError(f"means must have shape [K, d]; got {tuple(means.shape)}")
         k, d = means.shape
         covs = torch.as_tensor(covs, dtype=means.dtype, device=means.device)
+        for what, v in (("means", means), ("covs", covs)):
+            if not torch.isfinite(v).all():
+                raise ValueError(f"{what} contains NaN or inf; allowed: finite values")
         if covs.shape == (k, d):
             self.full = False
             if not (covs > 0).all():
@@ -218,6 +221,8 @@ class Empirical:
             raise ValueError(f"data must have shape [N, ...] with N >= 1; got {tuple(data.shape)}")
         if not data.is_floating_point():
             data = data.to(torch.get_default_dtype())
+        if not torch.isfinite(data).all():
+            raise ValueError("data contains NaN or inf; allowed: finite values")
         self.data = data
         self.flat = data.reshape(data.shape[0], -1)
         self.sq_norms = self.flat.square().sum(1)

@@ -132,7 +132,9 @@ class VPLinear(Process):
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3):
         if not 0 <= beta_min < beta_max:
-            raise ValueError(f"need 0 <= beta_min < beta_max; got {beta_min}, {beta_max}")
+            raise ValueError(
+                f"need 0 <= beta_min < beta_max; got beta_min={beta_min}, beta_max={beta_max}"
+            )
         self.beta_min, self.beta_d = float(beta_min), float(beta_max - beta_min)
         self.t_min, self.t_max = float(t_min), 1.0
 
@@ -206,7 +208,9 @@ class VE(Process):
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
         if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}")
+            raise ValueError(
+                f"need 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}"
+            )
         self._smin, self._log_ratio = float(sigma_min), math.log(sigma_max / sigma_min)
         self.t_min, self.t_max = 0.0, 1.0
 
@@ -236,7 +240,9 @@ class EDM(Process):
         p_std: float = 1.2,
     ):
         if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}")
+            raise ValueError(
+                f"need 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}"
+            )
         self.t_min, self.t_max = float(sigma_min), float(sigma_max)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
 
