@@ -171,11 +171,13 @@ def test_target_samples_match_mean_and_covariance(name):
     mean_se = (gm.covariance.diagonal() / n).sqrt()
     z_mean = (x.mean(0) - gm.mean).abs() / mean_se
     assert z_mean.max() < 5, f"sample mean off by {z_mean.max():.2f} standard errors"
-    # Covariance entries: standard error of the mean of (x_i - m_i)(x_j - m_j), estimated from the draws.
+    # Covariance entries: the standard error of the mean of c_i c_j (c = x - mean) is
+    # sqrt((E[c_i^2 c_j^2] - E[c_i c_j]^2) / n), with both moments estimated from the draws.
     c = x - gm.mean
-    prods = c[:, :, None] * c[:, None, :]
-    cov_se = prods.std(0) / math.sqrt(n)
-    z_cov = (prods.mean(0) - gm.covariance).abs() / cov_se
+    second = c.T @ c / n
+    fourth = c.square().T @ c.square() / n
+    cov_se = ((fourth - second.square()) / n).sqrt()
+    z_cov = (second - gm.covariance).abs() / cov_se
     assert z_cov.max() < 5, f"sample covariance off by {z_cov.max():.2f} standard errors"
 
 
@@ -279,3 +281,9 @@ def test_bad_input_messages():
         target("moons")
     with pytest.raises(ValueError, match="data must have shape"):
         Empirical(torch.zeros(5))
+    with pytest.raises(ValueError, match="data contains NaN or inf"):
+        Empirical(torch.full((3, 2), float("nan")))
+    with pytest.raises(ValueError, match="means contains NaN or inf"):
+        GaussianMixture(torch.full((2, 2), float("nan")), torch.ones(2, 2))
+    with pytest.raises(ValueError, match="covs contains NaN or inf"):
+        GaussianMixture(means, torch.full((2, 2), float("inf")))

@@ -209,9 +209,11 @@ def test_get_process_and_bad_input():
     assert get_process("ve", sigma_max=10.0).sigma_max == pytest.approx(10.0)
     with pytest.raises(ValueError, match=r"unknown process 'vpsde'; allowed: \['ddpm'"):
         get_process("vpsde")
-    with pytest.raises(ValueError, match="beta_min < beta_max"):
+    with pytest.raises(ValueError, match=r"beta_min < beta_max; got beta_min=5\.0, beta_max=1\.0"):
         VPLinear(beta_min=5.0, beta_max=1.0)
-    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+    with pytest.raises(
+        ValueError, match=r"sigma_min < sigma_max; got sigma_min=1\.0, sigma_max=0\.5"
+    ):
         VE(sigma_min=1.0, sigma_max=0.5)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         EDM(sigma_min=0.0)
