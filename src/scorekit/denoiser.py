@@ -81,8 +81,7 @@ class _ProcessParam(Parameterization):
         self.process = get_process(process)
 
     def _in(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
-        t = self.process.t(sigma)
-        return self.process.alpha(t), t
+        return self.process.alpha_from_sigma(sigma), self.process.t(sigma)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.process!r})"

@@ -69,6 +69,15 @@ class Process(ABC):
         """Noise scale ``s(t) = alpha(t) * sigma(t)`` of the process's own frame."""
         return self.alpha(t) * self.sigma(t)
 
+    def alpha_from_sigma(self, sigma: Tensor) -> Tensor:
+        """``alpha(t(sigma))``; processes where alpha is a closed form in sigma override this.
+
+        The closed forms (``1 / sqrt(1 + sigma**2)`` for variance-preserving processes,
+        ``1 / (1 + sigma)`` for the linear interpolant) avoid the float32 rounding of the round
+        trip through ``t`` (``1 - t`` near ``t = 1`` loses digits).
+        """
+        return self.alpha(self.t(sigma))
+
     def derivatives(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(d alpha / dt, d s / dt)`` at ``t``.
 
@@ -159,6 +168,9 @@ class VPLinear(Process):
         s = torch.sqrt(-torch.expm1(-self._log_snr_inv(t)))
         return -0.5 * dl * alpha, 0.5 * alpha**2 * dl / s
 
+    def alpha_from_sigma(self, sigma):
+        return torch.rsqrt(1 + sigma**2)
+
 
 class VPCosine(Process):
     """Variance-preserving cosine schedule ``alpha(t)**2 = f(t) / f(0)``, ``f(t) = cos((t+s)/(1+s) pi/2)**2``.
@@ -200,6 +212,9 @@ class VPCosine(Process):
         da = -torch.sin(self._angle(t)) * dang / math.sqrt(self.f0)
         return da, -alpha * da / self.s(t)
 
+    def alpha_from_sigma(self, sigma):
+        return torch.rsqrt(1 + sigma**2)
+
 
 class VE(Process):
     """Variance-exploding process ``sigma(t) = sigma_min (sigma_max / sigma_min)**t``, ``alpha = 1``."""
@@ -225,6 +240,9 @@ class VE(Process):
 
     def derivatives(self, t):
         return torch.zeros_like(t), self.sigma(t) * self._log_ratio
+
+    def alpha_from_sigma(self, sigma):
+        return torch.ones_like(sigma)
 
 
 class EDM(Process):
@@ -257,6 +275,9 @@ class EDM(Process):
 
     def derivatives(self, t):
         return torch.zeros_like(t), torch.ones_like(t)
+
+    def alpha_from_sigma(self, sigma):
+        return torch.ones_like(sigma)
 
     def training_sigma(self, n, *, generator=None, device=None, dtype=torch.float32):
         z = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
@@ -294,6 +315,9 @@ class RectifiedFlow(Process):
 
     def derivatives(self, t):
         return -torch.ones_like(t), torch.ones_like(t)
+
+    def alpha_from_sigma(self, sigma):
+        return 1 / (1 + sigma)
 
     def training_sigma(self, n, *, generator=None, device=None, dtype=torch.float32):
         z = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
@@ -368,6 +392,9 @@ class DiscreteProcess(Process):
         dsigma = sigma * (ls[lo + 1] - ls[lo])
         a3 = self.alpha(t) ** 3
         return -a3 * sigma * dsigma, a3 * dsigma
+
+    def alpha_from_sigma(self, sigma):
+        return torch.rsqrt(1 + sigma**2)
 
     def training_sigma(self, n, *, generator=None, device=None, dtype=torch.float32):
         i = torch.randint(0, len(self.log_sigmas), (n,), generator=generator, device=device)
