@@ -169,6 +169,12 @@ def test_adapter_round_trip_with_oracle_network(name, pname):
     torch.testing.assert_close(
         param.target(x, sigma, x0), expected, rtol=1e-6, atol=1e-7 * float(expected.abs().max())
     )
+    # In float32 the denoiser keeps ~float32 accuracy relative to the noise scale 1 + sigma (no
+    # digits lost to a round trip through t, e.g. 1 - t near t = 1 for the linear interpolant).
+    out32 = NetDenoiser(lambda x_in, c_noise: expected.float(), param)(x.float(), sigma.float())
+    assert out32.dtype == torch.float32
+    err = float(((out32.double() - x0).abs() / scale).max())
+    assert err < 4e-6, f"float32 round trip error {err:.2e} relative to 1 + sigma"
 
 
 def _edm_table1(sigma, sd):

@@ -52,6 +52,13 @@ def test_sigma_increasing_and_snr_decreasing(name):
     assert torch.isfinite(sigma).all() and (sigma > 0).all()
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_alpha_from_sigma_is_alpha_of_t_of_sigma(name):
+    p = get_process(name)
+    t = _grid(p)
+    torch.testing.assert_close(p.alpha_from_sigma(p.sigma(t)), p.alpha(t), rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", sorted(VARIANCE_PRESERVING))
 def test_variance_preserving(name):
     p = get_process(name)
