@@ -91,7 +91,8 @@ def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, seed: int
 
     Bias: the distance between two *empirical* distributions is biased upward relative to the
     distance between the underlying distributions (two independent sample sets of one distribution
-    give a positive value that shrinks with N, roughly like ``N^{-1/2}`` in SW2^2 per unit variance);
+    give a positive value: SW2^2 shrinks about like ``1/N``, so SW2 like ``N^{-1/2}``; measured for
+    two unit Gaussian sets in 4-D, SW2^2 is about ``5/N`` to ``8/N`` for N from 250 to 16000);
     compare values only at equal sample sizes and report the same-distribution floor beside them.
     For two Gaussians in ``R^d`` with equal isotropic covariance and means ``dmu`` apart,
     ``E_theta[(theta^T dmu)^2] = |dmu|^2 / d``, so the population SW2 is ``|dmu| / sqrt(d)``.
