@@ -199,7 +199,7 @@ def _load_data(cfg: TrainConfig):
 
     ds = data.load(cfg.data, seed=cfg.seed)
     if cfg.holdout > 0:
-        ds, _ = data.split(ds, cfg.holdout, seed=cfg.seed)
+        ds, _ = data.split(ds, holdout=cfg.holdout, seed=cfg.seed)
     return ds
 
 

@@ -1,0 +1,128 @@
+"""``scorekit train``: train a denoiser on a built-in data set or your own file; also under torchrun.
+
+scorekit train --data digits --out runs/digits --minutes 10
+scorekit train --data ring --out runs/ring --steps 2000 --process flow --param flow
+torchrun --nproc_per_node 2 -m scorekit.cli train --data moons --out runs/m --steps 1000
+scorekit train --out runs/digits --resume --steps 20000     # continue exactly where it stopped
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from scorekit.denoiser import PARAMETERIZATIONS
+from scorekit.process import PROCESSES
+from scorekit.train.loss import WEIGHTINGS
+
+# Options whose value may change when resuming; every other option is fixed by the saved run.
+_RUN_LENGTH = ("steps", "minutes", "device", "ckpt_every", "sample_every", "log_every")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a(
+        "--data",
+        help="built-in name (moons, swiss_roll, ring, checkerboard, pinwheel, digits) or a .npy/.csv/image folder",
+    )
+    a(
+        "--out",
+        required=True,
+        metavar="RUN_DIR",
+        help="run folder: config, log, checkpoints, pictures",
+    )
+    a("--steps", type=int, help="stop after this many optimiser steps")
+    a("--minutes", type=float, help="stop after this much training time (summed over resumes)")
+    a("--batch", type=int, help="global batch size, split across processes (default 256)")
+    a("--lr", type=float, help="peak AdamW learning rate (default 2e-3)")
+    a("--warmup", type=int, help="linear learning-rate warm-up steps (default 100)")
+    a("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    a("--grad-clip", type=float, help="clip the gradient norm to this (0: off; default 1)")
+    a(
+        "--process",
+        choices=sorted(PROCESSES),
+        help="forward process: noise levels drawn in training (default edm)",
+    )
+    a("--param", choices=sorted(PARAMETERIZATIONS), help="what the network predicts (default edm)")
+    a(
+        "--weighting",
+        choices=sorted(WEIGHTINGS),
+        help="loss weighting w(sigma) (default: the one matching --param)",
+    )
+    a("--cond", action="store_true", default=None, help="class-conditional (needs labels)")
+    a(
+        "--label-dropout",
+        type=float,
+        help="probability of dropping a label to -1 for classifier-free guidance (default 0.1)",
+    )
+    a(
+        "--ema",
+        type=float,
+        help="EMA: decay per step if < 1, else half-life in examples (default 0.999)",
+    )
+    a("--holdout", type=float, help="fraction of the data kept out of training (default 0)")
+    a("--net", type=json.loads, help="JSON overriding the network config, e.g. '{\"hidden\": 128}'")
+    a("--ckpt-every", type=int, help="steps between checkpoints (default 500)")
+    a("--sample-every", type=int, help="steps between sample pictures (0: off; default 0)")
+    a("--log-every", type=int, help="steps between log lines (default 50)")
+    a(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in RUN_DIR",
+    )
+    a("--seed", type=int, help="seed of data order, noise and initial weights (default 0)")
+    a("--device", help="cpu or cuda (default cpu)")
+    a("--no-progress", action="store_true", help="no progress bar")
+    a("--debug", action="store_true", help="show tracebacks")
+
+
+def config_from_args(args: argparse.Namespace):
+    """A ``TrainConfig`` from the options given (unset options keep the defaults)."""
+    from scorekit.train.loop import TrainConfig
+
+    given = {
+        k: v
+        for k, v in vars(args).items()
+        if v is not None and k in TrainConfig.__dataclass_fields__ and k != "net"
+    }
+    if args.net is not None:
+        if not isinstance(args.net, dict):
+            raise ValueError(f"--net must be a JSON object, got {args.net!r}")
+        given["net"] = args.net
+    return TrainConfig(**given), given
+
+
+def run(args: argparse.Namespace) -> int:
+    from scorekit.train import checkpoint as ckpt
+    from scorekit.train.distributed import teardown
+    from scorekit.train.loop import train
+
+    cfg, given = config_from_args(args)
+    resuming = args.resume and ckpt.latest(args.out) is not None
+    if resuming:
+        _, state = ckpt.load(ckpt.latest(args.out))
+        fixed = {k: v for k, v in given.items() if k not in (*_RUN_LENGTH, "out")}
+        changed = {
+            k: (state["config"].get(k), v) for k, v in fixed.items() if state["config"].get(k) != v
+        }
+        if changed:
+            print(
+                f"scorekit train: --resume keeps the run's settings; ignoring {changed}",
+                file=sys.stderr,
+            )
+    elif args.data is None:
+        raise ValueError("--data is required (unless --resume finds a checkpoint in --out)")
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    finally:
+        teardown()
+    last = result.log[-1]["loss"] if result.log else float("nan")
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"trained to step {result.step} ({result.steps_per_second:.1f} steps/s this session), "
+            f"last logged loss {last:.4f}; run folder: {result.run_dir}"
+        )
+    return 0
