@@ -20,10 +20,29 @@ from scorekit.schedules import karras
 CONTRACT: dict[str, dict] = {
     "euler": {},
     "heun": {},
+    "dpm_solver_2": {},
+    "dpm_solver_3": {},
+    "dpmpp_2s": {},
     "dpmpp_2m": {},
+    "dpmpp_3m": {},
+    "unipc": {"order": 3, "variant": "bh1"},
+    "deis": {"order": 3},
+    "ipndm": {"order": 4},
 }
 
 NAMES = sorted(CONTRACT)
+
+#: Samplers that draw noise (their results depend on the generator).
+STOCHASTIC = {
+    "euler_ancestral",
+    "euler_maruyama",
+    "dpmpp_2m_sde",
+    "dpmpp_3m_sde",
+    "edm_stochastic",
+    "restart",
+    "pc_langevin",
+    "adaptive_sde",
+}
 
 
 def test_registry_and_contract_cover_the_same_names():
@@ -194,9 +213,16 @@ def test_adaptive_nfe_is_not_known_in_advance():
 
 
 def test_per_row_generators_must_match_the_batch():
-    stochastic = [n for n in NAMES if n not in {"euler", "heun", "dpmpp_2m"}]
-    for name in stochastic[:1]:
+    from scorekit.samplers._common import randn_like
+
+    x = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="generator"):
+        randn_like(x, _gens(0, 2))
+    rows = randn_like(x, _gens(0, 3))
+    for i in range(3):  # row i is exactly what generator i alone draws
+        assert torch.equal(rows[i], torch.randn(2, generator=_gens(0, 3)[i]))
+    for name in [n for n in NAMES if n in STOCHASTIC]:
         with pytest.raises(ValueError, match="generator"):
             _run(
-                name, target("ring8"), torch.zeros(3, 2), karras(3, 0.1, 1.0), generator=_gens(0, 2)
+                name, target("ring8"), torch.ones(3, 2), karras(3, 0.1, 1.0), generator=_gens(0, 2)
             )

@@ -18,7 +18,18 @@ import torch
 from torch import Tensor
 
 from scorekit.samplers._common import check_sigmas, row_generators
-from scorekit.samplers.ode import dpmpp_2m, euler, heun
+from scorekit.samplers.ode import (
+    deis,
+    dpm_solver_2,
+    dpm_solver_3,
+    dpmpp_2m,
+    dpmpp_2s,
+    dpmpp_3m,
+    euler,
+    heun,
+    ipndm,
+    unipc,
+)
 
 __all__ = ["ADAPTIVE", "REGISTRY", "nfe", "sample"]
 
@@ -26,7 +37,14 @@ __all__ = ["ADAPTIVE", "REGISTRY", "nfe", "sample"]
 REGISTRY: dict[str, Callable] = {
     "euler": euler,
     "heun": heun,
+    "dpm_solver_2": dpm_solver_2,
+    "dpm_solver_3": dpm_solver_3,
+    "dpmpp_2s": dpmpp_2s,
     "dpmpp_2m": dpmpp_2m,
+    "dpmpp_3m": dpmpp_3m,
+    "unipc": unipc,
+    "deis": deis,
+    "ipndm": ipndm,
 }
 
 #: Number of denoiser calls as a function of the number of steps ``n = len(sigmas) - 1`` and the
@@ -34,7 +52,14 @@ REGISTRY: dict[str, Callable] = {
 _NFE: dict[str, Callable[..., int]] = {
     "euler": lambda n, o: n,
     "heun": lambda n, o: 2 * n - 1,
+    "dpm_solver_2": lambda n, o: 2 * n - 1,
+    "dpm_solver_3": lambda n, o: 3 * n - 2,
+    "dpmpp_2s": lambda n, o: 2 * n - 1,
     "dpmpp_2m": lambda n, o: n,
+    "dpmpp_3m": lambda n, o: n,
+    "unipc": lambda n, o: n,
+    "deis": lambda n, o: n,
+    "ipndm": lambda n, o: n,
 }
 
 #: Samplers whose number of steps is chosen by error control (``nfe`` cannot be known in advance);

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,12 +32,24 @@ from scorekit.samplers._common import (
     GeneratorLike,
     emit,
     finish,
+    lagrange_weights,
     phi,
     prepare,
     steps,
 )
 
-__all__ = ["dpmpp_2m", "euler", "heun"]
+__all__ = [
+    "deis",
+    "dpm_solver_2",
+    "dpm_solver_3",
+    "dpmpp_2m",
+    "dpmpp_2s",
+    "dpmpp_3m",
+    "euler",
+    "heun",
+    "ipndm",
+    "unipc",
+]
 
 
 def _exp_moments(h: float, k: int, eta: float = 0.0) -> list[float]:
@@ -153,4 +166,356 @@ def dpmpp_2m(
         d_mix = d if d_old is None else torch.lerp(d, d_old, -0.5 * h / h_old)
         x = torch.lerp(d_mix, x, s1 / s0)  # e^{-h} x + (1 - e^{-h}) D'
         d_old, h_old = d, h
+    return finish(x)
+
+
+def _combine(x: Tensor, scale: float, weights: list[float], terms: list[Tensor]) -> Tensor:
+    """``scale * x + sum_j weights[j] * terms[j]`` (host-float weights, no synchronisation)."""
+    out = x * scale
+    for w, t in zip(weights, terms, strict=True):
+        out = out.add(t, alpha=w)
+    return out
+
+
+def dpm_solver_2(
+    denoiser: Callable,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: GeneratorLike = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+    r1: float = 0.5,
+) -> Tensor:
+    """DPM-Solver-2: second-order singlestep exponential integrator in the noise-prediction form.
+
+    Each interval ``[sigma_i, sigma_{i+1}]`` of ``sigmas`` is one step, with ``h = log(sigma_i /
+    sigma_{i+1})``, an intermediate level ``s = sigma_i e^{-r1 h}`` and ``eps(x, sigma) = (x - D) / sigma``:
+
+        u       = x_i - sigma_s (e^{r1 h} - 1) eps_i            = x_i - (sigma_i - s) eps_i
+        x_{i+1} = x_i - sigma_{i+1} (e^h - 1) eps_i - sigma_{i+1} (e^h - 1) / (2 r1) (eps(u, s) - eps_i)
+
+    (``sigma_{i+1} (e^h - 1) = sigma_i - sigma_{i+1}`` exactly in this frame). Steps are not grouped:
+    every interval ending at ``sigma > 0`` costs 2 calls; the interval to ``sigma = 0`` (``h = inf``,
+    no intermediate level exists) is the first-order step ``x = D``. Order 2; ``NFE = 2N - 1``.
+
+    References:
+        Lu et al., "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling in Around
+        10 Steps", NeurIPS 2022, Alg. 1 (DPM-Solver-2).
+    """
+    s, model = prepare(denoiser, x, sigmas)
+    for i in steps(len(s) - 1, progress):
+        s0, s1 = s[i], s[i + 1]
+        d = model(x, s0)
+        emit(callback, i, s0, x, d)
+        if s1 == 0:
+            x = d
+            break
+        sm = s0 * math.exp(-r1 * math.log(s0 / s1))
+        eps0 = (x - d) / s0
+        u = x - (s0 - sm) * eps0
+        eps1 = (u - model(u, sm)) / sm
+        x = x - (s0 - s1) * eps0 - ((s0 - s1) / (2 * r1)) * (eps1 - eps0)
+    return finish(x)
+
+
+def dpm_solver_3(
+    denoiser: Callable,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: GeneratorLike = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """DPM-Solver-3: third-order singlestep exponential integrator in the noise-prediction form.
+
+    Each interval of ``sigmas`` is one step. With ``h = log(sigma_i / sigma_{i+1})``, ``r1 = 1/3``,
+    ``r2 = 2/3``, ``s_k = sigma_i e^{-r_k h}``, ``eps_i = (x_i - D_i)/sigma_i`` and
+    ``psi(z) = (e^z - 1)/z - 1 = z phi_2(z)``:
+
+        u1      = x_i - (sigma_i - s_1) eps_i,                 D1 = eps(u1, s_1) - eps_i
+        u2      = x_i - (sigma_i - s_2) eps_i - s_2 (r2/r1) psi(r2 h) D1,   D2 = eps(u2, s_2) - eps_i
+        x_{i+1} = x_i - (sigma_i - sigma_{i+1}) eps_i - (sigma_{i+1}/r2) psi(h) D2
+
+    Steps are not grouped: every interval ending at ``sigma > 0`` is a third-order step (3 calls);
+    the interval to ``sigma = 0`` is the first-order step ``x = D``. Order 3; ``NFE = 3N - 2``.
+
+    References:
+        Lu et al., "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling in Around
+        10 Steps", NeurIPS 2022, Alg. 2 (DPM-Solver-3).
+    """
+    r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+    s, model = prepare(denoiser, x, sigmas)
+    for i in steps(len(s) - 1, progress):
+        s0, s1 = s[i], s[i + 1]
+        d = model(x, s0)
+        emit(callback, i, s0, x, d)
+        if s1 == 0:
+            x = d
+            break
+        h = math.log(s0 / s1)
+        sa, sb = s0 * math.exp(-r1 * h), s0 * math.exp(-r2 * h)
+        eps0 = (x - d) / s0
+        u1 = x - (s0 - sa) * eps0
+        d1 = (u1 - model(u1, sa)) / sa - eps0
+        u2 = x - (s0 - sb) * eps0 - (sb * (r2 / r1) * r2 * h * phi(2, r2 * h)) * d1
+        d2 = (u2 - model(u2, sb)) / sb - eps0
+        x = x - (s0 - s1) * eps0 - (s1 / r2 * h * phi(2, h)) * d2
+    return finish(x)
+
+
+def dpmpp_2s(
+    denoiser: Callable,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: GeneratorLike = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+    r: float = 0.5,
+) -> Tensor:
+    """DPM-Solver++(2S): second-order singlestep exponential integrator in the data-prediction form.
+
+    With ``h = log(sigma_i / sigma_{i+1})`` and the intermediate level ``s = sigma_i e^{-r h}``:
+
+        u       = (s / sigma_i) x_i - expm1(-r h) D_i
+        D'      = (1 - 1/(2r)) D_i + 1/(2r) D(u, s)
+        x_{i+1} = (sigma_{i+1} / sigma_i) x_i - expm1(-h) D'
+
+    Each interval ending at ``sigma > 0`` costs 2 calls; the interval to ``sigma = 0`` is ``x = D``.
+    Order 2; ``NFE = 2N - 1``.
+
+    References:
+        Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
+        arXiv:2211.01095 (2022), Alg. 1.
+    """
+    s, model = prepare(denoiser, x, sigmas)
+    for i in steps(len(s) - 1, progress):
+        s0, s1 = s[i], s[i + 1]
+        d = model(x, s0)
+        emit(callback, i, s0, x, d)
+        if s1 == 0:
+            x = d
+            break
+        sm = s0 * math.exp(-r * math.log(s0 / s1))
+        u = torch.lerp(d, x, sm / s0)  # (s/sigma_i) x - expm1(-r h) D, since e^{-r h} = s/sigma_i
+        d_mix = torch.lerp(d, model(u, sm), 0.5 / r)
+        x = torch.lerp(d_mix, x, s1 / s0)
+    return finish(x)
+
+
+def dpmpp_3m(
+    denoiser: Callable,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: GeneratorLike = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """DPM-Solver++(3M): third-order multistep exponential integrator in the data-prediction form.
+
+    ``D`` is interpolated in ``lambda = -log sigma`` through the last three outputs ``D_i, D_{i-1},
+    D_{i-2}`` (nodes ``tau_j = lambda_{i-j} - lambda_i``, ``p(tau) = D_i + tau D' + tau^2/2 D''``) and
+    the step integrates it exactly against the exponential kernel:
+
+        x_{i+1} = e^{-h} x_i + C_0(h) D_i + C_1(h) D' + C_2(h) D'',
+        C_k(h)  = int_0^h e^{-(h-tau)} tau^k / k! dtau = h^{k+1} phi_{k+1}(-h)
+
+    (``C_0 = -expm1(-h)``, ``C_1 = h + expm1(-h)``, ``C_2 = h^2/2 - h - expm1(-h)``, evaluated by
+    series at small ``h``). Warm-up: orders 1 and 2 at the first two steps; the last step, to
+    ``sigma = 0``, is ``x = D``. Order 3; ``NFE = N``.
+
+    References:
+        Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
+        arXiv:2211.01095 (2022), Sec. 4 (multistep solvers; third order by the same Taylor
+        construction). Hochbruck & Ostermann, "Exponential integrators", Acta Numerica 2010, Sec. 2.
+    """
+    s, model = prepare(denoiser, x, sigmas)
+    hist: list[tuple[float, Tensor]] = []  # (lambda, D), most recent first
+    for i in steps(len(s) - 1, progress):
+        s0, s1 = s[i], s[i + 1]
+        d = model(x, s0)
+        emit(callback, i, s0, x, d)
+        if s1 == 0:
+            x = d
+            break
+        lam, h = -math.log(s0), math.log(s0 / s1)
+        hist = [(lam, d), *hist[:2]]
+        w = lagrange_weights([l - lam for l, _ in hist], _exp_moments(h, len(hist)))
+        x = _combine(x, s1 / s0, w, [t for _, t in hist])
+    return finish(x)
+
+
+def unipc(
+    denoiser: Callable,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: GeneratorLike = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+    order: int = 2,
+    variant: str = "bh2",
+) -> Tensor:
+    """UniPC: the UniP-p multistep predictor with the UniC corrector, data-prediction form.
+
+    Step ``i -> i+1`` with ``h = log(sigma_i/sigma_{i+1})``, ``p = min(order, i + 1)``, history nodes
+    ``r_m = (lambda_{i-m} - lambda_i) / h`` and differences ``Delta_m = (D_{i-m} - D_i) / r_m``:
+
+        predictor  x^p_{i+1} = e^{-h} x_i + C_0(h) D_i + B(h) sum_{m<p} a_m Delta_m
+        corrector  x_{i+1}   = e^{-h} x_i + C_0(h) D_i + B(h) (sum_{m<p} c_m Delta_m + c_p Delta_p),
+                   Delta_p = D(x^p_{i+1}, sigma_{i+1}) - D_i  (r_p = 1)
+
+    with ``C_k`` as in ``dpmpp_3m`` and ``a`` (resp. ``c``) solving the order conditions
+    ``sum_m a_m r_m^{k-1} = k! C_k(h) / (h^k B(h))`` for ``k = 1 .. p-1`` (resp. ``1 .. p``); the
+    paper's fixed choice ``1/2`` is used for a single coefficient (UniP-2, UniC-1), where ``B``
+    matters: ``B(h) = h`` (``variant="bh1"``) or ``1 - e^{-h}`` (``"bh2"``). The corrector reuses
+    the call the next step needs anyway, so it costs nothing; its result at the last positive sigma
+    is not used (the step to ``sigma = 0`` is ``x = D`` at the predicted point), so ``NFE = N``.
+    Order ``order + 1``.
+
+    References:
+        Zhao et al., "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion
+        Models", NeurIPS 2023, Alg. 2 and 3 (UniP-p, UniC-p), eq. 8 (B(h)).
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3; got {order!r}")
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant must be 'bh1' or 'bh2'; got {variant!r}")
+    s, model = prepare(denoiser, x, sigmas)
+    hist: list[tuple[float, Tensor]] = []  # (lambda, D), most recent first
+    plan = None  # (x_i, h, hist_i, p) of the step that produced the current x
+    for i in steps(len(s) - 1, progress):
+        s0, s1 = s[i], s[i + 1]
+        d = model(x, s0)
+        if plan is not None:  # UniC on the point just predicted, with the new output d
+            x_prev, h_prev, hist_prev, p_prev = plan
+            w = _unipc_weights(hist_prev, h_prev, p_prev, variant, corrector=True)
+            x = _combine(x_prev, math.exp(-h_prev), w, [*[t for _, t in hist_prev], d])
+        emit(callback, i, s0, x, d)
+        if s1 == 0:
+            x = d
+            break
+        h = math.log(s0 / s1)
+        hist = [(-math.log(s0), d), *hist[: order - 1]]
+        p = len(hist)
+        w = _unipc_weights(hist, h, p, variant, corrector=False)
+        plan = (x, h, hist, p)
+        x = _combine(x, s1 / s0, w, [t for _, t in hist])
+    return finish(x)
+
+
+def _unipc_weights(
+    hist: list[tuple[float, Tensor]], h: float, p: int, variant: str, *, corrector: bool
+) -> list[float]:
+    """Weights on ``[D_i, D_{i-1}, ..., D_{i-p+1}]`` (``+ [D_{i+1}]`` for the corrector) of UniPC."""
+    lam0 = hist[0][0]
+    r = [(l - lam0) / h for l, _ in hist[1:p]] + ([1.0] if corrector else [])
+    c = _exp_moments(h, len(r) + 1)  # c[k] = k! C_k(h)
+    b = h if variant == "bh1" else -math.expm1(-h)
+    if len(r) == 1:
+        a = [0.5]
+    elif r:
+        mat = [[rm ** (k - 1) for rm in r] for k in range(1, len(r) + 1)]
+        rhs = [c[k] / (h**k * b) for k in range(1, len(r) + 1)]
+        a = np.linalg.solve(np.array(mat), np.array(rhs)).tolist()
+    else:
+        a = []
+    # B sum_m a_m (D_m - D_i) / r_m  ->  weights on D_m, and minus their sum on D_i.
+    extra = [b * am / rm for am, rm in zip(a, r, strict=True)]
+    w = [c[0] - sum(extra), *extra]
+    return w
+
+
+def deis(
+    denoiser: Callable,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: GeneratorLike = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+    order: int = 3,
+) -> Tensor:
+    """DEIS (rho-AB-DEIS): exponential-integrator multistep with polynomial extrapolation of ``eps``.
+
+    In the sigma frame the ODE ``dx/dsigma = eps(x, sigma)`` has no linear part (``rho = sigma``
+    in the paper's notation), so the exponential integrator is an Adams-Bashforth method in
+    ``sigma``: ``eps`` is extrapolated by the Lagrange polynomial through its last ``q = min(order,
+    i + 1)`` values and integrated exactly,
+
+        x_{i+1} = x_i + sum_j eps_{i-j} int_{sigma_i}^{sigma_{i+1}} l_j(sigma) dsigma,
+
+    with ``l_j`` the Lagrange basis on the nodes ``sigma_i, ..., sigma_{i-q+1}`` (variable steps
+    allowed). ``sigma`` stays finite down to 0, so the last step uses the same formula. Warm-up:
+    lower orders while the history is short. Order ``order``; ``NFE = N``.
+
+    References:
+        Zhang & Chen, "Fast Sampling of Diffusion Models with Exponential Integrator", ICLR 2023,
+        eq. 15 and Sec. 4 (rho-AB-DEIS).
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3; got {order!r}")
+    s, model = prepare(denoiser, x, sigmas)
+    hist: list[tuple[float, Tensor]] = []  # (sigma, eps), most recent first
+    for i in steps(len(s) - 1, progress):
+        s0, s1 = s[i], s[i + 1]
+        d = model(x, s0)
+        emit(callback, i, s0, x, d)
+        hist = [(s0, (x - d) / s0), *hist[: order - 1]]
+        dt = s1 - s0
+        moments = [dt ** (k + 1) / (k + 1) for k in range(len(hist))]
+        w = lagrange_weights([sj - s0 for sj, _ in hist], moments)
+        x = _combine(x, 1.0, w, [e for _, e in hist])
+    return finish(x)
+
+
+#: Adams-Bashforth coefficients for equal steps, newest derivative first.
+_AB = {
+    1: [1.0],
+    2: [3 / 2, -1 / 2],
+    3: [23 / 12, -16 / 12, 5 / 12],
+    4: [55 / 24, -59 / 24, 37 / 24, -9 / 24],
+}
+
+
+def ipndm(
+    denoiser: Callable,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: GeneratorLike = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+    order: int = 4,
+) -> Tensor:
+    """iPNDM: Adams-Bashforth in ``sigma`` with fixed (equal-step) coefficients and lower-order warm-up.
+
+    With ``d_i = (x_i - D_i) / sigma_i`` and ``q = min(order, i + 1)``:
+
+        x_{i+1} = x_i + (sigma_{i+1} - sigma_i) sum_{j<q} b^{(q)}_j d_{i-j},
+        b^{(1..4)} = [1], [3, -1]/2, [23, -16, 5]/12, [55, -59, 37, -9]/24.
+
+    The first steps use the lower-order formulas instead of PNDM's Runge-Kutta warm-up. The
+    coefficients assume equal steps in ``sigma``: order ``order`` on uniform grids; on graded grids
+    (karras, log-linear) the fixed coefficients still match to second order, which is what the method
+    trades for robustness at very few steps. ``NFE = N``.
+
+    References:
+        Zhang & Chen, "Fast Sampling of Diffusion Models with Exponential Integrator", ICLR 2023,
+        App. (iPNDM). Zhou et al., "Fast ODE-based Sampling for Diffusion Models in Around 5 Steps",
+        CVPR 2024, Sec. 3 and eq. 9.
+    """
+    if order not in _AB:
+        raise ValueError(f"order must be 1, 2, 3 or 4; got {order!r}")
+    s, model = prepare(denoiser, x, sigmas)
+    hist: list[Tensor] = []  # d, most recent first
+    for i in steps(len(s) - 1, progress):
+        s0, s1 = s[i], s[i + 1]
+        d = model(x, s0)
+        emit(callback, i, s0, x, d)
+        hist = [(x - d) / s0, *hist[: order - 1]]
+        x = _combine(x, 1.0, [(s1 - s0) * b for b in _AB[len(hist)]], hist)
     return finish(x)
