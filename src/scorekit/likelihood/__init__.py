@@ -20,12 +20,15 @@ from scorekit.likelihood.ode import (
     log_likelihood,
     prior_log_prob,
 )
+from scorekit.likelihood.ood import OODDetector, auroc, score_norm_features
 
 __all__ = [
     "ADAPTIVE_METHODS",
     "ElboInfo",
     "LikelihoodInfo",
     "ODESolveError",
+    "OODDetector",
+    "auroc",
     "bits_per_dim",
     "dequantize",
     "dequantized_log_likelihood",
@@ -33,4 +36,5 @@ __all__ = [
     "log_det_normalization",
     "log_likelihood",
     "prior_log_prob",
+    "score_norm_features",
 ]
