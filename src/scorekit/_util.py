@@ -6,6 +6,7 @@ Everything here works in the sigma frame of DESIGN.md: ``x = x0 + sigma * noise`
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -36,7 +37,7 @@ def as_sigma(sigma: Tensor | float, x: Tensor, *, name: str = "sigma") -> Tensor
         raise ValueError(f"x must have a batch dimension, got a tensor of shape {tuple(x.shape)}")
     batch = x.shape[0]
     if not isinstance(sigma, Tensor):
-        if not isinstance(sigma, (int, float)):
+        if not isinstance(sigma, numbers.Real) or isinstance(sigma, bool):
             raise TypeError(f"{name} must be a number or a tensor, got {type(sigma).__name__}")
         sigma = torch.full((batch,), float(sigma), device=x.device, dtype=x.dtype)
     else:
