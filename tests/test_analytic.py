@@ -287,3 +287,31 @@ def test_bad_input_messages():
         GaussianMixture(torch.full((2, 2), float("nan")), torch.ones(2, 2))
     with pytest.raises(ValueError, match="covs contains NaN or inf"):
         GaussianMixture(means, torch.full((2, 2), float("inf")))
+
+
+# -- derivatives through the denoisers (guidance and posterior samplers differentiate them) -----------
+
+
+def test_gaussian_denoiser_jacobian_is_the_posterior_gain():
+    # For N(m, C): dD/dx = C (C + sigma^2 I)^{-1}.
+    gm = MIXTURES["gaussian_full"]
+    sigma = 0.7
+    x = _noised_points(gm, sigma, n=1)
+    jac = torch.autograd.functional.jacobian(lambda z: gm.denoise(z, sigma), x)[0, :, 0, :]
+    c = gm.covs[0]
+    gain = c @ torch.linalg.inv(c + sigma**2 * torch.eye(gm.dim, dtype=c.dtype))
+    torch.testing.assert_close(jac, gain, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("sigma", [0.2, 1.0])
+def test_empirical_denoiser_jacobian_is_posterior_covariance(sigma):
+    # Second-order Tweedie: dD/dx = Cov[x0 | x] / sigma^2, with Cov from the posterior weights.
+    g = torch.Generator().manual_seed(6)
+    data = torch.randn(25, 3, generator=g, dtype=torch.float64)
+    emp = Empirical(data)
+    x = data[:1] + sigma * torch.randn(1, 3, generator=g, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda z: emp.denoise(z, sigma), x)[0, :, 0, :]
+    w = torch.softmax(-(x - data).square().sum(1) / (2 * sigma**2), 0)
+    mean = w @ data
+    cov = (w[:, None] * (data - mean)).T @ (data - mean)
+    torch.testing.assert_close(jac, cov / sigma**2, rtol=1e-8, atol=1e-12)

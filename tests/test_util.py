@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,6 +33,7 @@ def test_as_sigma_forms_and_dtype():
         (0.5, 0.5),
         (1, 1.0),
         (torch.tensor(0.5), 0.5),
+        (np.float32(0.5), 0.5),
         (torch.full((4,), 0.25, dtype=torch.float32), 0.25),
     ]:
         s = as_sigma(given, x)
@@ -48,6 +50,7 @@ def test_as_sigma_forms_and_dtype():
         (torch.tensor([0.1, -1.0, 0.2, 0.3]), ValueError, "sigma must be >= 0; got min -1"),
         (float("nan"), ValueError, "sigma contains NaN"),
         ("0.5", TypeError, "sigma must be a number or a tensor, got str"),
+        (True, TypeError, "sigma must be a number or a tensor, got bool"),
     ],
 )
 def test_as_sigma_rejects_bad_input(sigma, exc, match):
