@@ -279,3 +279,51 @@ def test_dequantized_ode_likelihood_uses_same_draws():
         lambda y: gm.log_prob(y, smin), levels, generator=torch.Generator().manual_seed(3), **kw
     )
     assert (ode - ref).abs().max() < 1e-3 * 2
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_matches_library_and_reports_bad_data(tmp_path, capsys):
+    import csv
+
+    import numpy as np
+
+    from scorekit.cli import main
+    from scorekit.data import Normalization
+    from scorekit.train import load_run
+    from scorekit.train.loop import TrainConfig, train
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(data="moons", out=str(run), steps=10, batch=64, ckpt_every=10,
+                      net={"hidden": 16, "depth": 1, "emb_dim": 8})  # fmt: skip
+    train(cfg, progress=False)
+    out = tmp_path / "ll.csv"
+    argv = ["likelihood", "--run", str(run), "--data", "moons", "--out", str(out), "--limit", "6",
+            "--divergence", "exact", "--bpd", "--float64", "--sigma-min", "0.01"]  # fmt: skip
+    assert main(argv) == 0
+    assert "bits/dim" in capsys.readouterr().out
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    got = torch.tensor([float(r["ode_log_likelihood_nats"]) for r in rows], dtype=F64)
+    bpd = torch.tensor([float(r["ode_bits_per_dim"]) for r in rows], dtype=F64)
+    # the same numbers straight from the library, on the run's normalised data
+    den, info = load_run(run)
+    from scorekit.data import load
+
+    norm = Normalization.from_dict(info["normalization"])
+    x = norm.encode(load("moons").normalization.decode(load("moons").x[:6])).double()
+    want = log_likelihood(den.double(), x, sigma_min=0.01, sigma_max=80.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # bits/dim in the data's units, by hand: log p_raw = log p_model - sum_i log scale_i
+    log_raw = want - sum(math.log(s) for s in norm.scale)
+    torch.testing.assert_close(bpd, -log_raw / (2 * math.log(2)), rtol=0, atol=1e-9)
+    # data of the wrong shape, and non-integer data with --dequantize: clear one-line errors
+    np.save(tmp_path / "three.npy", np.ones((4, 3)))
+    bad = ["likelihood", "--run", str(run), "--out", str(tmp_path / "x.csv"), "--data"]
+    assert main([*bad, str(tmp_path / "three.npy")]) == 2
+    assert "[N, 2]" in capsys.readouterr().err
+    assert main([*bad, "moons", "--dequantize"]) == 2
+    assert "integer levels" in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()
