@@ -28,6 +28,15 @@ CONTRACT: dict[str, dict] = {
     "unipc": {"order": 3, "variant": "bh1"},
     "deis": {"order": 3},
     "ipndm": {"order": 4},
+    "euler_ancestral": {"eta": 1.0},
+    "euler_maruyama": {},
+    "dpmpp_2m_sde": {"eta": 1.0},
+    "dpmpp_3m_sde": {"eta": 0.7},
+    "edm_stochastic": {"s_churn": 10.0, "s_tmin": 0.05, "s_tmax": 50.0},
+    "restart": {"t_min": 0.3, "t_max": 2.0, "restarts": 2, "restart_steps": 2},
+    "pc_langevin": {"snr": 0.1, "n_corrector": 2},
+    "adaptive_ode": {"rtol": 1e-6, "atol": 1e-6},
+    "adaptive_sde": {"rtol": 0.05, "atol": 0.01},
 }
 
 NAMES = sorted(CONTRACT)
@@ -75,7 +84,7 @@ def _gens(seed, n):
 def test_shape_dtype_kept_and_exact_nfe(name, dtype):
     # 4-D data [B, 1, 2, 3] against a 6-D Gaussian: rank-agnostic broadcasting, exact call counts.
     g = gaussian(torch.zeros(6, dtype=torch.float64), torch.linspace(0.2, 1.5, 6).double())
-    for n_steps in (1, 2, 5):
+    for n_steps in (1, 2, 5) if name != "restart" else (2, 5):
         den = Counting(g)
         sig = karras(n_steps, 0.05, 10.0, dtype=torch.float64)
         x = 10.0 * torch.randn(4, 1, 2, 3, generator=torch.Generator().manual_seed(1), dtype=dtype)
@@ -108,16 +117,18 @@ def test_sample_i_does_not_depend_on_the_batch(name):
     g = target("ring8")
     sig = karras(6, 0.02, 20.0)
     x = 20.0 * torch.randn(5, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    # adaptive_ode shares step sizes across the batch: rows agree to within its tolerance only.
+    tol = 1e-4 if name == "adaptive_ode" else 1e-9
     full = _run(name, g, x, sig, generator=_gens(2, 5))
     for i in (0, 3):
         one = _run(name, g, x[i : i + 1], sig, generator=_gens(2, 5)[i : i + 1])
-        torch.testing.assert_close(one[0], full[i], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(one[0], full[i], rtol=tol, atol=tol)
     # The same through sample(): row i of a batch of 5 equals sample number i drawn alone.
     kw = {"sampler": name, "sigmas": sig, "seed": 11, "dtype": torch.float64, **CONTRACT[name]}
     batch = sample(g, (5, 2), **kw)
     for i in (1, 4):
         alone = sample(g, (1, 2), index_offset=i, **kw)
-        torch.testing.assert_close(alone[0], batch[i], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(alone[0], batch[i], rtol=tol, atol=tol)
     other_seed = sample(g, (5, 2), **{**kw, "seed": 12})
     assert not torch.allclose(other_seed, batch)
 

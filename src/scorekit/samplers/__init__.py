@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from scorekit.samplers._common import check_sigmas, row_generators
+from scorekit.samplers.adaptive import adaptive_ode, adaptive_sde
 from scorekit.samplers.ode import (
     deis,
     dpm_solver_2,
@@ -29,6 +30,15 @@ from scorekit.samplers.ode import (
     heun,
     ipndm,
     unipc,
+)
+from scorekit.samplers.sde import (
+    dpmpp_2m_sde,
+    dpmpp_3m_sde,
+    edm_stochastic,
+    euler_ancestral,
+    euler_maruyama,
+    pc_langevin,
+    restart,
 )
 
 __all__ = ["ADAPTIVE", "REGISTRY", "nfe", "sample"]
@@ -45,6 +55,15 @@ REGISTRY: dict[str, Callable] = {
     "unipc": unipc,
     "deis": deis,
     "ipndm": ipndm,
+    "euler_ancestral": euler_ancestral,
+    "euler_maruyama": euler_maruyama,
+    "dpmpp_2m_sde": dpmpp_2m_sde,
+    "dpmpp_3m_sde": dpmpp_3m_sde,
+    "edm_stochastic": edm_stochastic,
+    "restart": restart,
+    "pc_langevin": pc_langevin,
+    "adaptive_ode": adaptive_ode,
+    "adaptive_sde": adaptive_sde,
 }
 
 #: Number of denoiser calls as a function of the number of steps ``n = len(sigmas) - 1`` and the
@@ -60,11 +79,18 @@ _NFE: dict[str, Callable[..., int]] = {
     "unipc": lambda n, o: n,
     "deis": lambda n, o: n,
     "ipndm": lambda n, o: n,
+    "euler_ancestral": lambda n, o: n,
+    "euler_maruyama": lambda n, o: n,
+    "dpmpp_2m_sde": lambda n, o: n,
+    "dpmpp_3m_sde": lambda n, o: n,
+    "edm_stochastic": lambda n, o: 2 * n - 1,
+    "restart": lambda n, o: 2 * n - 1 + 2 * o["restarts"] * o["restart_steps"],
+    "pc_langevin": lambda n, o: n + o["n_corrector"] * (n - 1),
 }
 
 #: Samplers whose number of steps is chosen by error control (``nfe`` cannot be known in advance);
 #: they report the calls they made in ``stats["nfe"]``.
-ADAPTIVE: frozenset[str] = frozenset()
+ADAPTIVE: frozenset[str] = frozenset({"adaptive_ode", "adaptive_sde"})
 
 
 def _lookup(name: str) -> Callable:

@@ -1,0 +1,380 @@
+"""Stochastic samplers: solvers of reverse-time SDEs in the sigma frame, and noise-injecting schemes.
+
+The forward process ``x = x0 + sigma * noise`` is the SDE ``dx = sqrt(2 sigma) dW`` with ``sigma`` as
+time. Its reverse, with ``score = (D - x) / sigma^2``, is
+
+    dx = -2 sigma score dsigma + sqrt(2 sigma) dW_bar = 2 (x - D)/sigma dsigma + sqrt(2 sigma) dW_bar,
+
+and, more generally, for ``eta >= 0`` every member of the family
+
+    dx = (1 + eta) (x - D)/sigma dsigma + sqrt(2 eta sigma) dW_bar                (*)
+
+has the same marginals ``p_sigma`` (``eta = 0``: the probability-flow ODE; ``eta = 1``: the reverse
+SDE). Every sampler here draws noise with ``randn_like(x, generator)``: pass a list of ``B``
+generators and row ``i`` depends only on generator ``i``. The step to ``sigma = 0`` is the
+denoising step ``x = D(x, sigma_{N-1})`` (Tweedie's posterior mean) unless stated otherwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from scorekit._util import append_dims
+from scorekit.samplers._common import (
+    GeneratorLike,
+    emit,
+    finish,
+    lagrange_weights,
+    prepare,
+    randn_like,
+    steps,
+)
+from scorekit.samplers.ode import _combine, _exp_moments
+
+__all__ = [
+    "dpmpp_2m_sde",
+    "dpmpp_3m_sde",
+    "edm_stochastic",
+    "euler_ancestral",
+    "euler_maruyama",
+    "pc_langevin",
+    "restart",
+]
+
+
+def _check_nonneg(**values: float) -> None:
+    for k, v in values.items():
+        if not (isinstance(v, (int, float)) and v >= 0):
+            raise ValueError(f"{k} must be a number >= 0; got {v!r}")
+
+
+def _check_count(name: str, v: int, least: int) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < least:
+        raise ValueError(f"{name} must be an integer >= {least}; got {v!r}")
+
+
+def euler_ancestral(
+    denoiser: Callable,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: GeneratorLike = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+    eta: float = 1.0,
+) -> Tensor:
+    """Ancestral sampling: DDPM's posterior step ``q(x_{i+1} | x_i, x0 = D_i)`` in the sigma frame.
+
+    With ``v = sigma_{i+1}^2 (sigma_i^2 - sigma_{i+1}^2) / sigma_i^2`` (the posterior variance),
+    ``sigma_up = min(sigma_{i+1}, eta sqrt(v))`` and ``sigma_down = sqrt(sigma_{i+1}^2 - sigma_up^2)``:
+
+        x_{i+1} = D_i + (sigma_down / sigma_i) (x_i - D_i) + sigma_up z,     z ~ N(0, I)
+
+    ``eta = 1`` is exactly DDPM's ancestral step (mean ``D + sigma_{i+1}^2/sigma_i^2 (x - D)``,
+    variance ``v``), ``eta = 0`` is DDIM / Euler. The step to ``sigma = 0`` is ``x = D``. ``NFE = N``.
+
+    References:
+        Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020, eq. 6-7.
+        Song, Meng & Ermon, "Denoising Diffusion Implicit Models", ICLR 2021, eq. 12 and 16 (eta).
+    """
+    _check_nonneg(eta=eta)
+    s, model = prepare(denoiser, x, sigmas)
+    for i in steps(len(s) - 1, progress):
+        s0, s1 = s[i], s[i + 1]
+        d = model(x, s0)
+        emit(callback, i, s0, x, d)
+        if s1 == 0:
+            x = d
+            break
+        up = min(s1, eta * s1 * math.sqrt(1.0 - (s1 / s0) ** 2))
+        down = math.sqrt(s1 * s1 - up * up)
+        x = torch.lerp(d, x, down / s0) + up * randn_like(x, generator)
+    return finish(x)
+
+
+def euler_maruyama(
+    denoiser: Callable,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: GeneratorLike = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Euler-Maruyama on the reverse SDE ``dx = 2 (x - D)/sigma dsigma + sqrt(2 sigma) dW_bar``.
+
+        x_{i+1} = x_i + 2 (sigma_{i+1} - sigma_i) (x_i - D_i) / sigma_i + sqrt(2 sigma_i (sigma_i - sigma_{i+1})) z
+
+    (the drift is ``-g^2 score`` with ``g^2 = d(sigma^2)/dsigma = 2 sigma``). First order in the weak
+    sense; needs small steps (the drift factor ``2 sigma_{i+1}/sigma_i - 1`` turns negative for steps
+    wider than a halving). The step to ``sigma = 0`` is ``x = D``. ``NFE = N``.
+
+    References:
+        Song et al., "Score-Based Generative Modeling through Stochastic Differential Equations",
+        ICLR 2021, eq. 6 (reverse SDE) and App. F; Kloeden & Platen, "Numerical Solution of SDEs",
+        1992, Sec. 9.1 (Euler-Maruyama).
+    """
+    s, model = prepare(denoiser, x, sigmas)
+    for i in steps(len(s) - 1, progress):
+        s0, s1 = s[i], s[i + 1]
+        d = model(x, s0)
+        emit(callback, i, s0, x, d)
+        if s1 == 0:
+            x = d
+            break
+        x = torch.lerp(d, x, 2 * s1 / s0 - 1) + math.sqrt(2 * s0 * (s0 - s1)) * randn_like(
+            x, generator
+        )
+    return finish(x)
+
+
+def _dpmpp_sde(denoiser, x, sigmas, generator, callback, progress, eta, order) -> Tensor:
+    """Shared body of ``dpmpp_2m_sde`` / ``dpmpp_3m_sde`` (their docstrings give the update)."""
+    _check_nonneg(eta=eta)
+    s, model = prepare(denoiser, x, sigmas)
+    hist: list[tuple[float, Tensor]] = []  # (lambda, D), most recent first
+    for i in steps(len(s) - 1, progress):
+        s0, s1 = s[i], s[i + 1]
+        d = model(x, s0)
+        emit(callback, i, s0, x, d)
+        if s1 == 0:
+            x = d
+            break
+        lam, h = -math.log(s0), math.log(s0 / s1)
+        hist = [(lam, d), *hist[: order - 1]]
+        w = lagrange_weights([l - lam for l, _ in hist], _exp_moments(h, len(hist), eta))
+        x = _combine(x, math.exp(-(1 + eta) * h), w, [t for _, t in hist])
+        if eta > 0:
+            x = x + s1 * math.sqrt(-math.expm1(-2 * eta * h)) * randn_like(x, generator)
+    return finish(x)
+
+
+def dpmpp_2m_sde(
+    denoiser: Callable,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: GeneratorLike = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+    eta: float = 1.0,
+) -> Tensor:
+    """SDE-DPM-Solver++(2M): multistep data-prediction solver of the SDE family (*), order 2 in D.
+
+    With ``h = log(sigma_i / sigma_{i+1})`` and ``a = 1 + eta``, the linear part and the noise of (*)
+    are integrated exactly and ``D`` is interpolated in ``lambda = -log sigma`` through ``D_i`` and
+    ``D_{i-1}`` (``p(tau) = D_i + tau D'``, nodes ``tau = 0, lambda_{i-1} - lambda_i``):
+
+        x_{i+1} = e^{-a h} x_i + C_0(a h) D_i + C_1(a h)/a D' + sigma_{i+1} sqrt(-expm1(-2 eta h)) z,
+        C_k(z)  = int_0^z e^{-(z - t)} t^k / k! dt = z^{k+1} phi_{k+1}(-z),   C_0(z) = -expm1(-z).
+
+    ``eta = 0`` is the PF-ODE (Taylor form of ``dpmpp_2m``), ``eta = 1`` the reverse SDE; with one
+    node (the first step) and ``eta = 1`` it is exactly ``euler_ancestral``. The step to
+    ``sigma = 0`` is ``x = D``. ``NFE = N``.
+
+    References:
+        Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
+        arXiv:2211.01095 (2022), App. B (SDE-DPM-Solver++), written in the Taylor form.
+        Gonzalez et al., "SEEDS: Exponential SDE Solvers for Fast High-Quality Sampling from
+        Diffusion Models", NeurIPS 2023, Sec. 3 (exact integration of the linear and noise terms).
+    """
+    return _dpmpp_sde(denoiser, x, sigmas, generator, callback, progress, eta, order=2)
+
+
+def dpmpp_3m_sde(
+    denoiser: Callable,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: GeneratorLike = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+    eta: float = 1.0,
+) -> Tensor:
+    """SDE-DPM-Solver++(3M): as ``dpmpp_2m_sde`` with ``D`` interpolated through three outputs.
+
+    ``p(tau) = D_i + tau D' + tau^2/2 D''`` through ``D_i, D_{i-1}, D_{i-2}``, adding
+    ``C_2(a h)/a^2 D''`` to the ``dpmpp_2m_sde`` update; warm-up with one and two nodes.
+    ``NFE = N``.
+
+    References:
+        Lu et al. 2022b (as ``dpmpp_2m_sde``); Hochbruck & Ostermann, "Exponential integrators",
+        Acta Numerica 2010, Sec. 2 (the phi-function weights).
+    """
+    return _dpmpp_sde(denoiser, x, sigmas, generator, callback, progress, eta, order=3)
+
+
+def edm_stochastic(
+    denoiser: Callable,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: GeneratorLike = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """EDM's stochastic sampler: churn (add noise to raise sigma), then a Heun step back down.
+
+    With ``gamma_i = min(S_churn / N, sqrt(2) - 1)`` if ``S_tmin <= sigma_i <= S_tmax`` else 0:
+
+        sigma_hat = sigma_i (1 + gamma_i),    x_hat = x_i + sqrt(sigma_hat^2 - sigma_i^2) S_noise z
+        x_{i+1}   = Heun step of the PF-ODE from (x_hat, sigma_hat) to sigma_{i+1} (Euler to 0)
+
+    ``S_churn = 0`` is ``heun``. ``gamma_i`` is computed on the host from ``sigmas``.
+    ``NFE = 2N - 1``.
+
+    References:
+        Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models",
+        NeurIPS 2022, Alg. 2.
+    """
+    _check_nonneg(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+    s, model = prepare(denoiser, x, sigmas)
+    n = len(s) - 1
+    for i in steps(n, progress):
+        s0, s1 = s[i], s[i + 1]
+        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= s0 <= s_tmax else 0.0
+        if gamma > 0:
+            s_hat = s0 * (1 + gamma)
+            x = x + math.sqrt(s_hat**2 - s0**2) * s_noise * randn_like(x, generator)
+            s0 = s_hat
+        d = model(x, s0)
+        emit(callback, i, s0, x, d)
+        if s1 == 0:
+            x = d
+            break
+        x1 = torch.lerp(d, x, s1 / s0)
+        d1 = model(x1, s1)
+        h = s1 - s0
+        x = x + (0.5 * h / s0) * (x - d) + (0.5 * h / s1) * (x1 - d1)
+    return finish(x)
+
+
+def restart(
+    denoiser: Callable,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: GeneratorLike = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+    t_min: float = 0.06,
+    t_max: float = 0.30,
+    restarts: int = 2,
+    restart_steps: int = 4,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Restart sampling: Heun on the PF-ODE, with K forward-noise / backward-ODE cycles in [t_min, t_max].
+
+    The main trajectory is ``heun`` on ``sigmas``. At the main node ``sigma_j`` closest to ``t_min``
+    (in log), ``restarts`` times:
+
+        x <- x + S_noise sqrt(t_max^2 - sigma_j^2) z          (forward jump to t_max, exact in this frame)
+        x <- Heun on the PF-ODE from t_max back to sigma_j over ``restart_steps`` karras(rho=7) steps
+
+    then the main trajectory continues. Each restart adds ``2 * restart_steps`` calls:
+    ``NFE = 2N - 1 + 2 K restart_steps``.
+
+    References:
+        Xu et al., "Restart Sampling for Improving Generative Processes", NeurIPS 2023, Alg. 1 and
+        Sec. 3 (the restart interval and K).
+    """
+    from scorekit.schedules import karras
+
+    _check_count("restarts", restarts, 0)
+    _check_count("restart_steps", restart_steps, 1)
+    _check_nonneg(s_noise=s_noise)
+    s, model = prepare(denoiser, x, sigmas)
+    if not 0 < t_min < t_max:
+        raise ValueError(f"need 0 < t_min < t_max; got t_min={t_min}, t_max={t_max}")
+    j = min(range(1, len(s) - 1), key=lambda k: abs(math.log(s[k] / t_min)), default=None)
+    if restarts > 0 and (j is None or not s[j] < t_max):
+        raise ValueError(
+            f"no main sigma below t_max={t_max} near t_min={t_min} to restart from; sigmas={s}"
+        )
+    inner = karras(restart_steps + 1, s[j], t_max).tolist()[:-1] if restarts > 0 else []
+    for i in steps(len(s) - 1, progress):
+        if i == j:
+            for _ in range(restarts):
+                x = x + s_noise * math.sqrt(t_max**2 - s[j] ** 2) * randn_like(x, generator)
+                for a, b in itertools.pairwise(inner):
+                    d = model(x, a)
+                    x1 = torch.lerp(d, x, b / a)
+                    x = (
+                        x
+                        + (0.5 * (b - a) / a) * (x - d)
+                        + (0.5 * (b - a) / b) * (x1 - model(x1, b))
+                    )
+        s0, s1 = s[i], s[i + 1]
+        d = model(x, s0)
+        emit(callback, i, s0, x, d)
+        if s1 == 0:
+            x = d
+            break
+        x1 = torch.lerp(d, x, s1 / s0)
+        x = x + (0.5 * (s1 - s0) / s0) * (x - d) + (0.5 * (s1 - s0) / s1) * (x1 - model(x1, s1))
+    return finish(x)
+
+
+def pc_langevin(
+    denoiser: Callable,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: GeneratorLike = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+    snr: float = 0.16,
+    n_corrector: int = 1,
+    predictor: str = "reverse_diffusion",
+) -> Tensor:
+    """Predictor-corrector sampling: a reverse-SDE predictor, then Langevin MCMC at the new sigma.
+
+    Predictor from ``sigma_i`` to ``sigma_{i+1}`` (``score_i = (D_i - x_i)/sigma_i^2``):
+
+        reverse_diffusion:  x <- x + (sigma_i^2 - sigma_{i+1}^2) score_i + sqrt(sigma_i^2 - sigma_{i+1}^2) z
+        euler_maruyama:     x <- x + 2 sigma_i (sigma_i - sigma_{i+1}) score_i + sqrt(2 sigma_i (sigma_i - sigma_{i+1})) z
+
+    then ``n_corrector`` Langevin steps at ``sigma_{i+1}``, with ``g = score(x, sigma_{i+1})``:
+
+        eps = 2 (snr |z| / |g|)^2,    x <- x + eps g + sqrt(2 eps) z
+
+    where the norms are per sample (the paper's code averages them over the batch, which would make
+    sample ``i`` depend on the batch). The step to ``sigma = 0`` is ``x = D``.
+    ``NFE = N + n_corrector (N - 1)``.
+
+    References:
+        Song et al., "Score-Based Generative Modeling through Stochastic Differential Equations",
+        ICLR 2021, Alg. 2 (VE PC sampling) and Alg. 4 (corrector step size from the snr).
+    """
+    _check_nonneg(snr=snr)
+    _check_count("n_corrector", n_corrector, 0)
+    if predictor not in ("reverse_diffusion", "euler_maruyama"):
+        raise ValueError(
+            f"predictor must be 'reverse_diffusion' or 'euler_maruyama'; got {predictor!r}"
+        )
+    s, model = prepare(denoiser, x, sigmas)
+    for i in steps(len(s) - 1, progress):
+        s0, s1 = s[i], s[i + 1]
+        d = model(x, s0)
+        emit(callback, i, s0, x, d)
+        if s1 == 0:
+            x = d
+            break
+        var = s0 * s0 - s1 * s1 if predictor == "reverse_diffusion" else 2 * s0 * (s0 - s1)
+        x = torch.lerp(x, d, var / (s0 * s0)) + math.sqrt(var) * randn_like(x, generator)
+        for _ in range(n_corrector):
+            g = (model(x, s1) - x) / (s1 * s1)
+            z = randn_like(x, generator)
+            ratio = z.flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1).clamp_min(1e-30)
+            eps = append_dims(2 * (snr * ratio) ** 2, x.ndim)
+            x = x + eps * g + (2 * eps).sqrt() * z
+    return finish(x)
