@@ -2,7 +2,7 @@
 
 scorekit train --data digits --out runs/digits --minutes 10
 scorekit train --data ring --out runs/ring --steps 2000 --process flow --param flow
-torchrun --nproc_per_node 2 -m scorekit.cli train --data moons --out runs/m --steps 1000
+torchrun --nproc_per_node 2 $(which scorekit) train --data moons --out runs/m --steps 1000
 scorekit train --out runs/digits --resume --steps 20000     # continue exactly where it stopped
 """
 
