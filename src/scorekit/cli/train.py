@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a(
         "--ema",
         type=float,
-        help="EMA: decay per step if < 1, else half-life in examples (default 0.999)",
+        help="EMA: decay per step if < 1, else half-life in examples, capped at 5%% of the examples seen (default 500000)",
     )
     a("--holdout", type=float, help="fraction of the data kept out of training (default 0)")
     a("--net", type=json.loads, help="JSON overriding the network config, e.g. '{\"hidden\": 128}'")

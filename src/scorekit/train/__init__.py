@@ -22,7 +22,7 @@ from scorekit.train.loss import (
     flow_matching_loss,
     get_weighting,
 )
-from scorekit.train.run import decode, draw, load_run, sigma_range
+from scorekit.train.run import decode, draw, generate, load_run, sigma_range
 
 __all__ = [
     "EMA",
@@ -38,6 +38,7 @@ __all__ = [
     "drop_labels",
     "ema_beta",
     "flow_matching_loss",
+    "generate",
     "get_weighting",
     "load_run",
     "sigma_range",

@@ -62,7 +62,8 @@ class TrainConfig:
 
     Run length: ``steps`` and/or ``minutes`` (wall-clock training time summed over resumes); the
     run stops at whichever comes first. ``ema``: a decay per step if < 1, else a half-life in
-    training examples (EDM); ``0`` keeps the EMA equal to the weights. ``weighting`` defaults to the
+    training examples (EDM), capped at ``ema_rampup`` times the examples seen so far (so short runs
+    average over their last ~5%); ``0`` keeps the EMA equal to the weights. ``weighting`` defaults to the
     one matching ``param`` (see ``scorekit.train.loss.WEIGHTINGS``). ``net`` overrides keys of
     ``scorekit.nets.default_config(dataset)``. ``holdout`` keeps that fraction of the data out of
     training (for held-out metrics).
@@ -83,7 +84,7 @@ class TrainConfig:
     weighting: str | None = None
     cond: bool = False
     label_dropout: float = 0.1
-    ema: float = 0.999
+    ema: float = 500_000.0
     ema_rampup: float | None = 0.05
     holdout: float = 0.0
     ckpt_every: int = 500
@@ -140,6 +141,7 @@ class TrainResult:
     log: list[dict[str, float]]
     steps_per_second: float
     denoiser: nn.Module  # the EMA denoiser (eval mode)
+    model: nn.Module  # the raw network with the trained (not averaged) weights
 
 
 class DataOrder:
@@ -423,7 +425,7 @@ def train(
     ema_denoiser = build_denoiser(
         ema.module, process=cfg.process, param=cfg.param, sigma_data=sigma_data
     )
-    return TrainResult(step, run_dir, log, rate, ema_denoiser.eval())
+    return TrainResult(step, run_dir, log, rate, ema_denoiser.eval(), net)
 
 
 def _truncate_log(path: Path, step: int) -> None:

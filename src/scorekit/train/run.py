@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from scorekit.process import get_process
 from scorekit.train import checkpoint as ckpt
 
-__all__ = ["decode", "draw", "load_run", "picture", "sigma_range"]
+__all__ = ["decode", "draw", "generate", "load_run", "picture", "sigma_range"]
 
 
 def load_run(
@@ -96,6 +96,7 @@ def draw(
     guidance: float | None = None,
     label: int | None = None,
     process: str | None = None,
+    progress: bool = False,
 ) -> Tensor:
     """``n`` samples ``[n, *shape]`` in the model's normalised space; sample ``i`` depends on ``(seed, index_offset + i)``.
 
@@ -121,6 +122,52 @@ def draw(
             device=device,
             index_offset=index_offset,
         )
+
+
+def generate(
+    denoiser,
+    info: dict[str, Any],
+    n: int,
+    *,
+    batch: int = 1000,
+    dist=None,
+    progress: bool = True,
+    **draw_options,
+) -> Tensor | None:
+    """``n`` samples drawn in chunks of ``batch``, split across the ranks of ``dist`` if given.
+
+    Rank ``r`` of ``N`` draws the contiguous sample numbers ``[r n / N, (r + 1) n / N)`` (with the
+    same seed, so sample ``i`` is the same whatever ``N`` and ``batch``); rank 0 gathers them and
+    returns ``[n, *shape]`` on the CPU, the other ranks return ``None``. ``draw_options`` go to ``draw``.
+    """
+    import torch.distributed as tdist
+    from tqdm.auto import tqdm
+
+    if n < 1 or batch < 1:
+        raise ValueError(f"n and batch must be >= 1, got n={n}, batch={batch}")
+    rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    parts = []
+    bar = tqdm(total=hi - lo, disable=not progress or rank != 0, unit="sample")
+    for start in range(lo, hi, batch):
+        m = min(batch, hi - start)
+        parts.append(draw(denoiser, info, m, index_offset=start, **draw_options).cpu())
+        bar.update(m)
+    bar.close()
+    mine = torch.cat(parts) if parts else torch.empty(0, *info["shape"])
+    if world == 1:
+        return mine
+    # Gather equal-sized padded shards (gloo and nccl need equal sizes), then trim.
+    width = -(-n // world)
+    dev = dist.device
+    padded = torch.zeros(width, *info["shape"], device=dev)
+    padded[: len(mine)] = mine.to(dev)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    tdist.all_gather(gathered, padded)
+    if rank != 0:
+        return None
+    sizes = [(r + 1) * n // world - r * n // world for r in range(world)]
+    return torch.cat([g[:k].cpu() for g, k in zip(gathered, sizes, strict=True)])
 
 
 def _bind(denoiser, info, guidance, label):
@@ -170,7 +217,7 @@ def picture(path: str | os.PathLike, x: Tensor, info: dict[str, Any], *, title: 
 
 
 def _pixel_range(info: dict[str, Any]) -> tuple[float, float]:
-    """The data's pixel range in its own units: decode of the normalised range [-1, 1] is a guess; use ±3 sd."""
+    """The data's pixel range in its own units: images are normalised to [-1, 1], so decode -1 and 1."""
     from scorekit.data import Normalization
 
     norm = Normalization.from_dict(info["normalization"])
