@@ -104,9 +104,21 @@ def _mmd_direct(x, y, hs):
 
 
 def test_mmd_matches_direct_u_statistic_across_chunks():
-    x, y = _normal(1500, 3, seed=1), _normal(1100, 3, mean=0.3, seed=2)  # > one 1024-row block
+    x, y = (
+        _normal(1500, 3, seed=1),
+        _normal(1100, 3, mean=0.3, seed=2),
+    )  # several 512-row tiles, ragged edges
     hs = [0.5, 1.0, 3.0]
     assert mmd(x, y, bandwidths=hs) == pytest.approx(_mmd_direct(x, y, hs), rel=1e-9, abs=1e-12)
+
+
+def test_mmd_default_bandwidths_are_multiples_of_the_median_distance():
+    # Default: h = m * (4, 2, 1, 1/2, 1/4), m the median pairwise distance of the pooled samples
+    # (all of them below 1000 rows); computed there by repeated squaring, here by direct exps.
+    x, y = _normal(300, 3, seed=1), _normal(250, 3, mean=0.4, seed=2)
+    med = float(torch.pdist(torch.cat([x, y])).median())
+    hs = [med * f for f in (4.0, 2.0, 1.0, 0.5, 0.25)]
+    assert mmd(x, y) == pytest.approx(_mmd_direct(x, y, hs), rel=1e-10)
 
 
 def test_mmd_closed_form_for_shifted_gaussians():

@@ -33,7 +33,9 @@ __all__ = [
     "sliced_wasserstein",
 ]
 
-_CHUNK = 1024  # rows per block of pairwise distances: memory stays at _CHUNK * N values
+# Pairwise sums run over square tiles of this many rows and columns: small enough to stay in CPU
+# cache (a 512 x 512 float64 tile is 2 MiB), large enough to keep a GPU busy.
+_TILE_CPU, _TILE_GPU = 512, 4096
 
 
 class HasLogProb(Protocol):
@@ -142,24 +144,37 @@ def _median_distance(a: Tensor, b: Tensor, *, max_rows: int = 1000) -> float:
     return med if med > 0 else 1.0
 
 
-def _block_sum(a: Tensor, b: Tensor, fn, *, same: bool) -> float:
-    """``sum_{i,j} fn(|a_i - b_j|^2)`` by row blocks; the diagonal is excluded when ``same``."""
-    total = 0.0
-    for i in range(0, a.shape[0], _CHUNK):
-        block = fn(_sq_dists(a[i : i + _CHUNK], b))
-        if same:
-            rows = torch.arange(block.shape[0], device=a.device)
-            block[rows, rows + i] = 0.0
-        total += float(block.sum())
-    return total
+def _pair_sum(a: Tensor, b: Tensor | None, fn) -> float:
+    """``sum_{i,j} fn(|a_i - b_j|^2)`` over tiles; with ``b=None`` the sum over ``i != j`` within ``a``.
+
+    Within one set only tiles on or above the diagonal are computed (the sum is symmetric), with the
+    diagonal itself left out. ``fn`` maps a tile of squared distances to values and may work in place.
+    Memory stays at one tile whatever the sample sizes.
+    """
+    same = b is None
+    b = a if same else b
+    tile = _TILE_CPU if a.device.type == "cpu" else _TILE_GPU
+    na, nb = a.square().sum(1), b.square().sum(1)
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for i in range(0, a.shape[0], tile):
+        ai, nai = a[i : i + tile], na[i : i + tile, None]
+        for j in range(i if same else 0, b.shape[0], tile):
+            d2 = torch.addmm(nai + nb[None, j : j + tile], ai, b[j : j + tile].T, alpha=-2)
+            vals = fn(d2.clamp_(min=0))
+            if same and j == i:  # diagonal tile: strictly upper triangle, counted twice below
+                total += vals.triu(diagonal=1).sum()
+            else:
+                total += vals.sum()
+    return float(2 * total if same else total)
 
 
 def mmd(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> float:
     """Squared maximum mean discrepancy with a sum of Gaussian (RBF) kernels.
 
     ``k(a, b) = sum_h exp(-|a - b|^2 / (2 h^2))``; by default ``h = m * (1/4, 1/2, 1, 2, 4)`` where ``m``
-    is the median pairwise distance of the pooled samples (the median heuristic, at several scales so
-    both fine and coarse differences count). The estimate is the unbiased U-statistic (Gretton et al.
+    is the median pairwise distance of the pooled samples (of a fixed random subset of 1000 rows when
+    there are more; the median heuristic at several scales, so both fine and coarse differences
+    count). The estimate is the unbiased U-statistic (Gretton et al.
     2012, eq. 3)::
 
         MMD^2_u = 1/(N(N-1)) sum_{i!=j} k(x_i, x_j) + 1/(M(M-1)) sum_{i!=j} k(y_i, y_j)
@@ -167,7 +182,8 @@ def mmd(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> floa
 
     Bias: unbiased for fixed ``bandwidths`` (it can be slightly negative when the distributions are
     equal); with the default data-dependent bandwidths it is unbiased up to the choice of ``m``.
-    Memory is bounded by computing the kernel in row blocks.
+    Cost: ``O((N + M)^2 d)`` time (10^4 + 10^4 two-dimensional rows take a few seconds on one CPU
+    core); memory is one tile of the kernel matrix.
 
     Args:
         x: ``[N, ...]``, y: ``[M, ...]`` samples (N, M >= 2). bandwidths: kernel widths ``h`` (> 0).
@@ -175,7 +191,7 @@ def mmd(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> floa
     a, b = _pair(x, y)
     if bandwidths is None:
         med = _median_distance(a, b)
-        hs = [med * f for f in (0.25, 0.5, 1.0, 2.0, 4.0)]
+        hs = [med * f for f in (4.0, 2.0, 1.0, 0.5, 0.25)]
     else:
         hs = [float(h) for h in bandwidths]
         if not hs or any(not h > 0 or not math.isfinite(h) for h in hs):
@@ -183,13 +199,28 @@ def mmd(x: Tensor, y: Tensor, bandwidths: Sequence[float] | None = None) -> floa
                 f"bandwidths must be a non-empty sequence of finite values > 0; got {bandwidths!r}"
             )
 
+    scales = [-1 / (2 * h * h) for h in hs]
+
     def kern(d2: Tensor) -> Tensor:
-        return sum(torch.exp(-d2 / (2 * h * h)) for h in hs)
+        out = torch.exp(d2 * scales[0])
+        for c in scales[1:]:
+            out += torch.exp(d2 * c)
+        return out
+
+    def kern_halving(d2: Tensor) -> Tensor:
+        # Widths 4m, 2m, m, m/2, m/4: halving h raises the kernel to the 4th power, so one exp and
+        # two squarings per further width replace four more exps.
+        e = torch.exp(d2 * scales[0])
+        out = e.clone()
+        for _ in scales[1:]:
+            out += e.square_().square_()
+        return out
 
     n, m = a.shape[0], b.shape[0]
-    kxx = _block_sum(a, a, kern, same=True) / (n * (n - 1))
-    kyy = _block_sum(b, b, kern, same=True) / (m * (m - 1))
-    kxy = _block_sum(a, b, kern, same=False) / (n * m)
+    k = kern_halving if bandwidths is None else kern
+    kxx = _pair_sum(a, None, k) / (n * (n - 1))
+    kyy = _pair_sum(b, None, k) / (m * (m - 1))
+    kxy = _pair_sum(a, b, k) / (n * m)
     return kxx + kyy - 2 * kxy
 
 
@@ -198,16 +229,16 @@ def energy_distance(x: Tensor, y: Tensor) -> float:
 
     Zero if and only if the two distributions are equal. The within-set expectations are averaged
     over distinct pairs (``i != j``), so the estimate is unbiased (it can be slightly negative when
-    the distributions are equal). Memory is bounded by computing distances in row blocks.
+    the distributions are equal). ``O((N + M)^2 d)`` time; memory is one tile of distances.
 
     Args:
         x: ``[N, ...]``, y: ``[M, ...]`` samples (N, M >= 2).
     """
     a, b = _pair(x, y)
     n, m = a.shape[0], b.shape[0]
-    exy = _block_sum(a, b, torch.sqrt, same=False) / (n * m)
-    exx = _block_sum(a, a, torch.sqrt, same=True) / (n * (n - 1))
-    eyy = _block_sum(b, b, torch.sqrt, same=True) / (m * (m - 1))
+    exy = _pair_sum(a, b, torch.sqrt_) / (n * m)
+    exx = _pair_sum(a, None, torch.sqrt_) / (n * (n - 1))
+    eyy = _pair_sum(b, None, torch.sqrt_) / (m * (m - 1))
     return 2 * exy - exx - eyy
 
 
