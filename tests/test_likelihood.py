@@ -43,7 +43,7 @@ def mixture16(seed: int = 0) -> GaussianMixture:
 # p_{sigma_max} at the trajectory's end point removes the first error, leaving only the solver's.
 
 
-@pytest.mark.parametrize("name", ["ring8", "m16"])
+@pytest.mark.parametrize("name", ["ring8", pytest.param("m16", marks=pytest.mark.slow)])
 def test_ode_exact_divergence_matches_mixture_density(name):
     gm = target("ring8") if name == "ring8" else mixture16()
     x = gm.sample(6, torch.Generator().manual_seed(1))
