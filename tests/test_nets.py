@@ -51,6 +51,10 @@ def test_shapes_and_zero_initial_output(net, shape):
     assert out.shape == x.shape and out.abs().sum() > 0
     # A scalar c_noise is broadcast to the batch.
     assert torch.allclose(net(x, 0.3), net(x, torch.full((shape[0],), 0.3)))
+    # Float64 end to end (likelihood code differentiates through the network in double precision).
+    out64 = net.double()(x.double(), c.double())
+    assert out64.dtype == torch.float64
+    assert torch.allclose(out64, out.double(), atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "unet"])

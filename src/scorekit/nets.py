@@ -89,8 +89,10 @@ class _NoiseEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
     def forward(self, c_noise: Tensor) -> Tensor:
-        # The phase is formed in float32 at least: w c reaches ~1e5, where bfloat16 loses the phase.
-        arg = c_noise.float()[:, None] * self.freqs[None, :]
+        # The phase is formed in float32 at least (w c reaches ~1e5, where half precision loses it) and
+        # in float64 for float64 inputs, so double-precision callers get a smooth embedding.
+        dtype = torch.promote_types(c_noise.dtype, torch.float32)
+        arg = c_noise.to(dtype)[:, None] * self.freqs.to(dtype)[None, :]
         phi = torch.cat([arg.cos(), arg.sin()], dim=1).to(c_noise.dtype)
         return self.mlp(phi)
 
