@@ -194,6 +194,13 @@ def test_npy_vectors_and_images(tmp_path):
     assert torch.allclose(ds.x, torch.tensor(hwc * 2 - 1).permute(0, 3, 1, 2), atol=1e-6)
     assert ds.normalization.decode(ds.x).shape == (5, 6, 6, 3)
 
+    # Floats outside [-1, 1] and [0, 1] use their own range: digits' 0..16 map onto [-1, 1].
+    wide = rng.uniform(0, 16, (5, 4, 4))
+    wide[0, 0, 0], wide[1, 1, 1] = 0.0, 16.0
+    np.save(tmp_path / "wide.npy", wide)
+    ds = load(tmp_path / "wide.npy")
+    assert torch.allclose(ds.x[:, 0], torch.tensor((wide - 8) / 8, dtype=torch.float32), atol=1e-6)
+
     chw = rng.uniform(-1, 1, (5, 3, 4, 4))
     np.save(tmp_path / "chw.npy", chw)
     ds = load(tmp_path / "chw.npy")

@@ -25,8 +25,8 @@ Users' files:
     .npy      [N, d] vectors; [N, H, W] grayscale images; [N, C, H, W] images; or [N, H, W, C] images,
               recognised when the last axis is 1 or 3 and axis 1 is not. Loaded with
               ``allow_pickle=False``. Image pixel range: uint8 -> [0, 255], uint16 -> [0, 65535];
-              floats within [0, 1] -> [0, 1], within [-1, 1] -> [-1, 1], within [0, 255] -> [0, 255];
-              anything else -> the data's own [min, max].
+              floats within [0, 1] -> [0, 1], within [-1, 1] -> [-1, 1]; anything else (other
+              integer types, wider floats such as digits' 0..16) -> the data's own [min, max].
     .csv      numeric columns, one example per row; an optional header row (a first row in which no
               cell is a number); a column named ``label`` becomes the labels (non-negative integers
               are kept as class indices, anything else is treated as class names, sorted).
@@ -380,7 +380,7 @@ def _image_range(arr: np.ndarray) -> tuple[float, float]:
         return 0.0, 65535.0
     lo, hi = float(arr.min()), float(arr.max())
     if np.issubdtype(arr.dtype, np.floating):
-        for a, b in ((0.0, 1.0), (-1.0, 1.0), (0.0, 255.0)):
+        for a, b in ((0.0, 1.0), (-1.0, 1.0)):
             if a <= lo and hi <= b:
                 return a, b
     return lo, hi
