@@ -76,6 +76,9 @@ def test_digits():
     ds = load("digits")
     assert ds.kind == "image" and ds.x.shape == (1797, 1, 8, 8) and ds.shape == (1, 8, 8)
     assert ds.num_classes == 10 and ds.labels.dtype == torch.long
+    assert (
+        repr(ds) == "Dataset(name='digits', kind='image', n=1797, shape=(1, 8, 8), num_classes=10)"
+    )
     assert ds.x.min() == -1 and ds.x.max() == 1
     ref = load_digits()
     # Pixels 0..16 map affinely onto [-1, 1]: x = (p - 8) / 8.

@@ -194,6 +194,7 @@ def test_net_denoiser_at_init_is_c_skip_times_x():
     assert torch.allclose(net(x, sigma), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mlp", "unet"])
 def test_tiny_overfit(kind):
     # A few dozen Adam steps on one fixed noisy batch must cut the denoising loss well down.

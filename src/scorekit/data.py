@@ -223,6 +223,13 @@ class Dataset:
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    def __repr__(self) -> str:
+        # The default dataclass repr would print every tensor element.
+        return (
+            f"Dataset(name={self.name!r}, kind={self.kind!r}, n={len(self)}, shape={self.shape}, "
+            f"num_classes={self.num_classes})"
+        )
+
     def _subset(self, idx: Tensor) -> Dataset:
         labels = None if self.labels is None else self.labels[idx]
         return Dataset(
