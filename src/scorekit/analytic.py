@@ -151,8 +151,12 @@ class GaussianMixture:
         idx = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=self.means.dtype, device=dev)
         y = z * self.evals[idx].sqrt()
-        if self.full:
-            y = torch.einsum("nde,ne->nd", self.evecs[idx], y)
+        if self.full:  # rotate per component: gathering evecs[idx] would cost n * d * d memory
+            rotated = torch.empty_like(y)
+            for k in idx.unique().tolist():
+                rows = idx == k
+                rotated[rows] = y[rows] @ self.evecs[k].T
+            y = rotated
         return self.means[idx] + y
 
     # -- summaries --------------------------------------------------------------------------
