@@ -287,6 +287,10 @@ def test_csv_errors(tmp_path):
     p.write_text("")
     with pytest.raises(ValueError, match=r"empty\.csv: the file is empty"):
         load(p)
+    p = tmp_path / "binary.csv"
+    p.write_bytes(b"1,2\n\xff\xfe,3\n")
+    with pytest.raises(ValueError, match=r"binary\.csv: cannot read as UTF-8 CSV"):
+        load(p)
     p = tmp_path / "header.csv"
     p.write_text("a,b\n")
     with pytest.raises(

@@ -426,9 +426,12 @@ def _parse_float(cell: str) -> float | None:
 
 
 def _load_csv(path: Path) -> Dataset:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path}: cannot read as UTF-8 CSV text ({err})") from None
     if not rows:
         raise ValueError(f"{path}: the file is empty (no rows)")
     first = [c.strip() for c in rows[0][1]]
