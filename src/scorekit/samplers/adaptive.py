@@ -135,10 +135,12 @@ def adaptive_sde(
     span, batch, it = u0 - u1, x.shape[0], 0
     kw = {"dtype": torch.float64, "device": x.device}
     t, h = torch.zeros(batch, **kw), torch.full((batch,), min(h_init, 1.0), **kw)
-    x_prev = x
-    err = torch.zeros(batch, **kw)
+    path = _BrownianStack(x)
+    x_prev, err = x, torch.zeros(batch, **kw)
     while span > 0:
-        running, broken = torch.stack([(t < 1).any(), err.isnan().any()]).tolist()  # one sync
+        running, broken, depth = torch.stack(
+            [(t < 1).any(), err.isnan().any(), path.depth.max().to(torch.float64)]
+        ).tolist()  # the one synchronisation per iteration
         if broken:
             raise FloatingPointError(
                 "adaptive_sde: the error estimate is not finite (NaN/inf from the denoiser?)"
@@ -149,27 +151,19 @@ def adaptive_sde(
             raise RuntimeError(f"adaptive_sde did not finish in max_iterations={max_iterations}")
         it += 1
         h = torch.minimum(h, 1 - t)
+        dw = path.increment(h, int(depth), generator)  # [B, ...], variance h per entry (t units)
         du = append_dims((h * span).to(x.dtype), x.ndim)
-        sig_a, sig_b = (u0 - t * span).exp(), (u0 - (t + h) * span).exp()
-        z = randn_like(x, generator)
-        x1 = (
-            x
-            - 2 * du * (x - model(x, sig_a.to(x.dtype)))
-            + (2 * du).sqrt() * append_dims(sig_a.to(x.dtype), x.ndim) * z
-        )
-        x2 = (
-            x
-            - 2 * du * (x1 - model(x1, sig_b.to(x.dtype)))
-            + (2 * du).sqrt() * append_dims(sig_b.to(x.dtype), x.ndim) * z
-        )
+        noise = math.sqrt(2 * span) * dw
+        sig_a, sig_b = (u0 - t * span).exp().to(x.dtype), (u0 - (t + h) * span).exp().to(x.dtype)
+        x1 = x - 2 * du * (x - model(x, sig_a)) + append_dims(sig_a, x.ndim) * noise
+        x2 = x - 2 * du * (x1 - model(x1, sig_b)) + append_dims(sig_b, x.ndim) * noise
         x_hi = 0.5 * (x1 + x2)
         tol = (rtol * torch.maximum(x1.abs(), x_prev.abs())).clamp_min(atol)
         err = ((x1 - x_hi) / tol).flatten(1).square().mean(1).sqrt().to(torch.float64)
         ok = err <= 1
-        x, x_prev = (
-            torch.where(append_dims(ok, x.ndim), x_hi, x),
-            torch.where(append_dims(ok, x.ndim), x1, x_prev),
-        )
+        path.push(~ok, h, dw, int(depth))  # a rejected interval keeps its Brownian increment
+        keep = append_dims(ok, x.ndim)
+        x, x_prev = torch.where(keep, x_hi, x), torch.where(keep, x1, x_prev)
         t = torch.where(ok, torch.where(h >= 1 - t, torch.ones_like(t), t + h), t)
         h = torch.minimum(1 - t, safety * h * err.clamp_min(1e-10) ** (-exponent))
     d = model(x, s[-2])
@@ -177,3 +171,64 @@ def adaptive_sde(
     if stats is not None:
         stats["nfe"], stats["iterations"] = 2 * it + 1, it
     return finish(d)
+
+
+class _BrownianStack:
+    """Per-row Brownian increments that stay consistent under step rejection (RSwM).
+
+    Each row keeps a stack of future path segments ``(duration, increment)`` that were already
+    drawn. ``increment(h)`` takes the next ``h`` of the path: whole segments from the top of the
+    stack, the Brownian bridge for a part of one (``W_a ~ N((a/p) W, a (p - a)/p)``), and fresh
+    ``N(0, rest)`` beyond. ``push`` returns a rejected interval's increment to the stack, so the
+    retried, shorter step sees the same path: the decisions to reject then cannot bias the noise.
+    Each call draws exactly two normals per row, so row ``i``'s stream ignores the other rows.
+
+    References:
+        Rackauckas & Nie, "Adaptive methods for stochastic differential equations via natural
+        embeddings and rejection sampling with memory", DCDS-B 2017, Sec. 3 (RSwM).
+    """
+
+    def __init__(self, x: Tensor):
+        self.dur = torch.zeros(x.shape[0], 4, dtype=torch.float64, device=x.device)
+        self.inc = x.new_zeros(x.shape[0], 4, *x.shape[1:])
+        self.depth = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        self.rows = torch.arange(x.shape[0], device=x.device)
+
+    def increment(self, h: Tensor, depth: int, generator: GeneratorLike) -> Tensor:
+        """The path's increment over the next ``h`` ``[B]`` per row; ``depth`` bounds the stack depth."""
+        ref = self.inc[:, 0]
+        xi_split, xi_fresh = randn_like(ref, generator), randn_like(ref, generator)
+        w, need = torch.zeros_like(ref), h.clone()
+        for _ in range(depth):
+            top = (self.depth - 1).clamp_min(0)
+            has = (self.depth > 0) & (need > 0)
+            p, r = self.dur[self.rows, top], self.inc[self.rows, top]
+            full = has & (need >= p * (1 - 1e-12))
+            part = has & ~full
+            frac = torch.where(part, need / p, 0.0)
+            sd = torch.where(part, (need * (p - need) / p).clamp_min(0).sqrt(), 0.0)
+            w_part = (
+                append_dims(frac.to(ref.dtype), ref.ndim) * r
+                + append_dims(sd.to(ref.dtype), ref.ndim) * xi_split
+            )
+            w = w + torch.where(
+                append_dims(full, ref.ndim),
+                r,
+                torch.where(append_dims(part, ref.ndim), w_part, 0.0),
+            )
+            self.dur[self.rows, top] = torch.where(part, p - need, p)
+            self.inc[self.rows, top] = torch.where(append_dims(part, ref.ndim), r - w_part, r)
+            need = torch.where(full, need - p, torch.where(part, 0.0, need))
+            self.depth = self.depth - full.long()
+        return w + append_dims(need.clamp_min(0).sqrt().to(ref.dtype), ref.ndim) * xi_fresh
+
+    def push(self, rows: Tensor, h: Tensor, w: Tensor, depth: int) -> None:
+        """Push ``(h, w)`` on the rows in ``rows``; ``depth`` bounds the current stack depth."""
+        if self.dur.shape[1] < depth + 1:  # grow (rare)
+            self.dur = torch.cat([self.dur, torch.zeros_like(self.dur)], 1)
+            self.inc = torch.cat([self.inc, torch.zeros_like(self.inc)], 1)
+        rows = rows & (h > 0)
+        at = self.depth
+        self.dur[self.rows, at] = torch.where(rows, h, self.dur[self.rows, at])
+        self.inc[self.rows, at] = torch.where(append_dims(rows, w.ndim), w, self.inc[self.rows, at])
+        self.depth = self.depth + rows.long()
