@@ -25,7 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--run", required=True, metavar="RUN_DIR", help="a folder written by scorekit train")
     a("--n", type=int, required=True, help="number of samples")
     a("--nfe", type=int, default=None, help="denoiser calls per sample (default 20)")
-    a("--sampler", default="dpmpp_2m", help="sampler name (see scorekit.samplers.REGISTRY)")
+    a(
+        "--sampler",
+        default="ipndm",
+        help="sampler name (see scorekit.samplers.REGISTRY; default ipndm)",
+    )
     a("--schedule", default="karras", help="noise schedule name (default karras)")
     a("--seed", type=int, default=0)
     a("--guidance", type=float, help="classifier-free guidance weight w (needs --label)")

@@ -92,7 +92,7 @@ class TrainConfig:
     sample_every: int = 0
     sample_n: int = 64
     sample_nfe: int = 20
-    sample_sampler: str = "heun"
+    sample_sampler: str = "ipndm"
     log_every: int = 50
     seed: int = 0
     device: str = "cpu"

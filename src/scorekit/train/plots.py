@@ -11,6 +11,7 @@ import math
 import os
 from collections.abc import Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -32,7 +33,7 @@ def _tile(images: np.ndarray, cols: int | None = None, *, vmin: float, vmax: flo
     n, c, h, w = images.shape
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1, c))
+    grid = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1, c), np.nan)  # NaN gaps are drawn white
     scaled = np.clip((images - vmin) / max(vmax - vmin, 1e-12), 0, 1).transpose(0, 2, 3, 1)
     for i in range(n):
         r, q = divmod(i, cols)
@@ -45,9 +46,10 @@ def _show(ax, images: np.ndarray, *, vmin: float, vmax: float, cols: int | None 
         images = images[:, None]
     grid = _tile(images, cols, vmin=vmin, vmax=vmax)
     if grid.shape[2] == 1:
-        ax.imshow(grid[:, :, 0], cmap="gray_r" if vmin >= 0 else "gray", vmin=0, vmax=1)
+        cmap = matplotlib.colormaps["gray_r" if vmin >= 0 else "gray"].with_extremes(bad="white")
+        ax.imshow(grid[:, :, 0], cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     else:
-        ax.imshow(grid)
+        ax.imshow(np.nan_to_num(grid, nan=1.0), interpolation="nearest")
     ax.set_axis_off()
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from scorekit.process import get_process
 from scorekit.train import checkpoint as ckpt
 
-__all__ = ["decode", "draw", "generate", "load_run", "picture", "sigma_range"]
+__all__ = ["decode", "draw", "generate", "load_run", "picture", "pixel_range", "sigma_range"]
 
 
 def load_run(
@@ -88,7 +88,7 @@ def draw(
     n: int,
     *,
     nfe: int,
-    sampler: str = "heun",
+    sampler: str = "ipndm",
     schedule: str = "karras",
     seed: int = 0,
     device: str | torch.device = "cpu",
@@ -209,14 +209,14 @@ def picture(path: str | os.PathLike, x: Tensor, info: dict[str, Any], *, title: 
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     if info["kind"] == "image":
-        lo, hi = _pixel_range(info)
+        lo, hi = pixel_range(info)
         imgs = decode(x, info)
         save_grid(path, imgs.reshape(len(imgs), *info["shape"]), vmin=lo, vmax=hi, title=title)
     else:
         save_scatter(path, decode(x, info).reshape(len(x), -1), title=title)
 
 
-def _pixel_range(info: dict[str, Any]) -> tuple[float, float]:
+def pixel_range(info: dict[str, Any]) -> tuple[float, float]:
     """The data's pixel range in its own units: images are normalised to [-1, 1], so decode -1 and 1."""
     from scorekit.data import Normalization
 

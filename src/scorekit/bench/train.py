@@ -1,0 +1,216 @@
+"""``scorekit bench train``: training quality on ring8 and digits, and the loop's overhead.
+
+Three parts (``--part``, default all):
+
+* ``ring``: train on the built-in ``ring`` data (the same distribution as the exact target
+  ``analytic.target("ring8")``) for ``--ring-steps`` steps (sized to take at most 60 s of CPU on
+  one core), draw 10,000 samples at NFE 10 and report the sliced W2 to 10,000 exact samples next
+  to the floor: SW2 between two independent exact sample sets of the same size. Goal: ratio <= 2.
+* ``digits``: train the default U-Net on 80% of ``digits`` for ``--digits-minutes`` (default 10) on
+  the threads given, draw as many samples as training images at NFE 10 and report FD-digits
+  (``scorekit.train.quality``) against the held-out 20% next to its floor FD(train, held-out), and
+  the classifier's mean confidence. Goals: ratio <= 3, confidence >= 0.8. Writes a sample grid PNG.
+* ``overhead``: steps/s of ``scorekit.train.train`` against a bare PyTorch loop (same network,
+  data, batch, loss, AdamW), in this process, alternating the two ``--repeats`` times; the ratio
+  of medians is reported. Goal: scorekit >= 0.9 x bare.
+
+Results are printed and written to ``--out`` (``bench_train.json`` and pictures). The machine's
+load average is recorded, since other work on a shared machine slows every timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RING_NET = {"hidden": 128, "depth": 3, "emb_dim": 64}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--part", choices=("all", "ring", "digits", "overhead"), default="all")
+    a("--out", default="bench_train", help="folder for the JSON results and pictures")
+    a("--ring-steps", type=int, default=3000, help="training steps for ring (default 3000)")
+    a("--digits-minutes", type=float, default=10.0, help="training minutes for digits (default 10)")
+    a("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    a("--repeats", type=int, default=3, help="alternating timing repeats for the overhead part")
+    a("--nfe", type=int, default=10)
+    a("--sampler", default="ipndm", help="sampler for the quality parts (default ipndm)")
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return "n/a"
+
+
+def ring(
+    out: Path, *, steps: int, nfe: int, sampler: str, n: int = 10_000, progress: bool = True
+) -> dict:
+    """Train on ``ring`` for ``steps`` steps; SW2 of 10,000 samples at ``nfe`` against the exact floor."""
+    from scorekit.analytic import target
+    from scorekit.metrics import sliced_wasserstein
+    from scorekit.train import TrainConfig, decode, generate, load_run, train
+    from scorekit.train.plots import save_panel, save_scatter
+
+    cfg = TrainConfig(
+        data="ring", out=str(out / "ring_run"), steps=steps, batch=512, lr=2e-3,
+        net=RING_NET, ckpt_every=10**9, log_every=100,
+    )  # fmt: skip
+    wall, cpu = time.perf_counter(), time.process_time()
+    res = train(cfg, progress=progress)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    denoiser, info = load_run(cfg.out)
+    x = generate(denoiser, info, n, batch=10_000, progress=False, nfe=nfe,
+                 sampler=sampler, seed=12345)  # fmt: skip
+    gen = torch.as_tensor(decode(x, info), dtype=torch.float64)
+    exact = target("ring8")
+    ref = exact.sample(n, torch.Generator().manual_seed(1))
+    ref2 = exact.sample(n, torch.Generator().manual_seed(2))
+    sw, floor = sliced_wasserstein(gen, ref), sliced_wasserstein(ref2, ref)
+    save_scatter(out / "ring_samples.png", gen[:4000].numpy(), reference=ref[:4000].numpy(),
+                 title=f"ring8: generated ({sampler}, NFE {nfe}) over exact samples")  # fmt: skip
+    save_panel(out / "ring_real_vs_generated.png", ref[:4000].numpy(), gen[:4000].numpy(),
+               title=f"ring8: exact vs generated ({sampler}, NFE {nfe}); SW2 {sw:.4f}, floor {floor:.4f}")  # fmt: skip
+    return {
+        "steps": res.step, "train_wall_s": wall, "train_cpu_s": cpu, "nfe": nfe, "sampler": sampler,
+        "sw2": sw, "sw2_floor": floor, "ratio": sw / floor, "goal_ratio": 2.0,
+        "ok": sw / floor <= 2.0 and cpu <= 60.0,
+    }  # fmt: skip
+
+
+def digits(
+    out: Path,
+    *,
+    minutes: float,
+    nfe: int,
+    sampler: str,
+    steps: int | None = None,
+    net: dict | None = None,
+    batch: int = 128,
+    progress: bool = True,
+) -> dict:
+    """Train on 80% of digits for ``minutes`` (or ``steps``); FD-digits, floor and confidence at ``nfe``."""
+    from scorekit import data
+    from scorekit.train import TrainConfig, generate, load_run, train
+    from scorekit.train.plots import save_panel
+    from scorekit.train.quality import fit_classifier, image_quality
+    from scorekit.train.run import decode, picture, pixel_range
+
+    full = data.load("digits")
+    tr, te = data.split(full, holdout=0.2, seed=0)
+    cfg = TrainConfig(
+        data="digits", out=str(out / "digits_run"), minutes=minutes, steps=steps, batch=batch,
+        lr=2e-3, holdout=0.2, ckpt_every=500, log_every=50, net=net or {},
+    )  # fmt: skip
+    wall, cpu = time.perf_counter(), time.process_time()
+    res = train(cfg, progress=progress, dataset=tr)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    denoiser, info = load_run(cfg.out)
+    x = generate(denoiser, info, len(tr.x), batch=500, progress=False, nfe=nfe,
+                 sampler=sampler, seed=12345).clamp(-1, 1)  # fmt: skip
+    clf = fit_classifier(tr.x, tr.labels)
+    q = image_quality(x, tr.x, te.x, te.labels, clf)
+    picture(
+        out / "digits_samples.png",
+        x[:100],
+        info,
+        title=f"digits: {sampler}, NFE {nfe}, {res.step} steps",
+    )
+    lo, hi = pixel_range(info)
+    save_panel(out / "digits_real_vs_generated.png", decode(te.x[:64], info), decode(x[:64], info), vmin=lo, vmax=hi,
+               title=f"held-out real vs generated; FD {q.fd:.2f} (floor {q.fd_floor:.2f})")  # fmt: skip
+    return {
+        "steps": res.step, "train_wall_s": wall, "train_cpu_s": cpu, "threads": torch.get_num_threads(),
+        "nfe": nfe, "sampler": sampler, **q.to_dict(), "goal_ratio": 3.0, "goal_confidence": 0.8,
+        "ok": q.fd_ratio <= 3.0 and q.confidence >= 0.8,
+    }  # fmt: skip
+
+
+def _bare_steps_per_second(ds, net_cfg: dict, *, steps: int, batch: int, warmup: int = 20) -> float:
+    """A plain PyTorch EDM training loop: sample a batch, noise it, weighted MSE, AdamW step."""
+    from scorekit import nets
+    from scorekit._util import append_dims
+    from scorekit.denoiser import EDMPrecond, NetDenoiser
+
+    torch.manual_seed(0)
+    net = nets.build(net_cfg)
+    sd = float(ds.x.std())
+    denoiser = NetDenoiser(net, EDMPrecond(sd))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x_all = ds.x
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        x0 = x_all[torch.randint(len(x_all), (batch,))]
+        sigma = torch.exp(-1.2 + 1.2 * torch.randn(batch))
+        noise = torch.randn_like(x0)
+        w = (sigma**2 + sd**2) / (sigma * sd) ** 2
+        d = denoiser(x0 + append_dims(sigma, x0.ndim) * noise, sigma)
+        loss = (w * (d - x0).square().flatten(1).mean(1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps / (time.perf_counter() - t0)
+
+
+def overhead(out: Path, *, repeats: int, progress: bool = True) -> dict:
+    """scorekit's loop vs a bare loop on ring (MLP, batch 512) and digits (U-Net, batch 128)."""
+    from scorekit import data, nets
+    from scorekit.train import TrainConfig, train
+
+    results = {}
+    for name, batch, steps, override in (("ring", 512, 600, RING_NET), ("digits", 128, 60, {})):
+        ds = data.load(name)
+        net_cfg = {**nets.default_config(ds), **override, "num_classes": 0}
+        bare, ours = [], []
+        for _ in range(repeats):
+            bare.append(_bare_steps_per_second(ds, net_cfg, steps=steps, batch=batch))
+            cfg = TrainConfig(data=name, out=str(out / f"overhead_{name}"), steps=steps, batch=batch,
+                              net=override, ckpt_every=10**9, log_every=50)  # fmt: skip
+            ours.append(train(cfg, dataset=ds, progress=progress).steps_per_second)
+        b, o = statistics.median(bare), statistics.median(ours)
+        results[name] = {"batch": batch, "steps": steps, "bare_steps_s": bare, "scorekit_steps_s": ours,
+                         "ratio_of_medians": o / b, "goal": 0.9, "ok": o / b >= 0.9}  # fmt: skip
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"load_before": _load(), "threads": torch.get_num_threads()}
+    parts = ("ring", "digits", "overhead") if args.part == "all" else (args.part,)
+    if "ring" in parts:
+        report["ring"] = r = ring(out, steps=args.ring_steps, nfe=args.nfe, sampler=args.sampler)
+        print(f"ring8: {r['steps']} steps, {r['train_cpu_s']:.1f} s CPU ({r['train_wall_s']:.1f} s wall); "
+              f"SW2 at NFE {r['nfe']} = {r['sw2']:.4f}, floor {r['sw2_floor']:.4f}, "
+              f"ratio {r['ratio']:.2f} (goal <= 2)")  # fmt: skip
+    if "digits" in parts:
+        report["digits"] = d = digits(
+            out, minutes=args.digits_minutes, nfe=args.nfe, sampler=args.sampler
+        )
+        print(f"digits: {d['steps']} steps in {d['train_wall_s']:.0f} s wall on {d['threads']} threads; "
+              f"FD-digits {d['fd']:.2f} vs floor {d['fd_floor']:.2f} (ratio {d['fd_ratio']:.2f}, goal <= 3); "
+              f"confidence {d['confidence']:.3f} (real {d['confidence_real']:.3f}; goal >= 0.8)")  # fmt: skip
+    if "overhead" in parts:
+        report["overhead"] = oh = overhead(out, repeats=args.repeats)
+        for name, o in oh.items():
+            print(f"overhead {name} (batch {o['batch']}): bare loop "
+                  f"{', '.join(f'{v:.1f}' for v in o['bare_steps_s'])} steps/s; scorekit "
+                  f"{', '.join(f'{v:.1f}' for v in o['scorekit_steps_s'])} steps/s; "
+                  f"ratio of medians {o['ratio_of_medians']:.3f} (goal >= 0.9)")  # fmt: skip
+    report["load_after"] = _load()
+    print(f"load average before {report['load_before']}, after {report['load_after']}")
+    from scorekit.train.checkpoint import atomic_write_json
+
+    atomic_write_json(out / "bench_train.json", report)
+    print(f"results: {out / 'bench_train.json'}")
+    return 0
