@@ -235,21 +235,17 @@ def _resolve_sampler(sampler) -> tuple[Callable, str]:
     raise TypeError(f"sampler must be a name or a function; got {type(sampler).__name__}")
 
 
-def _sigmas_from_params(
-    z: Tensor, log_max: float, log_min: float, fraction: Tensor | None
-) -> Tensor:
-    """Positive decreasing sigmas ``[n]`` from gap logits ``z`` ``[n - 1]`` (then 0 is appended).
+def _warp(z: Tensor, u: Tensor) -> Tensor:
+    """A monotone map ``g: [0, 1] -> [0, 1]``, piecewise linear with ``K = len(z)`` equal pieces.
 
-    ``log sigma_i = log smax - span * cumsum(softmax(z))_{i-1}``: the log-gaps are positive and sum to
-    ``span``, so any ``z`` gives an ordered schedule with the ends pinned. ``span = log smax - log smin``
-    unless ``fraction`` (``sigmoid`` of a free parameter) shortens it, freeing the last positive sigma.
+    Piece ``k`` has slope ``K softmax(z)_k``, so ``g(0) = 0``, ``g(1) = 1`` and ``g`` is increasing for
+    any ``z``; ``z = 0`` is the identity. Evaluated at ``u`` ``[n]``, differentiably in ``z``.
     """
-    span = log_max - log_min
-    if fraction is not None:
-        span = span * fraction
-    steps = torch.softmax(z, 0) * span
-    log_s = log_max - torch.cat([z.new_zeros(1), torch.cumsum(steps, 0)])
-    return torch.cat([log_s.exp(), z.new_zeros(1)])
+    k = z.numel()
+    knots = torch.cat([z.new_zeros(1), torch.cumsum(torch.softmax(z, 0), 0)])
+    pos = u * k
+    idx = pos.floor().long().clamp(max=k - 1)
+    return torch.lerp(knots[idx], knots[idx + 1], pos - idx.to(u.dtype))
 
 
 def _cache_key(name: str, n: int, sigma_min, sigma_max, shape, seed, batch, extra: str) -> str:
@@ -281,9 +277,10 @@ def optimized(
     sigma_max: float,
     shape,
     seed: int = 0,
-    init: str = "karras",
+    init: tuple[str, ...] | str = ("karras", "loglinear", "polyexponential"),
+    knots: int | None = None,
     free_sigma_min: bool = False,
-    iterations: int = 60,
+    iterations: int = 40,
     reference_rtol: float = 1e-9,
     cache: str | os.PathLike | None = None,
     cache_key: str = "",
@@ -295,41 +292,45 @@ def optimized(
     """Sigmas that minimise one sampler's error against the exact probability-flow ODE solution.
 
     Draws calibration noise ``x_T = sigma_max * z``, ``z ~ N(0, I)`` of ``shape`` ``[B, ...]`` (seeded
-    by ``seed``), solves the PF-ODE from it tightly (``pf_ode_reference``) to get ``x_ref``, then picks
-    the schedule minimising
+    by ``seed``, float64), solves the PF-ODE from it tightly (``pf_ode_reference``) to get ``x_ref``,
+    and minimises over schedules
 
-        J(sigmas) = log mean_b |sampler(D, x_T, sigmas)_b - x_ref_b|^2
+        J(sigmas) = log mean_b |sampler(D, x_T, sigmas)_b - x_ref_b|^2 .
 
-    over the ``n - 2`` interior sigmas (``sigma_max`` and ``sigma_min`` stay fixed unless
-    ``free_sigma_min``, see below). The interior log-sigmas are parametrised by softmax gap
-    logits (``log sigma_i = log smax - span * cumsum(softmax(z))``), so every iterate is ordered; the
-    start is the ``init`` schedule (``karras`` by default). The objective is minimised by L-BFGS with
-    gradients from autograd through the sampler and the denoiser; if the sampler does not carry
-    gradients to its ``sigmas`` (a ``float(sigma)`` inside, say), central finite differences are used.
+    Parametrisation (every iterate is a valid, ordered schedule). With ``u_i = i / (n - 1)`` and a
+    start schedule ``sigma_0(u)`` (one of ``init``, interpolated in log sigma between its nodes),
 
-    With ``free_sigma_min=True`` the log-span is ``sigmoid(w) * (log smax - log smin)``, so the last
-    positive sigma becomes a free parameter in ``[sigma_min, sigma_max)``; pass a small ``sigma_min``
-    (a floor) then.
+        log sigma_i = log sigma_0(g(u_i)),   g = monotone piecewise-linear warp with K pieces
+
+    whose slopes are ``K softmax(z)`` (``z = 0``: the start schedule itself). ``K = n - 1`` frees every
+    interior sigma; fewer knots give a smooth low-dimensional family. ``sigma_max`` and ``sigma_min``
+    stay fixed; with ``free_sigma_min`` the lower end becomes ``sigma_min^f sigma_max^(1-f)``,
+    ``f = sigmoid(w)``, a free parameter (``sigma_min`` is then a floor).
+
+    The search starts from the best of the ``init`` schedules and runs L-BFGS (strong Wolfe line
+    search) with gradients from autograd through the sampler and the denoiser when the sampler keeps
+    ``sigmas`` as tensors, otherwise from central finite differences (``2 K`` sampler runs per
+    gradient; then ``K = min(n - 1, 6)`` by default).
 
     This is the criterion of "Align Your Steps" (Sabour et al., ICML 2024) made concrete: instead of
-    their KL upper bound on the discretisation error, the actual error against the exact solution
-    from the same noise, which costs seconds on exact targets (a Gaussian mixture denoiser) and once
-    per model and sampler on a network.
+    their KL upper bound on the discretisation error, the actual error against the exact solution from
+    the same noise, which costs seconds on exact targets and once per model and sampler on a network.
 
     Args:
-        denoiser: ``D(x [B, ...], sigma [B]) -> x0_hat``; should accept float64 and autograd.
+        denoiser: ``D(x [B, ...], sigma [B]) -> x0_hat``; called with float64 tensors.
         sampler: a name in ``scorekit.samplers.REGISTRY`` or a sampler function.
         n: number of positive sigmas (the schedule has ``n + 1`` entries).
         sigma_min, sigma_max: the ends of the positive part.
-        shape: shape ``[B, ...]`` of the calibration batch (B of 64..512 is typical).
+        shape: shape ``[B, ...]`` of the calibration batch (B of 64..256 is typical).
         seed: seed of the calibration noise.
-        init: a name in ``SCHEDULES`` whose ``n``-step schedule starts the search.
-        iterations: L-BFGS iterations (each costs about ``3 * NFE`` denoiser calls with autograd).
+        init: names in ``SCHEDULES`` (default options) tried as the start; the best one is used.
+        knots: pieces ``K`` of the warp (default: ``n - 1`` with autograd, ``min(n - 1, 6)`` without).
+        iterations: L-BFGS iterations.
         reference_rtol: ``rtol = atol`` of the reference solve.
         cache: a JSON file; if it holds this problem's key the stored sigmas are returned, otherwise
             the result is added to it (written atomically).
         cache_key: extra text naming the denoiser in the cache key (the model or target name); the
-            key also holds the sampler, n, sigma_min, sigma_max, shape, seed.
+            key also holds the sampler, n, sigma_min, sigma_max, shape, seed and the options.
         sampler_options: keyword options passed to the sampler.
 
     Returns:
@@ -337,29 +338,33 @@ def optimized(
 
     References:
         Sabour, Fidler & Kreis, "Align Your Steps: Optimizing Sampling Schedules in Diffusion Models",
-        ICML 2024. Nocedal & Wright, "Numerical Optimization", 2006, ch. 7 (L-BFGS).
+        ICML 2024. Nocedal & Wright, "Numerical Optimization", 2nd ed. 2006, Alg. 7.5 (L-BFGS).
     """
     _check_range(n, sigma_min, sigma_max)
     fn, name = _resolve_sampler(sampler)
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2 or shape[0] < 1:
         raise ValueError(f"shape must be [B, ...] with B >= 1 and a data dimension; got {shape}")
-    if init not in SCHEDULES:
-        raise ValueError(f"unknown init schedule {init!r}; allowed: {sorted(SCHEDULES)}")
+    inits = (init,) if isinstance(init, str) else tuple(init)
+    for name_i in inits:
+        if name_i not in SCHEDULES or name_i == "uniform_t":
+            allowed = sorted(set(SCHEDULES) - {"uniform_t"})
+            raise ValueError(f"unknown init schedule {name_i!r}; allowed: {allowed}")
+    if knots is not None and (not isinstance(knots, int) or knots < 1):
+        raise ValueError(f"knots must be an integer >= 1 or None; got {knots!r}")
     opts = dict(sampler_options or {})
     key = _cache_key(
         name, n, sigma_min, sigma_max, shape, seed, shape[0],
-        f"init={init}|free_min={free_sigma_min}|it={iterations}|opts={sorted(opts.items())}|{cache_key}",
+        f"init={inits}|K={knots}|free_min={free_sigma_min}|it={iterations}|"
+        f"opts={sorted(opts.items())}|{cache_key}",
     )  # fmt: skip
     cache_path = Path(cache) if cache is not None else None
     if cache_path is not None and cache_path.exists():
         stored = json.loads(cache_path.read_text())
         if key in stored:
             return torch.tensor(stored[key]["sigmas"], dtype=dtype, device=device)
-
-    start = get_schedule(init)(n, sigma_min, sigma_max).to(torch.float64)
-    if (n <= 2 and not free_sigma_min) or n == 1:
-        return start.to(dtype=dtype, device=device)  # nothing to choose
+    if n == 1 or (n == 2 and not free_sigma_min):  # nothing to choose
+        return karras(n, sigma_min, sigma_max, dtype=dtype, device=device)
 
     t0 = time.perf_counter()
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -368,62 +373,114 @@ def optimized(
         denoiser, x_t, sigma_max, 0.0, rtol=reference_rtol, atol=reference_rtol
     )
     log_max, log_min = math.log(sigma_max), math.log(sigma_min)
+    u = _ramp(n)
+    fine = 4096  # the start schedule as a function of u, from its nodes on a fine grid
 
-    gaps = -torch.diff(start[:-1].log())
-    z0 = gaps.log()
-    z0 = z0 - z0.mean()
-    w0 = torch.tensor([4.0], dtype=torch.float64)  # sigmoid(4) = 0.982: start near sigma_min
-    params0 = torch.cat([z0, w0]) if free_sigma_min else z0
+    def base_fn(init_name: str):
+        nodes = get_schedule(init_name)(fine, sigma_min, sigma_max)[:-1].log()  # [fine]
 
-    def unpack(p: Tensor) -> Tensor:
-        if free_sigma_min:
-            return _sigmas_from_params(p[:-1], log_max, log_min, torch.sigmoid(p[-1]))
-        return _sigmas_from_params(p, log_max, log_min, None)
+        def log_sigma0(v: Tensor) -> Tensor:  # v in [0, 1], differentiable
+            pos = v * (fine - 1)
+            idx = pos.detach().floor().long().clamp(0, fine - 2)
+            return torch.lerp(nodes[idx], nodes[idx + 1], pos - idx.to(v.dtype))
 
-    def objective(p: Tensor) -> Tensor:
+        return log_sigma0
+
+    def make_unpack(log_sigma0, k: int):
+        def unpack(p: Tensor) -> Tensor:
+            v = _warp(p[:k], u)
+            log_s = log_sigma0(v)
+            last = log_s.new_full((1,), log_min)
+            if free_sigma_min:  # shrink the log-span from the top: sigma_max stays, the end moves
+                f = torch.sigmoid(p[k])
+                log_s = log_max - (log_max - log_s) * f
+                last = log_max - (log_max - last) * f
+            # Pin the ends exactly; the interior lies strictly between them.
+            top = log_s.new_full((1,), log_max)
+            s = torch.cat([top, log_s[1:-1], last]).exp()
+            return torch.cat([s, s.new_zeros(1)])
+
+        return unpack
+
+    def objective(unpack, p: Tensor) -> Tensor:
         sig = unpack(p).to(device)
         out = fn(denoiser, x_t.clone(), sig, **opts)
         return torch.log((out - x_ref).square().sum() / x_t.shape[0])
 
-    # Does the sampler carry gradients to its sigmas?
-    probe = params0.clone().requires_grad_(True)
-    use_autograd = True
+    # Autograd through the sampler if it carries gradients to its sigmas; else finite differences.
+    k_probe = n - 1
+    span = log_max - math.log(sigma_min)
+    ends = [sigma_min]  # starting values of the free lower end: the floor and two decades above
+    if free_sigma_min:
+        ends += [e for e in (10 * sigma_min, 100 * sigma_min) if e < sigma_max / 10]
+
+    def w_of(
+        end: float,
+    ) -> list[float]:  # sigmoid(w) = the log-span fraction that puts the end there
+        if not free_sigma_min:
+            return []
+        f = min((log_max - math.log(end)) / span, 1 - 1e-3)
+        return [math.log(f / (1 - f))]
+
+    probe = torch.tensor([0.0] * k_probe + w_of(ends[-1]), dtype=torch.float64, requires_grad=True)
     try:
-        val = objective(probe)
-        (g,) = torch.autograd.grad(val, probe, allow_unused=True)
-        use_autograd = g is not None and bool(torch.isfinite(g).all()) and bool(g.abs().sum() > 0)
-    except RuntimeError:
+        unpack_probe = make_unpack(base_fn(inits[0]), k_probe)
+        (g,) = torch.autograd.grad(objective(unpack_probe, probe), probe, allow_unused=True)
+        use_autograd = g is not None and bool(torch.isfinite(g).all() and g.abs().sum() > 0)
+    except (RuntimeError, TypeError):
         use_autograd = False
+    k = knots if knots is not None else (n - 1 if use_autograd else min(n - 1, 6))
+    k = min(k, n - 1)
+
+    # The best start: each init schedule, each starting lower end.
+    best = None
+    for name_i in inits:
+        unpack_i = make_unpack(base_fn(name_i), k)
+        for end in ends:
+            p_i = torch.tensor([0.0] * k + w_of(end), dtype=torch.float64)
+            with torch.no_grad():
+                try:
+                    v = float(objective(unpack_i, p_i))
+                except (ValueError, FloatingPointError):
+                    continue
+            if best is None or v < best[0]:
+                best = (v, f"{name_i}, end {end:.3g}", unpack_i, p_i)
+    if best is None:
+        raise ValueError(f"optimized: sampler {name!r} failed on every start schedule")
+    v_start, start_name, unpack, p0 = best
 
     def value_and_grad(p: Tensor) -> tuple[Tensor, Tensor]:
         if use_autograd:
             p = p.detach().clone().requires_grad_(True)
-            v = objective(p)
+            v = objective(unpack, p)
             (g,) = torch.autograd.grad(v, p)
             return v.detach(), g
         with torch.no_grad():
-            v = objective(p)
+            v = objective(unpack, p)
             g = torch.zeros_like(p)
             eps = 1e-4
             for i in range(p.numel()):
                 e = torch.zeros_like(p)
                 e[i] = eps
-                g[i] = (objective(p + e) - objective(p - e)) / (2 * eps)
+                g[i] = (objective(unpack, p + e) - objective(unpack, p - e)) / (2 * eps)
         return v, g
 
-    best_p, best_v = params0.clone(), float("inf")
-    params = params0.clone().requires_grad_(True)
+    best_p, best_v = p0.clone(), v_start
+    params = p0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
         [params], lr=1.0, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe",
-        tolerance_grad=1e-9, tolerance_change=1e-12,
+        tolerance_grad=1e-7, tolerance_change=1e-9,
     )  # fmt: skip
 
     def closure():
         nonlocal best_p, best_v
-        v, g = value_and_grad(params.detach())
-        if not torch.isfinite(v):  # a bad trial point: make the line search back off
+        try:
+            v, g = value_and_grad(params.detach())
+        except (ValueError, FloatingPointError):  # a trial point the sampler rejects
+            v, g = torch.tensor(float("inf"), dtype=torch.float64), torch.zeros_like(params)
+        if not torch.isfinite(v):  # make the line search back off
             params.grad = torch.zeros_like(params)
-            return torch.tensor(float("inf"), dtype=torch.float64)
+            return torch.tensor(1e30, dtype=torch.float64)
         if float(v) < best_v:
             best_v, best_p = float(v), params.detach().clone()
         params.grad = g.to(params.dtype)
@@ -432,13 +489,13 @@ def optimized(
     opt.step(closure)
     sigmas = unpack(best_p).detach()
     if verbose:
-        v0 = float(objective(params0).detach())
         print(
-            f"optimized[{name}, n={n}]: rms {math.exp(v0 / 2):.3g} -> {math.exp(best_v / 2):.3g} "
-            f"in {time.perf_counter() - t0:.1f}s ({'autograd' if use_autograd else 'finite diff'})"
+            f"optimized[{name}, n={n}, start={start_name}, K={k}]: rms/sample "
+            f"{math.exp(v_start / 2):.3g} -> {math.exp(best_v / 2):.3g} in "
+            f"{time.perf_counter() - t0:.1f}s ({'autograd' if use_autograd else 'finite diff'})"
         )
     if cache_path is not None:
         stored = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-        stored[key] = {"sigmas": sigmas.tolist(), "log_mse": best_v}
+        stored[key] = {"sigmas": sigmas.tolist(), "log_mse": best_v, "start": start_name}
         _write_json_atomic(cache_path, stored)
     return sigmas.to(dtype=dtype, device=device)
