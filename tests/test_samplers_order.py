@@ -45,6 +45,8 @@ CASES = [
     ("deis", {"order": 1}, 1),
     ("deis", {"order": 2}, 2),
     ("deis", {"order": 3}, 2),  # first step is first order (warm-up)
+    ("deis", {"order": 2, "basis": "rho"}, 2),
+    ("deis", {"order": 3, "basis": "rho"}, 2),
     ("ipndm", {"order": 4}, 2),  # fixed equal-step coefficients on a graded grid + warm-up
 ]
 
