@@ -30,14 +30,17 @@ precomputed tensor, batch 1, scorekit's sampler against the same algorithm's dif
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from scorekit.process import DiscreteProcess
+from scorekit.schedules import karras
 
 __all__ = [
     "SIGMA_FRAME_SCHEDULERS",
@@ -224,10 +227,401 @@ def _write_atomic(path: Path, text: str | bytes) -> None:
         raise
 
 
+# -- the benchmark -------------------------------------------------------------------------------
+
+#: scorekit's deterministic ODE samplers in the benchmark: (label, registry name, options).
+SCOREKIT_SAMPLERS = [
+    ("euler", "euler", {}),
+    ("heun", "heun", {}),
+    ("dpm_solver_2", "dpm_solver_2", {}),
+    ("dpm_solver_3", "dpm_solver_3", {}),
+    ("dpmpp_2s", "dpmpp_2s", {}),
+    ("dpmpp_2m", "dpmpp_2m", {}),
+    ("dpmpp_3m", "dpmpp_3m", {}),
+    ("unipc2", "unipc", {"order": 2}),
+    ("unipc3", "unipc", {"order": 3}),
+    ("deis3", "deis", {"order": 3}),
+    ("ipndm", "ipndm", {}),
+]
+
+
+def _diffusers_configs(quick: bool) -> list[tuple[str, str, dict]]:
+    """(label, scheduler, config): every scheduler with default (linspace), trailing and Karras steps.
+
+    DDIM's default "leading" spacing starts at t = 900 (sigma 60, not the start noise 157), so DDIM
+    runs with "linspace" and "trailing"; ``clip_sample`` is off (the targets are not in [-1, 1]).
+    """
+    spacings = {"default": {}, "trailing": {"timestep_spacing": "trailing"}}
+    karras = {"use_karras_sigmas": True}
+    out = []
+    for sp, c in spacings.items():
+        ddim = {"timestep_spacing": "linspace"} if sp == "default" else c
+        out.append((f"DDIM/{sp}", "DDIMScheduler", ddim))
+    scheds = [
+        ("Euler", "EulerDiscreteScheduler", {}),
+        ("Heun", "HeunDiscreteScheduler", {}),
+        ("LMS", "LMSDiscreteScheduler", {}),
+        ("DPM++2M", "DPMSolverMultistepScheduler", {"solver_order": 2}),
+        ("DPM++3M", "DPMSolverMultistepScheduler", {"solver_order": 3}),
+        ("DPM++2S", "DPMSolverSinglestepScheduler", {"solver_order": 2}),
+        ("DPM++3S", "DPMSolverSinglestepScheduler", {"solver_order": 3}),
+        ("UniPC2", "UniPCMultistepScheduler", {"solver_order": 2}),
+        ("UniPC3", "UniPCMultistepScheduler", {"solver_order": 3}),
+        ("DEIS2", "DEISMultistepScheduler", {"solver_order": 2}),
+        ("DEIS3", "DEISMultistepScheduler", {"solver_order": 3}),
+    ]
+    if quick:
+        scheds = [scheds[i] for i in (0, 3, 7, 8)]
+    for label, name, cfg in scheds:
+        for sp, c in {**spacings, "karras": karras}.items():
+            out.append((f"{label}/{sp}", name, {**cfg, **c}))
+    return out
+
+
+class _Counted:
+    """A denoiser that counts its calls."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.calls = denoiser, 0
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        return self.denoiser(x, sigma)
+
+
+def _diffusers_side(gm, x_t, ref, sigma_max, nfes, quick, log) -> list[dict]:
+    import warnings
+
+    rows = []
+    probe = x_t[:1].clone()
+    for label, name, cfg in _diffusers_configs(quick):
+        for target_nfe in nfes:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                steps = None
+                for n in range(target_nfe, 0, -1):  # the most steps whose real NFE fits
+                    counted = _Counted(gm)
+                    run_diffusers(diffusers_scheduler(name, **cfg), counted, probe, n)
+                    if counted.calls <= target_nfe:
+                        steps = n
+                        break
+                if steps is None:
+                    continue
+                counted = _Counted(gm)
+                sched = diffusers_scheduler(name, **cfg)
+                out, _ = run_diffusers(sched, counted, x_t.clone(), steps, sigma_start=sigma_max)
+            err = rms_error(out, ref) if torch.isfinite(out).all() else float("nan")
+            rows.append(
+                {"side": "diffusers", "config": label, "target_nfe": target_nfe,
+                 "nfe": counted.calls, "steps": steps, "error": err}
+            )  # fmt: skip
+            log(f"  diffusers {label:22s} NFE {counted.calls:3d}  err {err:.4g}")
+    return rows
+
+
+def _steps_for(name: str, options: dict, target_nfe: int) -> int | None:
+    from scorekit.samplers import nfe
+
+    best = None
+    for n in range(1, target_nfe + 1):
+        if nfe(name, karras(n, 0.5, 1.0), **options) <= target_nfe:
+            best = n
+    return best
+
+
+def _scorekit_side(gm, tname, x_t, ref, sigma_max, sigma_min, nfes, args, log) -> list[dict]:
+    from scorekit.samplers import REGISTRY
+    from scorekit.samplers.accelerators import GaussianFlow, with_teleport
+    from scorekit.schedules import SCHEDULES, optimized
+
+    table = DiscreteProcess.linear()
+    fixed = {
+        "karras": {},
+        "loglinear": {},
+        "polyexponential": {"rho": 2.0},
+        "uniform_t": {"process": table},
+    }
+    samplers = SCOREKIT_SAMPLERS
+    if args.quick:
+        samplers = [s for s in samplers if s[0] in ("euler", "dpmpp_2m", "unipc3", "ipndm")]
+    rows = []
+
+    def record(label, sched_label, target_nfe, fn, sigmas, options):
+        counted = _Counted(gm)
+        out = fn(counted, x_t.clone(), sigmas, **options)
+        err = rms_error(out, ref)
+        row = {"side": "scorekit", "config": f"{label}/{sched_label}", "sampler": label,
+               "schedule": sched_label, "target_nfe": target_nfe, "nfe": counted.calls,
+               "steps": len(sigmas) - 1, "error": err, "sigmas": sigmas.tolist()}  # fmt: skip
+        rows.append(row)
+        return row
+
+    for target_nfe in nfes:
+        for label, name, opts in samplers:
+            n = _steps_for(name, opts, target_nfe)
+            if n is None:
+                continue
+            for sname, sopts in fixed.items():
+                sig = SCHEDULES[sname](n, sigma_min, sigma_max, **sopts)
+                record(label, sname, target_nfe, REGISTRY[name], sig, opts)
+        # The optimised schedule: for the samplers that do best on the fixed schedules at this NFE
+        # (all of them with --optimize-all), with and without the analytic teleport start.
+        done = [r for r in rows if r["target_nfe"] == target_nfe]
+        best_of = {}
+        for r in done:
+            best_of[r["sampler"]] = min(best_of.get(r["sampler"], 9e9), r["error"])
+        ranked = sorted(best_of, key=best_of.get)
+        chosen = ranked if args.optimize_all else ranked[: args.optimize_top]
+        flow = GaussianFlow.from_mixture(gm)
+        for label, name, opts in samplers:
+            if label not in chosen:
+                continue
+            n = _steps_for(name, opts, target_nfe)
+            variants = [("optimized", REGISTRY[name], n)]
+            if not args.no_teleport:
+                variants.append(("teleport+optimized", with_teleport(name, flow), n + 1))
+            for vlabel, fn, n_v in variants:
+                t0 = time.perf_counter()
+                sig = optimized(
+                    gm, fn, n_v, sigma_min=args.sigma_floor, sigma_max=sigma_max,
+                    shape=(args.calibration[tname], gm.dim), seed=args.seed + 1,
+                    free_sigma_min=True, iterations=args.iterations, sampler_options=opts,
+                    cache=Path(args.out) / "optimized_schedules.json", cache_key=f"{tname}|{vlabel}",
+                )  # fmt: skip
+                row = record(label, vlabel, target_nfe, fn, sig, opts)
+                row["optimize_s"] = time.perf_counter() - t0
+                log(
+                    f"  scorekit {label}/{vlabel} NFE {row['nfe']} err {row['error']:.4g} "
+                    f"({row['optimize_s']:.0f}s)"
+                )
+    return rows
+
+
+def _overhead(steps: int, repeats: int) -> list[dict]:
+    """Per-step time of the sampler alone (the denoiser returns a precomputed tensor), batch 1."""
+    import warnings
+
+    from scorekit.samplers import REGISTRY
+
+    pairs = [
+        ("euler", {}, "EulerDiscreteScheduler", {}),
+        ("heun", {}, "HeunDiscreteScheduler", {}),
+        ("dpmpp_2m", {}, "DPMSolverMultistepScheduler", {"solver_order": 2}),
+        ("dpmpp_3m", {}, "DPMSolverMultistepScheduler", {"solver_order": 3}),
+        ("unipc", {"order": 2}, "UniPCMultistepScheduler", {"solver_order": 2}),
+    ]
+    x = torch.randn(1, 2)
+    x0 = torch.zeros(1, 2)
+    eps = torch.randn(1, 2)
+    rows = []
+    for ours, opts, theirs, cfg in pairs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sched = diffusers_scheduler(theirs, **cfg)
+            sigmas = diffusers_sigmas(sched, steps).to(torch.float32)
+            n_calls = len(sched.timesteps)
+
+            def run_ours(fn=REGISTRY[ours], sigmas=sigmas, opts=opts):
+                fn(lambda x_, s_: x0, x, sigmas, **opts)
+
+            def run_theirs(sched=sched):
+                sample = x
+                for t in sched.timesteps:
+                    inp = sched.scale_model_input(sample, t)
+                    del inp  # the model would read it; its output is the precomputed eps
+                    sample = sched.step(eps, t, sample).prev_sample
+
+            t_ours, t_theirs = [], []
+            for _ in range(repeats):  # interleaved, best of repeats
+                t0 = time.perf_counter()
+                run_ours()
+                t_ours.append(time.perf_counter() - t0)
+                sched.set_timesteps(steps)  # reset its state, outside the timed region
+                t0 = time.perf_counter()
+                run_theirs()
+                t_theirs.append(time.perf_counter() - t0)
+        a, b = min(t_ours) / n_calls * 1e6, min(t_theirs) / n_calls * 1e6
+        rows.append(
+            {"scorekit": ours, "diffusers": theirs, "steps": steps, "us_per_step_scorekit": a,
+             "us_per_step_diffusers": b, "ratio": a / b}
+        )  # fmt: skip
+    return rows
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench_out/samplers", help="output folder (JSON, PNG)")
-    parser.add_argument("--quick", action="store_true", help="small batches, under a minute")
+    parser.add_argument("--quick", action="store_true", help="small batches and subsets: < 1 min")
+    parser.add_argument("--targets", nargs="+", default=["ring8", "gmm64"])
+    parser.add_argument("--nfe", nargs="+", type=int, default=[5, 10, 20])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the evaluation noise")
+    parser.add_argument("--rtol", type=float, default=1e-10, help="rtol = atol of the reference")
+    parser.add_argument(
+        "--optimize-top", type=int, default=3, help="optimise the schedule of the k best samplers"
+    )
+    parser.add_argument("--optimize-all", action="store_true", help="optimise for every sampler")
+    parser.add_argument("--no-teleport", action="store_true", help="skip teleport+optimized")
+    parser.add_argument("--iterations", type=int, default=25, help="L-BFGS iterations (optimized)")
+    parser.add_argument(
+        "--sigma-floor", type=float, default=0.002, help="lowest last sigma the optimiser may pick"
+    )
+
+
+def _table(rows: list[dict], tname: str, nfes: list[int]) -> tuple[str, dict]:
+    lines = [f"== {tname}: RMS error to the exact PF-ODE solution (data units) =="]
+    lines.append(
+        f"{'NFE':>4} | {'best diffusers':>34} | {'best scorekit':>44} | ratio | goal <= 0.5"
+    )
+    summary = {}
+    for t in nfes:
+        d = [
+            r
+            for r in rows
+            if r["side"] == "diffusers" and r["target_nfe"] == t and r["error"] == r["error"]
+        ]
+        s = [r for r in rows if r["side"] == "scorekit" and r["target_nfe"] == t]
+        if not d or not s:
+            continue
+        bd, bs = min(d, key=lambda r: r["error"]), min(s, key=lambda r: r["error"])
+        ratio = bs["error"] / bd["error"]
+        summary[t] = {"diffusers": bd, "scorekit": bs, "ratio": ratio}
+        lines.append(
+            f"{t:>4} | {bd['error']:8.4f} {bd['config']:>19s} ({bd['nfe']:2d}) | "
+            f"{bs['error']:8.4f} {bs['config']:>29s} ({bs['nfe']:2d}) | {ratio:5.2f} | "
+            f"{'met' if ratio <= 0.5 else 'MISSED'}"
+        )
+    lines.append("best scorekit per schedule (any sampler):")
+    scheds = sorted({r["schedule"] for r in rows if r["side"] == "scorekit"})
+    for sc in scheds:
+        cells = []
+        for t in nfes:
+            s = [
+                r
+                for r in rows
+                if r["side"] == "scorekit" and r["target_nfe"] == t and r["schedule"] == sc
+            ]
+            cells.append(f"{min(s, key=lambda r: r['error'])['error']:.4f}" if s else "   -  ")
+        lines.append(f"  {sc:>20s}: " + "  ".join(cells))
+    return "\n".join(lines), summary
+
+
+def _plot(all_rows: dict, nfes: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(all_rows), figsize=(6 * len(all_rows), 4.5), squeeze=False)
+    for ax, (tname, rows) in zip(axes[0], all_rows.items(), strict=True):
+
+        def best(pred, rows=rows):
+            xs, ys = [], []
+            for t in nfes:
+                c = [
+                    r["error"]
+                    for r in rows
+                    if r["target_nfe"] == t and pred(r) and r["error"] == r["error"]
+                ]
+                if c:
+                    xs.append(t)
+                    ys.append(min(c))
+            return xs, ys
+
+        ax.plot(*best(lambda r: r["side"] == "diffusers"), "k-o", lw=2, label="diffusers (best)")
+        for sc in sorted({r["schedule"] for r in rows if r["side"] == "scorekit"}):
+            ax.plot(*best(lambda r, sc=sc: r["side"] == "scorekit" and r["schedule"] == sc),
+                    "-o", label=f"scorekit {sc}")  # fmt: skip
+        xs, ys = best(lambda r: r["side"] == "diffusers")
+        ax.plot(xs, [y / 2 for y in ys], "k:", label="goal: half of diffusers")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(nfes, [str(t) for t in nfes])
+        ax.set_xlabel("NFE (denoiser calls)")
+        ax.set_ylabel("RMS error to exact ODE solution")
+        ax.set_title(tname)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    _write_atomic(path, buf.getvalue())
 
 
 def run(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from scorekit.analytic import target
+    from scorekit.schedules import pf_ode_reference
+
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    table = DiscreteProcess.linear()
+    sigma_max, sigma_min = table.sigma_max, table.sigma_min
+    batches = {"ring8": 2000, "gmm64": 500, "checker": 2000, "swiss": 2000}
+    args.calibration = {"ring8": 256, "gmm64": 256, "checker": 256, "swiss": 256}
+    if args.quick:
+        batches = {k: 100 for k in batches}
+        args.calibration = {k: 32 for k in batches}
+        args.optimize_top = min(args.optimize_top, 1)
+        args.iterations = min(args.iterations, 4)
+        args.no_teleport = True
+    nfes = sorted(args.nfe)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    all_rows, summaries, texts = {}, {}, []
+    for tname in args.targets:
+        gm = target(tname)
+        g = torch.Generator().manual_seed(args.seed)
+        x_t = sigma_max * torch.randn(batches[tname], gm.dim, generator=g, dtype=torch.float64)
+        t0 = time.perf_counter()
+        ref = pf_ode_reference(gm, x_t, sigma_max, 0.0, rtol=args.rtol, atol=args.rtol)
+        log(f"{tname}: {x_t.shape[0]} samples, reference in {time.perf_counter() - t0:.1f}s")
+        rows = _diffusers_side(gm, x_t, ref, sigma_max, nfes, args.quick, log)
+        rows += _scorekit_side(gm, tname, x_t, ref, sigma_max, sigma_min, nfes, args, log)
+        all_rows[tname] = rows
+        text, summaries[tname] = _table(rows, tname, nfes)
+        texts.append(text)
+        print(text, flush=True)
+
+    overhead = _overhead(steps=20 if args.quick else 50, repeats=5 if args.quick else 30)
+    lines = ["== per-step overhead, batch 1, denoiser excluded (best of repeats) =="]
+    for r in overhead:
+        lines.append(
+            f"  {r['scorekit']:>9s} {r['us_per_step_scorekit']:7.1f} us/step  vs  {r['diffusers']:>28s} "
+            f"{r['us_per_step_diffusers']:7.1f} us/step   ratio {r['ratio']:.2f} (goal <= 0.33)"
+        )
+    texts.append("\n".join(lines))
+    print(texts[-1], flush=True)
+
+    result = {
+        "metric": "sqrt(mean over samples and coordinates of (x - x_ref)^2), x_ref the PF-ODE "
+        "solution (torchdiffeq dopri5) from the same noise at sigma_max to sigma = 0",
+        "sigma_max": sigma_max,
+        "sigma_min_fixed_schedules": sigma_min,
+        "args": {k: v for k, v in vars(args).items() if k != "func"},
+        "rows": all_rows,
+        "summary": {
+            t: {
+                str(k): {
+                    "diffusers": v["diffusers"]["config"],
+                    "diffusers_error": v["diffusers"]["error"],
+                    "scorekit": v["scorekit"]["config"],
+                    "scorekit_error": v["scorekit"]["error"],
+                    "ratio": v["ratio"],
+                }
+                for k, v in s.items()
+            }
+            for t, s in summaries.items()
+        },
+        "overhead": overhead,
+        "seconds": time.perf_counter() - t_start,
+    }
+    _write_atomic(out / "results.json", json.dumps(result, indent=1, default=str))
+    _write_atomic(out / "table.txt", "\n\n".join(texts) + "\n")
+    _plot(all_rows, nfes, out / "error_vs_nfe.png")
+    print(
+        f"wrote {out}/results.json, table.txt, error_vs_nfe.png in {time.perf_counter() - t_start:.0f}s"
+    )
+    return 0
