@@ -236,3 +236,32 @@ def test_get_process_and_bad_input():
         DiscreteProcess(torch.tensor([0.5]))
     with pytest.raises(TypeError, match="unexpected keyword"):
         get_process("vp", sigma_max=3.0)
+
+
+class _Quadratic(Process):
+    """A user-style process with only the abstract methods: x_t = (1 - t^2 / 2) x0 + t eps."""
+
+    name = "quadratic"
+    t_min, t_max = 0.01, 1.0
+
+    def alpha(self, t):
+        return 1 - t**2 / 2
+
+    def sigma(self, t):
+        return t / (1 - t**2 / 2)
+
+    def t(self, sigma):
+        # sigma t^2 / 2 + t - sigma = 0, the positive root without cancellation.
+        return 2 * sigma / (1 + torch.sqrt(1 + 2 * sigma**2))
+
+
+def test_custom_process_uses_the_generic_fallbacks():
+    p = _Quadratic()
+    t = torch.linspace(0.05, 1.0, 20, dtype=torch.float64)
+    torch.testing.assert_close(p.t(p.sigma(t)), t)
+    for ctx in (torch.enable_grad, torch.no_grad, torch.inference_mode):
+        with ctx():
+            da, ds = p.derivatives(t)
+        torch.testing.assert_close(da, -t)
+        torch.testing.assert_close(ds, torch.ones_like(t))
+    torch.testing.assert_close(p.alpha_from_sigma(p.sigma(t)), p.alpha(t))
