@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,6 +33,7 @@ from scorekit.samplers._common import (
     finish,
     lagrange_weights,
     phi,
+    phis,
     prepare,
     steps,
 )
@@ -61,7 +61,8 @@ def _exp_moments(h: float, k: int, eta: float = 0.0) -> list[float]:
     """
     a = 1.0 + eta
     z = a * h
-    return [math.factorial(j) * z ** (j + 1) * phi(j + 1, -z) / a**j for j in range(k)]
+    p = phis(-z, k)
+    return [math.factorial(j) * z ** (j + 1) * p[j + 1] / a**j for j in range(k)]
 
 
 def euler(
@@ -407,6 +408,22 @@ def unipc(
     return finish(x)
 
 
+def _solve_small(mat: list[list[float]], rhs: list[float]) -> list[float]:
+    """Solve a small dense system by Gaussian elimination with partial pivoting (pure Python)."""
+    n = len(rhs)
+    a = [[*row, b] for row, b in zip(mat, rhs, strict=True)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(a[r][c]))
+        a[c], a[p] = a[p], a[c]
+        for r in range(c + 1, n):
+            f = a[r][c] / a[c][c]
+            a[r] = [vr - f * vc for vr, vc in zip(a[r], a[c], strict=True)]
+    out = [0.0] * n
+    for r in reversed(range(n)):
+        out[r] = (a[r][n] - sum(a[r][k] * out[k] for k in range(r + 1, n))) / a[r][r]
+    return out
+
+
 def _unipc_weights(
     hist: list[tuple[float, Tensor]], h: float, p: int, variant: str, *, corrector: bool
 ) -> list[float]:
@@ -420,7 +437,7 @@ def _unipc_weights(
     elif r:
         mat = [[rm ** (k - 1) for rm in r] for k in range(1, len(r) + 1)]
         rhs = [c[k] / (h**k * b) for k in range(1, len(r) + 1)]
-        a = np.linalg.solve(np.array(mat), np.array(rhs)).tolist()
+        a = _solve_small(mat, rhs)
     else:
         a = []
     # B sum_m a_m (D_m - D_i) / r_m  ->  weights on D_m, and minus their sum on D_i.
