@@ -237,3 +237,58 @@ def test_per_row_generators_must_match_the_batch():
             _run(
                 name, target("ring8"), torch.ones(3, 2), karras(3, 0.1, 1.0), generator=_gens(0, 2)
             )
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ADAPTIVE])
+def test_host_reads_do_not_grow_with_the_number_of_steps(name, monkeypatch):
+    # Every read of a tensor value on the host (a device synchronisation on GPU) goes through one of
+    # these methods. Fixed-step samplers read sigmas once, check the first denoiser output and the
+    # final sample; the count must not depend on how many steps the loop takes.
+    reads = []
+    for method in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *a, _orig=original, _m=method, **k):
+            reads.append(_m)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+
+    def sync_free(x, sigma):  # exact denoiser of N(0.3, 0.5 I), without any host read
+        s2 = sigma.square().reshape(-1, *([1] * (x.ndim - 1)))
+        return 0.3 + 0.5 / (0.5 + s2) * (x - 0.3)
+
+    counts = []
+    for n_steps in (4, 12):
+        sig = karras(n_steps, 0.05, 10.0)
+        x = 10.0 * torch.randn(
+            3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+        )
+        reads.clear()
+        _run(name, sync_free, x, sig, generator=_gens(0, 3))
+        counts.append(len(reads))
+    assert counts[0] == counts[1], f"{name}: host reads {counts} grow with the steps"
+
+
+def test_sample_options_schedule_callable_progress_and_mismatched_nfe():
+    g = Counting(target("ring8"))
+    seen = []
+
+    def schedule(n, sigma_min, sigma_max):
+        seen.append((n, sigma_min, sigma_max))
+        return karras(n, sigma_min, sigma_max, rho=3.0)
+
+    a = sample(g, (3, 2), nfe=8, sampler="euler", schedule=schedule, sigma_min=0.1, sigma_max=5.0)
+    assert seen == [(8, 0.1, 5.0)] and g.calls == 8
+    b = sample(
+        g, (3, 2), nfe=8, sampler="euler", sigmas=karras(8, 0.1, 5.0, rho=3.0), progress=True
+    )
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="does not match"):
+        sample(g, (3, 2), nfe=9, sampler="euler", sigmas=karras(8, 0.1, 5.0))
+    with pytest.raises(ValueError, match="shape"):
+        sample(g, (3,), nfe=8, sampler="euler")
+    with pytest.raises(ValueError, match="index_offset"):
+        sample(g, (3, 2), nfe=8, sampler="euler", index_offset=-1)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        sample(g, (3, 2), nfe=8, sampler="euler", schedule="nope")
