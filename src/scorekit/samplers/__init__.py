@@ -7,6 +7,32 @@ Every sampler has the signature
 with ``x`` ``[B, ...]`` already at ``sigmas[0]`` and ``sigmas`` 1-D, strictly decreasing, ending in 0.
 ``REGISTRY`` maps each name to its function; ``nfe(name, sigmas, **options)`` is the exact number of
 denoiser calls it makes; ``sample()`` picks the number of steps that gives a requested NFE exactly.
+
+Choosing (``N`` steps = ``len(sigmas) - 1``; orders as measured in ``tests/test_samplers_order.py``):
+
+================  ==============  ======================================================
+sampler           NFE             notes
+================  ==============  ======================================================
+euler             N               order 1 (= DDIM, DPM-Solver-1)
+heun              2N - 1          order 2, EDM Alg. 1
+dpm_solver_2      2N - 1          order 2, singlestep, noise prediction
+dpm_solver_3      3N - 2          order 3, singlestep, noise prediction
+dpmpp_2s          2N - 1          order 2, singlestep, data prediction
+dpmpp_2m          N               order 2, multistep; a good default at 10-30 NFE
+dpmpp_3m          N               third-order steps, multistep
+unipc             N               predictor-corrector; ``order`` 1-3, ``variant`` bh1/bh2
+deis              N               Adams in sigma / log sigma; ``order`` 1-3
+ipndm             N               equal-step Adams-Bashforth up to order 4; strong at <10 NFE
+euler_ancestral   N               DDPM ancestral (``eta``)
+euler_maruyama    N               reverse SDE, first order; needs many steps
+dpmpp_2m_sde      N               SDE family with ``eta``; ``eta=0`` is dpmpp_2m
+dpmpp_3m_sde      N               as above with a curvature term
+edm_stochastic    2N - 1          EDM Alg. 2 (churn + Heun)
+restart           2N - 1 + 2KM    Heun + K restarts of M Heun steps in [t_min, t_max]
+pc_langevin       N + C(N - 1)    reverse diffusion + C Langevin corrector steps (snr)
+adaptive_ode      stats["nfe"]    dopri5 (torchdiffeq) in log sigma, rtol/atol
+adaptive_sde      stats["nfe"]    Gotta Go Fast (EM + improved Euler), per-sample control
+================  ==============  ======================================================
 """
 
 from __future__ import annotations
@@ -41,7 +67,31 @@ from scorekit.samplers.sde import (
     restart,
 )
 
-__all__ = ["ADAPTIVE", "REGISTRY", "nfe", "sample"]
+__all__ = [
+    "ADAPTIVE",
+    "REGISTRY",
+    "adaptive_ode",
+    "adaptive_sde",
+    "deis",
+    "dpm_solver_2",
+    "dpm_solver_3",
+    "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "dpmpp_2s",
+    "dpmpp_3m",
+    "dpmpp_3m_sde",
+    "edm_stochastic",
+    "euler",
+    "euler_ancestral",
+    "euler_maruyama",
+    "heun",
+    "ipndm",
+    "nfe",
+    "pc_langevin",
+    "restart",
+    "sample",
+    "unipc",
+]
 
 #: Sampler name -> function. One explicit table; the contract tests cover exactly these names.
 REGISTRY: dict[str, Callable] = {

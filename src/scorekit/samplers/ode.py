@@ -326,7 +326,11 @@ def dpmpp_3m(
 
     (``C_0 = -expm1(-h)``, ``C_1 = h + expm1(-h)``, ``C_2 = h^2/2 - h - expm1(-h)``, evaluated by
     series at small ``h``). Warm-up: orders 1 and 2 at the first two steps; the last step, to
-    ``sigma = 0``, is ``x = D``. Order 3; ``NFE = N``.
+    ``sigma = 0``, is ``x = D``. The steps are third order; the first-order first step leaves an
+    O(h^2) term with a small constant (``D`` barely moves at ``sigma_max``), so the global error
+    falls like h^3 over practical step counts and like h^2 asymptotically
+    (``tests/test_samplers_order.py`` measures both). Unlike the reference DPM-Solver code, the
+    ``D''`` term carries the exact weight ``C_2`` (theirs is half of it). ``NFE = N``.
 
     References:
         Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
@@ -375,7 +379,8 @@ def unipc(
     matters: ``B(h) = h`` (``variant="bh1"``) or ``1 - e^{-h}`` (``"bh2"``). The corrector reuses
     the call the next step needs anyway, so it costs nothing; its result at the last positive sigma
     is not used (the step to ``sigma = 0`` is ``x = D`` at the predicted point), so ``NFE = N``.
-    Order ``order + 1``.
+    The steps have order ``order + 1``; the warm-up starts with UniP-1 + UniC-1 (local error
+    O(h^3)), so the global order is ``min(order + 1, 3)`` asymptotically.
 
     References:
         Zhao et al., "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion
