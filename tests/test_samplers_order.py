@@ -120,3 +120,19 @@ def test_higher_order_steps_shrink_the_error_constant(problem):
         _error_at_sigma_min(problem, "deis", {"order": 2}, n) / 2
     )
     assert _error_at_sigma_min(problem, "unipc", {"order": 3, "variant": "bh2"}, n) < e3m
+
+
+def test_adaptive_ode_meets_its_tolerance(problem):
+    # Error at sigma_min against the scipy reference falls with the tolerance and stays within a small
+    # multiple of it; the calls it reports grow as the tolerance tightens.
+    errs, calls = [], []
+    for tol in (1e-4, 1e-6, 1e-8):
+        stats = {}
+        errs.append(
+            _error_at_sigma_min(
+                problem, "adaptive_ode", {"rtol": tol, "atol": tol, "stats": stats}, 2
+            )
+        )
+        calls.append(stats["nfe"])
+        assert errs[-1] < 50 * tol, (tol, errs[-1])
+    assert errs[0] > errs[1] > errs[2] and calls[0] < calls[1] < calls[2]
