@@ -120,14 +120,20 @@ def heun(
         s0, s1 = s[i], s[i + 1]
         d = model(x, s0)
         emit(callback, i, s0, x, d)
-        if s1 == 0:
-            x = d
-            break
-        x1 = torch.lerp(d, x, s1 / s0)
-        d1 = model(x1, s1)
-        h = s1 - s0
-        x = x + (0.5 * h / s0) * (x - d) + (0.5 * h / s1) * (x1 - d1)
+        x = heun_step(model, x, d, s0, s1)
     return finish(x)
+
+
+def heun_step(model: Callable, x: Tensor, d: Tensor, s0: float, s1: float) -> Tensor:
+    """One step of ``heun`` from ``x`` at ``s0`` (with ``d = D(x, s0)``) to ``s1``; Euler if ``s1 = 0``.
+
+    Shared by ``heun``, ``edm_stochastic`` and ``restart``; one call (none if ``s1 = 0``).
+    """
+    if s1 == 0:
+        return d
+    x1 = torch.lerp(d, x, s1 / s0)
+    h = s1 - s0
+    return x + (0.5 * h / s0) * (x - d) + (0.5 * h / s1) * (x1 - model(x1, s1))
 
 
 def dpmpp_2m(

@@ -34,7 +34,7 @@ from scorekit.samplers._common import (
     randn_like,
     steps,
 )
-from scorekit.samplers.ode import _combine
+from scorekit.samplers.ode import _combine, heun_step
 
 __all__ = [
     "dpmpp_2m_sde",
@@ -260,13 +260,7 @@ def edm_stochastic(
             s0 = s_hat
         d = model(x, s0)
         emit(callback, i, s0, x, d)
-        if s1 == 0:
-            x = d
-            break
-        x1 = torch.lerp(d, x, s1 / s0)
-        d1 = model(x1, s1)
-        h = s1 - s0
-        x = x + (0.5 * h / s0) * (x - d) + (0.5 * h / s1) * (x1 - d1)
+        x = heun_step(model, x, d, s0, s1)
     return finish(x)
 
 
@@ -318,21 +312,10 @@ def restart(
             for _ in range(restarts):
                 x = x + s_noise * math.sqrt(t_max**2 - s[j] ** 2) * randn_like(x, generator)
                 for a, b in itertools.pairwise(inner):
-                    d = model(x, a)
-                    x1 = torch.lerp(d, x, b / a)
-                    x = (
-                        x
-                        + (0.5 * (b - a) / a) * (x - d)
-                        + (0.5 * (b - a) / b) * (x1 - model(x1, b))
-                    )
-        s0, s1 = s[i], s[i + 1]
-        d = model(x, s0)
-        emit(callback, i, s0, x, d)
-        if s1 == 0:
-            x = d
-            break
-        x1 = torch.lerp(d, x, s1 / s0)
-        x = x + (0.5 * (s1 - s0) / s0) * (x - d) + (0.5 * (s1 - s0) / s1) * (x1 - model(x1, s1))
+                    x = heun_step(model, x, model(x, a), a, b)
+        d = model(x, s[i])
+        emit(callback, i, s[i], x, d)
+        x = heun_step(model, x, d, s[i], s[i + 1])
     return finish(x)
 
 
