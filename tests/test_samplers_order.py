@@ -9,8 +9,10 @@ against log n over n = 24, 48, 96 must reach the declared order minus 0.3.
 
 Declared orders are the asymptotic global orders. Multistep methods that start with a first-order
 step (dpmpp_3m, deis with order 3, ipndm: the lower-order warm-up the papers prescribe) have a local
-error O(h^2) in that one step, so their global order is 2 however high the order of the later steps;
-their higher-order steps show as a much smaller error constant, which is checked separately.
+error O(h^2) in that one step, so their global order is 2 however high the order of the later steps.
+A second test takes the warm-up on two steps of size h^2/4 (local error O(h^4)), so the global error
+shows the order of the multistep steps themselves: 3 for dpmpp_3m and deis(3), order + 1 for UniPC.
+iPNDM's fixed equal-step coefficients are second order on a graded grid and are declared so.
 """
 
 from __future__ import annotations
@@ -136,3 +138,41 @@ def test_adaptive_ode_meets_its_tolerance(problem):
         calls.append(stats["nfe"])
         assert errs[-1] < 50 * tol, (tol, errs[-1])
     assert errs[0] > errs[1] > errs[2] and calls[0] < calls[1] < calls[2]
+
+
+#: Multistep formulas and the order of their steps once warmed up: (name, options, order).
+STEADY = [
+    ("dpmpp_2m", {}, 2),
+    ("dpmpp_3m", {}, 3),
+    ("deis", {"order": 2}, 2),
+    ("deis", {"order": 3}, 3),
+    ("unipc", {"order": 1, "variant": "bh2"}, 2),
+    ("unipc", {"order": 2, "variant": "bh1"}, 3),
+    ("unipc", {"order": 3, "variant": "bh2"}, 4),
+]
+
+
+def _fine_start_grid(n):
+    """Log-linear sigmas with step ``h`` whose first two steps are ``h^2/4``: the lower-order warm-up
+    then costs O(h^4) locally, so the global error shows the order of the multistep steps."""
+    hi, lo = math.log(SIGMA_MAX), math.log(SIGMA_MIN)
+    h = (hi - lo) / (n - 1)
+    d = h * h / 4
+    body = torch.linspace(hi - 2 * d, lo, n - 2, dtype=torch.float64)[1:]
+    logs = torch.cat([torch.tensor([hi, hi - d, hi - 2 * d], dtype=torch.float64), body])
+    return torch.cat([logs.exp(), torch.zeros(1, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize(("name", "opts", "order"), STEADY, ids=lambda v: str(v))
+def test_multistep_steps_have_their_declared_order(problem, name, opts, order):
+    gm, x0, ref = problem
+    errs = []
+    for n in NS:
+        sig = _fine_start_grid(n)
+        states: list[torch.Tensor] = []
+        REGISTRY[name](gm, x0.clone(), sig, callback=states.append, **opts)
+        states = [info["x"] for info in states]
+        assert len(states) == len(sig) - 1  # x at every positive sigma, the last one SIGMA_MIN
+        errs.append((states[-1] - ref).abs().max().item())
+    slope = -math.log(errs[-1] / errs[0]) / math.log(NS[-1] / NS[0])
+    assert slope >= order - 0.3, f"{name} {opts}: errors {errs}, slope {slope:.2f} < {order} - 0.3"
