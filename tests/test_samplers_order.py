@@ -169,7 +169,7 @@ def test_multistep_steps_have_their_declared_order(problem, name, opts, order):
     errs = []
     for n in NS:
         sig = _fine_start_grid(n)
-        states: list[torch.Tensor] = []
+        states: list[dict] = []
         REGISTRY[name](gm, x0.clone(), sig, callback=states.append, **opts)
         states = [info["x"] for info in states]
         assert len(states) == len(sig) - 1  # x at every positive sigma, the last one SIGMA_MIN
