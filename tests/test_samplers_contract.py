@@ -292,3 +292,33 @@ def test_sample_options_schedule_callable_progress_and_mismatched_nfe():
         sample(g, (3, 2), nfe=8, sampler="euler", index_offset=-1)
     with pytest.raises(ValueError, match="unknown schedule"):
         sample(g, (3, 2), nfe=8, sampler="euler", schedule="nope")
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "match"),
+    [
+        ("unipc", {"order": 4}, "order"),
+        ("unipc", {"variant": "bh3"}, "variant"),
+        ("deis", {"order": 0}, "order"),
+        ("deis", {"basis": "t"}, "basis"),
+        ("ipndm", {"order": 5}, "order"),
+        ("dpm_solver_2", {"r1": 0.0}, "r1"),
+        ("dpmpp_2s", {"r": 1.5}, "r "),
+        ("euler_ancestral", {"eta": -1.0}, "eta"),
+        ("dpmpp_2m_sde", {"eta": -0.1}, "eta"),
+        ("edm_stochastic", {"s_churn": -1.0}, "s_churn"),
+        ("restart", {"t_min": 0.5, "t_max": 0.2}, "t_min"),
+        ("restart", {"restart_steps": 0}, "restart_steps"),
+        ("restart", {"t_min": 20.0, "t_max": 30.0}, "t_max"),
+        ("pc_langevin", {"predictor": "ode"}, "predictor"),
+        ("pc_langevin", {"step_size": "auto"}, "step_size"),
+        ("pc_langevin", {"n_corrector": -1}, "n_corrector"),
+        ("adaptive_ode", {"rtol": 0.0}, "rtol"),
+        ("adaptive_sde", {"atol": -1.0}, "atol"),
+    ],
+)
+def test_bad_option_values_are_clear_errors(name, options, match):
+    den = Counting(target("ring8"))
+    with pytest.raises(ValueError, match=match):
+        REGISTRY[name](den, torch.ones(2, 2), karras(5, 0.1, 10.0), **options)
+    assert den.calls == 0

@@ -37,6 +37,8 @@ CASES = [
     ("dpm_solver_2", {}, 2),
     ("dpm_solver_3", {}, 3),
     ("dpmpp_2s", {}, 2),
+    ("dpmpp_2s", {"r": 0.7}, 2),
+    ("dpm_solver_2", {"r1": 0.3}, 2),
     ("dpmpp_2m", {}, 2),
     ("dpmpp_3m", {}, 2),  # first step is first order (warm-up)
     ("unipc", {"order": 1, "variant": "bh1"}, 2),

@@ -151,9 +151,10 @@ def with_teleport(sampler: Callable | str, gaussian: GaussianFlow) -> Callable:
                 f"sigmas needs at least 3 entries (sigma_max, the sigma to teleport to, ..., 0); "
                 f"got {len(sigmas)}"
             )
-        s0, s1 = float(sigmas[0]), float(sigmas[1])
-        if not s0 > s1 > 0:
-            raise ValueError(f"need sigmas[0] > sigmas[1] > 0 to teleport; got {s0}, {s1}")
+        s0, s1 = sigmas[0], sigmas[1]  # kept as given: tensors carry gradients to the teleport
+        f0, f1 = (float(v.detach()) if isinstance(v, Tensor) else float(v) for v in (s0, s1))
+        if not f0 > f1 > 0:
+            raise ValueError(f"need sigmas[0] > sigmas[1] > 0 to teleport; got {f0}, {f1}")
         return fn(denoiser, gaussian(x, s0, s1), sigmas[1:], **options)
 
     def nfe(sigmas, **options) -> int:

@@ -299,8 +299,10 @@ def restart(
     _check_count("restart_steps", restart_steps, 1)
     _check_nonneg(s_noise=s_noise)
     s, model = prepare(denoiser, x, sigmas)
-    if not 0 < t_min < t_max:
-        raise ValueError(f"need 0 < t_min < t_max; got t_min={t_min}, t_max={t_max}")
+    if not 0 < t_min < t_max <= s[0]:
+        raise ValueError(
+            f"need 0 < t_min < t_max <= sigmas[0] = {s[0]:.4g}; got t_min={t_min}, t_max={t_max}"
+        )
     j = min(range(1, len(s) - 1), key=lambda k: abs(math.log(s[k] / t_min)), default=None)
     if restarts > 0 and (j is None or not s[j] < t_max):
         raise ValueError(
