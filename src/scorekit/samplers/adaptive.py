@@ -6,6 +6,7 @@ output points for ``callback`` in ``adaptive_ode`` and ignored by ``adaptive_sde
 with the denoising step ``x = D(x, sigmas[-2])``. The number of denoiser calls is not known in
 advance: pass ``stats={}`` and read ``stats["nfe"]`` afterwards. Step-size control needs the error
 norm on the host, so these loops synchronise once per step (unlike the fixed-step samplers).
+``progress`` is accepted for a uniform signature and shows no bar (the number of steps is unknown).
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ def adaptive_sde(
     accept if ``E <= 1`` (``x <- x''``, ``x'_prev <- x'``), and in any case
     ``h <- min(1 - t, safety h E^(-exponent))``. Every sample has its own ``t`` and ``h``, so with per-row
     generators sample ``i`` does not depend on the batch (finished rows take zero-length steps).
-    Ends with ``x = D(x, sigmas[-2])``. ``stats`` receives ``nfe`` (``2 * iterations + 1``) and
+    Ends with ``x = D(x, sigmas[-2])``; ``callback`` sees only that last state (``i = 0``).
+    ``stats`` receives ``nfe`` (``2 * iterations + 1``) and
     ``iterations``; the loop reads ``any(t < 1)`` on the host once per iteration.
 
     References:
