@@ -12,13 +12,15 @@ step (dpmpp_3m, deis with order 3, ipndm: the lower-order warm-up the papers pre
 error O(h^2) in that one step, so their global order is 2 however high the order of the later steps.
 A second test takes the warm-up on two steps of size h^2/4 (local error O(h^4)), so the global error
 shows the order of the multistep steps themselves: 3 for dpmpp_3m and deis(3), order + 1 for UniPC.
-iPNDM's fixed equal-step coefficients are second order on a graded grid and are declared so.
+iPNDM's fixed equal-step coefficients are second order on a graded grid and are declared so; a
+third test checks orders 1-4 on equal steps (a quadrature problem with a flat start).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy.integrate import solve_ivp
@@ -178,3 +180,29 @@ def test_multistep_steps_have_their_declared_order(problem, name, opts, order):
         errs.append((states[-1] - ref).abs().max().item())
     slope = -math.log(errs[-1] / errs[0]) / math.log(NS[-1] / NS[0])
     assert slope >= order - 0.3, f"{name} {opts}: errors {errs}, slope {slope:.2f} < {order} - 0.3"
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+def test_ipndm_has_its_order_on_equal_steps(order):
+    # iPNDM's coefficients are Adams-Bashforth's for equal steps. On dx/dsigma = f(sigma), a problem
+    # posed through the "denoiser" D(x, sigma) = x - sigma f(sigma), it is a quadrature rule; with
+    # f(sigma) = (sigma - s0)^4 cos(sigma) the lower-order warm-up steps are exact to O(h^5), so the
+    # global error at sigma_end after n equal steps must fall like h^order. Exact: x0 + int f, by
+    # 40-point Gauss-Legendre (exact to rounding for this entire function on a short interval).
+    s0, s_end = 2.0, 0.5
+    nodes, weights = np.polynomial.legendre.leggauss(40)
+    s = 0.5 * (s0 + s_end) + 0.5 * (s_end - s0) * nodes
+    exact = 1.0 + 0.5 * (s_end - s0) * float(np.sum(weights * (s - s0) ** 4 * np.cos(s)))
+
+    def forcing(x, sigma):
+        return x - (sigma * (sigma - s0) ** 4 * sigma.cos()).reshape(-1, 1)
+
+    errs = []
+    for n in (8, 16, 32):
+        sig = torch.cat([torch.linspace(s0, s_end, n + 1, dtype=torch.float64), torch.zeros(1)])
+        states: list[dict] = []
+        x = torch.ones(1, 1, dtype=torch.float64)
+        REGISTRY["ipndm"](forcing, x, sig, callback=states.append, order=order)
+        errs.append(abs(states[-1]["x"].item() - exact))
+    slope = -math.log(errs[-1] / errs[0]) / math.log(4)
+    assert slope >= order - 0.3, f"order {order}: errors {errs}, slope {slope:.2f}"
