@@ -142,6 +142,7 @@ class TrainResult:
     steps_per_second: float
     denoiser: nn.Module  # the EMA denoiser (eval mode)
     model: nn.Module  # the raw network with the trained (not averaged) weights
+    cpu_steps_per_second: float = 0.0  # steps per second of this process's CPU time (all threads)
 
 
 class DataOrder:
@@ -339,7 +340,7 @@ def train(
     log: list[dict[str, float]] = []
     loss_sum = torch.zeros((), device=device)
     window_steps, window_t0 = 0, time.perf_counter()
-    total_steps_run, run_t0 = 0, time.perf_counter()
+    total_steps_run, run_t0, cpu_t0 = 0, time.perf_counter(), time.process_time()
     last_saved = step
     params = list(net.parameters())
     shape = tuple(x_all.shape[1:])
@@ -418,6 +419,7 @@ def train(
             t_prev = time.perf_counter()
     bar.close()
     rate = total_steps_run / max(time.perf_counter() - run_t0, 1e-9)
+    cpu_rate = total_steps_run / max(time.process_time() - cpu_t0, 1e-9)
     if step != last_saved:
         save_checkpoint()
     if dist.main:
@@ -425,7 +427,7 @@ def train(
     ema_denoiser = build_denoiser(
         ema.module, process=cfg.process, param=cfg.param, sigma_data=sigma_data
     )
-    return TrainResult(step, run_dir, log, rate, ema_denoiser.eval(), net)
+    return TrainResult(step, run_dir, log, rate, ema_denoiser.eval(), net, cpu_rate)
 
 
 def _truncate_log(path: Path, step: int) -> None:
