@@ -26,6 +26,7 @@ def _random_gaussian(d: int, seed: int = 0):
     return mean, cov
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("diagonal", [False, True])
 def test_teleport_is_the_exact_flow_of_a_gaussian(diagonal):
     mean, cov = _random_gaussian(4)

@@ -222,6 +222,7 @@ def _orders(sched_name, config, sampler, options, steps_list=(20, 40, 80)):
     return slopes["ours"], slopes["theirs"], errs
 
 
+@pytest.mark.slow
 def test_dpmpp_3m_is_third_order_where_diffusers_is_not():
     ours, theirs, errs = _orders(
         "DPMSolverMultistepScheduler",
@@ -234,6 +235,7 @@ def test_dpmpp_3m_is_third_order_where_diffusers_is_not():
     assert errs["ours"][-1] < 0.5 * errs["theirs"][-1], errs
 
 
+@pytest.mark.slow
 def test_dpmpp_2m_custom_sigmas_order_and_agreement():
     ours, _, errs = _orders(
         "DPMSolverMultistepScheduler",
@@ -246,6 +248,7 @@ def test_dpmpp_2m_custom_sigmas_order_and_agreement():
         assert math.isclose(a, b, rel_tol=1e-8), errs
 
 
+@pytest.mark.slow
 def test_unipc_order3_converges_like_diffusers():
     ours, theirs, errs = _orders(
         "UniPCMultistepScheduler",
@@ -257,6 +260,7 @@ def test_unipc_order3_converges_like_diffusers():
     assert 0.5 < errs["ours"][-1] / errs["theirs"][-1] < 2.0, errs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", [2, 3])
 def test_deis_converges_like_diffusers(order):
     """rho-AB (scorekit) and log-rho (diffusers) DEIS differ per step but share the ODE and order."""

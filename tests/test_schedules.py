@@ -123,6 +123,7 @@ def _rms(x, ref):
     return float(((x - ref).square().sum(1) / x.shape[1]).mean().sqrt())
 
 
+@pytest.mark.slow
 def test_optimized_beats_karras_on_fresh_noise_and_caches(tmp_path):
     gm = target("ring8")
     calls = {"n": 0}
@@ -191,3 +192,22 @@ def test_optimized_by_registry_name():
     )
     by_fn = S.optimized(gm, _euler, 5, sigma_min=0.02, sigma_max=80.0, shape=(64, 2), iterations=10)
     torch.testing.assert_close(by_name, by_fn, rtol=1e-6, atol=1e-9)
+
+
+def test_optimized_never_worse_than_a_given_start():
+    gm = target("ring8")
+    start = S.loglinear(6, 0.05, 80.0)
+    shape, seed = (64, 2), 3
+    got = S.optimized(
+        gm, _euler, 6, sigma_min=0.01, sigma_max=80.0, shape=shape, seed=seed, starts=[start],
+        free_sigma_min=True, iterations=3,
+    )  # fmt: skip
+    # The calibration problem, rebuilt here: J(sigmas) on the same noise.
+    x = 80.0 * torch.randn(
+        shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
+    ref = S.pf_ode_reference(gm, x, 80.0, 0.0, rtol=1e-9, atol=1e-9)
+    assert _rms(_euler(gm, x, got), ref) <= _rms(_euler(gm, x, start), ref) * (1 + 1e-9)
+    assert float(got[-2]) >= 0.01 * (1 - 1e-12)
+    with pytest.raises(ValueError, match="starts"):
+        S.optimized(gm, _euler, 6, sigma_min=0.01, sigma_max=80.0, shape=shape, starts=[start[:-1]])

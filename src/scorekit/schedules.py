@@ -280,6 +280,7 @@ def optimized(
     init: tuple[str, ...] | str = ("karras", "loglinear", "polyexponential"),
     knots: int | None = None,
     free_sigma_min: bool = False,
+    starts: list[Tensor] | None = None,
     iterations: int = 40,
     reference_rtol: float = 1e-9,
     cache: str | os.PathLike | None = None,
@@ -297,20 +298,23 @@ def optimized(
 
         J(sigmas) = log mean_b |sampler(D, x_T, sigmas)_b - x_ref_b|^2 .
 
-    Parametrisation (every iterate is a valid, ordered schedule). With ``u_i = i / (n - 1)`` and a
-    start schedule ``sigma_0(u)`` (one of ``init``, interpolated in log sigma between its nodes),
+    Parametrisation (every iterate is a valid, ordered schedule). With ``u_i = i / (n - 1)``, a start
+    schedule's log-span fraction ``g_0(v)`` (0 at ``sigma_max``, 1 at its last positive sigma,
+    piecewise linear between its nodes) and ``L = log(sigma_max / sigma_min)``,
 
-        log sigma_i = log sigma_0(g(u_i)),   g = monotone piecewise-linear warp with K pieces
+        log sigma_i = log sigma_max - f L g_0(w(u_i)),   w = monotone piecewise-linear warp, K pieces
 
     whose slopes are ``K softmax(z)`` (``z = 0``: the start schedule itself). ``K = n - 1`` frees every
-    interior sigma; fewer knots give a smooth low-dimensional family. ``sigma_max`` and ``sigma_min``
-    stay fixed; with ``free_sigma_min`` the lower end becomes ``sigma_min^f sigma_max^(1-f)``,
-    ``f = sigmoid(w)``, a free parameter (``sigma_min`` is then a floor).
+    interior sigma; fewer knots give a smooth low-dimensional family. ``f = 1`` pins the last positive
+    sigma at ``sigma_min``; with ``free_sigma_min`` it is ``f = sigmoid(w_end)``, a free parameter,
+    and ``sigma_min`` is a floor.
 
-    The search starts from the best of the ``init`` schedules and runs L-BFGS (strong Wolfe line
-    search) with gradients from autograd through the sampler and the denoiser when the sampler keeps
-    ``sigmas`` as tensors, otherwise from central finite differences (``2 K`` sampler runs per
-    gradient; then ``K = min(n - 1, 6)`` by default).
+    Candidate starts: every ``init`` schedule (down to ``sigma_min`` and, with a free end, to 10x and
+    100x ``sigma_min``) and the caller's ``starts``; the one with the lowest ``J`` is polished by
+    L-BFGS (strong Wolfe line search) with gradients from autograd through the sampler and the
+    denoiser when the sampler keeps ``sigmas`` as tensors, otherwise from central finite differences
+    (``2 K`` sampler runs per gradient; then ``K = min(n - 1, 6)`` by default). The result is never
+    worse on the calibration batch than the best start.
 
     This is the criterion of "Align Your Steps" (Sabour et al., ICML 2024) made concrete: instead of
     their KL upper bound on the discretisation error, the actual error against the exact solution from
@@ -324,6 +328,9 @@ def optimized(
         shape: shape ``[B, ...]`` of the calibration batch (B of 64..256 is typical).
         seed: seed of the calibration noise.
         init: names in ``SCHEDULES`` (default options) tried as the start; the best one is used.
+        starts: more start schedules to try (``[n + 1]`` each, from ``sigma_max`` to 0, ending at
+            ``sigma_min`` or, with ``free_sigma_min``, above it), e.g. a teleport family for a sampler
+            wrapped by ``accelerators.with_teleport``.
         knots: pieces ``K`` of the warp (default: ``n - 1`` with autograd, ``min(n - 1, 6)`` without).
         iterations: L-BFGS iterations.
         reference_rtol: ``rtol = atol`` of the reference solve.
@@ -356,6 +363,7 @@ def optimized(
     key = _cache_key(
         name, n, sigma_min, sigma_max, shape, seed, shape[0],
         f"init={inits}|K={knots}|free_min={free_sigma_min}|it={iterations}|"
+        f"starts={[torch.as_tensor(t).tolist() for t in starts or []]}|"
         f"opts={sorted(opts.items())}|{cache_key}",
     )  # fmt: skip
     cache_path = Path(cache) if cache is not None else None
@@ -372,32 +380,33 @@ def optimized(
     x_ref = pf_ode_reference(
         denoiser, x_t, sigma_max, 0.0, rtol=reference_rtol, atol=reference_rtol
     )
-    log_max, log_min = math.log(sigma_max), math.log(sigma_min)
+    log_max = math.log(sigma_max)
     u = _ramp(n)
-    fine = 4096  # the start schedule as a function of u, from its nodes on a fine grid
 
-    def base_fn(init_name: str):
-        nodes = get_schedule(init_name)(fine, sigma_min, sigma_max)[:-1].log()  # [fine]
+    span = log_max - math.log(sigma_min)
 
-        def log_sigma0(v: Tensor) -> Tensor:  # v in [0, 1], differentiable
-            pos = v * (fine - 1)
-            idx = pos.detach().floor().long().clamp(0, fine - 2)
+    def base_fn(start: Tensor):
+        """The start schedule as ``g(v)``, its log-span fraction at ``v in [0, 1]``, piecewise linear."""
+        logs = start[:-1].to(torch.float64).log()  # its positive part
+        nodes = (log_max - logs) / (log_max - logs[-1])  # 0 at sigma_max .. 1 at its own end
+        m = nodes.numel()
+
+        def g(v: Tensor) -> Tensor:  # differentiable in v
+            pos = v * (m - 1)
+            idx = pos.detach().floor().long().clamp(0, m - 2)
             return torch.lerp(nodes[idx], nodes[idx + 1], pos - idx.to(v.dtype))
 
-        return log_sigma0
+        return g
 
-    def make_unpack(log_sigma0, k: int):
+    def make_unpack(g, k: int):
         def unpack(p: Tensor) -> Tensor:
-            v = _warp(p[:k], u)
-            log_s = log_sigma0(v)
-            last = log_s.new_full((1,), log_min)
-            if free_sigma_min:  # shrink the log-span from the top: sigma_max stays, the end moves
-                f = torch.sigmoid(p[k])
-                log_s = log_max - (log_max - log_s) * f
-                last = log_max - (log_max - last) * f
-            # Pin the ends exactly; the interior lies strictly between them.
+            frac = _warp(p[:k], u)
+            # log sigma = log smax - span * f * g(warp(u)); f = 1 pins the end at sigma_min.
+            f = torch.sigmoid(p[k]) if free_sigma_min else torch.ones((), dtype=p.dtype)
+            log_s = log_max - span * f * g(frac)
+            last = (log_max - span * f).reshape(1)
             top = log_s.new_full((1,), log_max)
-            s = torch.cat([top, log_s[1:-1], last]).exp()
+            s = torch.cat([top, log_s[1:-1], last]).exp()  # the ends exactly
             return torch.cat([s, s.new_zeros(1)])
 
         return unpack
@@ -407,44 +416,69 @@ def optimized(
         out = fn(denoiser, x_t.clone(), sig, **opts)
         return torch.log((out - x_ref).square().sum() / x_t.shape[0])
 
-    # Autograd through the sampler if it carries gradients to its sigmas; else finite differences.
-    k_probe = n - 1
-    span = log_max - math.log(sigma_min)
-    ends = [sigma_min]  # starting values of the free lower end: the floor and two decades above
-    if free_sigma_min:
-        ends += [e for e in (10 * sigma_min, 100 * sigma_min) if e < sigma_max / 10]
+    # Candidate starts: each init schedule down to sigma_min and, with a free end, to 10x and 100x
+    # sigma_min; plus the caller's own ``starts``.
+    candidates = []
+    for name_i in inits:
+        for end in [sigma_min, 10 * sigma_min, 100 * sigma_min] if free_sigma_min else [sigma_min]:
+            if end < sigma_max / 10:
+                candidates.append(
+                    (f"{name_i} to {end:.3g}", get_schedule(name_i)(n, end, sigma_max))
+                )
+    for i, st in enumerate(starts or []):
+        st = torch.as_tensor(st, dtype=torch.float64).cpu()
+        ok = st.shape == (n + 1,) and st[-1] == 0 and bool((st[1:] < st[:-1]).all())
+        if not ok or not math.isclose(float(st[0]), sigma_max, rel_tol=1e-9):
+            raise ValueError(
+                f"starts[{i}] must be {n + 1} decreasing sigmas from sigma_max to 0; got {st.tolist()}"
+            )
+        if float(st[-2]) < sigma_min * (1 - 1e-9) or (
+            not free_sigma_min and not math.isclose(float(st[-2]), sigma_min, rel_tol=1e-9)
+        ):
+            raise ValueError(f"starts[{i}] must end at sigma_min (or above it with free_sigma_min)")
+        candidates.append((f"starts[{i}]", st))
 
-    def w_of(
-        end: float,
-    ) -> list[float]:  # sigmoid(w) = the log-span fraction that puts the end there
+    def w_of(st: Tensor) -> list[float]:  # sigmoid(w) = the log-span fraction of the start's end
         if not free_sigma_min:
             return []
-        f = min((log_max - math.log(end)) / span, 1 - 1e-3)
+        f = min(max((log_max - math.log(float(st[-2]))) / span, 1e-3), 1 - 1e-3)
         return [math.log(f / (1 - f))]
 
-    probe = torch.tensor([0.0] * k_probe + w_of(ends[-1]), dtype=torch.float64, requires_grad=True)
+    # Autograd through the sampler if it carries gradients to its sigmas; else finite differences.
+    probe_st = candidates[0][1]
+    probe = torch.tensor([0.0] * (n - 1) + w_of(probe_st), dtype=torch.float64)
+    # Off the kinks of the piecewise-linear maps (at z = 0 every u_i sits on a knot).
+    probe = (
+        probe + 0.05 * torch.randn(probe.shape, generator=torch.Generator().manual_seed(1)).double()
+    )
+    probe.requires_grad_(True)
     try:
-        unpack_probe = make_unpack(base_fn(inits[0]), k_probe)
+        unpack_probe = make_unpack(base_fn(probe_st), n - 1)
         (g,) = torch.autograd.grad(objective(unpack_probe, probe), probe, allow_unused=True)
-        use_autograd = g is not None and bool(torch.isfinite(g).all() and g.abs().sum() > 0)
+        use_autograd = g is not None and bool(torch.isfinite(g).all())
+        if use_autograd:  # complete? (a sampler may carry gradients to some sigmas only)
+            d = torch.randn(probe.shape, generator=torch.Generator().manual_seed(0)).double()
+            with torch.no_grad():
+                p_ = probe.detach()
+                fd = objective(unpack_probe, p_ + 1e-5 * d) - objective(unpack_probe, p_ - 1e-5 * d)
+                fd = float(fd) / 2e-5
+            use_autograd = abs(float(g @ d) - fd) <= 1e-3 * abs(fd) + 1e-7
     except (RuntimeError, TypeError):
         use_autograd = False
     k = knots if knots is not None else (n - 1 if use_autograd else min(n - 1, 6))
     k = min(k, n - 1)
 
-    # The best start: each init schedule, each starting lower end.
     best = None
-    for name_i in inits:
-        unpack_i = make_unpack(base_fn(name_i), k)
-        for end in ends:
-            p_i = torch.tensor([0.0] * k + w_of(end), dtype=torch.float64)
-            with torch.no_grad():
-                try:
-                    v = float(objective(unpack_i, p_i))
-                except (ValueError, FloatingPointError):
-                    continue
-            if best is None or v < best[0]:
-                best = (v, f"{name_i}, end {end:.3g}", unpack_i, p_i)
+    for label, st in candidates:
+        unpack_i = make_unpack(base_fn(st), k)
+        p_i = torch.tensor([0.0] * k + w_of(st), dtype=torch.float64)
+        with torch.no_grad():
+            try:
+                v = float(objective(unpack_i, p_i))
+            except (ValueError, FloatingPointError):
+                continue
+        if math.isfinite(v) and (best is None or v < best[0]):
+            best = (v, label, unpack_i, p_i)
     if best is None:
         raise ValueError(f"optimized: sampler {name!r} failed on every start schedule")
     v_start, start_name, unpack, p0 = best

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from scorekit.process import DiscreteProcess
-from scorekit.schedules import karras
+from scorekit.schedules import karras, loglinear
 
 __all__ = [
     "SIGMA_FRAME_SCHEDULERS",
@@ -377,15 +377,25 @@ def _scorekit_side(gm, tname, x_t, ref, sigma_max, sigma_min, nfes, args, log) -
             if label not in chosen:
                 continue
             n = _steps_for(name, opts, target_nfe)
-            variants = [("optimized", REGISTRY[name], n)]
+            variants = [("optimized", REGISTRY[name], n, None)]
             if not args.no_teleport:
-                variants.append(("teleport+optimized", with_teleport(name, flow), n + 1))
-            for vlabel, fn, n_v in variants:
+                # Start family: teleport to sigma_t, then log-linear to sigma_e (the optimiser
+                # picks the best on its calibration noise, then polishes every sigma).
+                fam = [
+                    torch.cat(
+                        [torch.tensor([sigma_max], dtype=torch.float64), loglinear(n, se, st)]
+                    )
+                    for st in (10.0, 20.0, 40.0)
+                    for se in (0.03, 0.1, 0.3)
+                ]
+                variants.append(("teleport+optimized", with_teleport(name, flow), n + 1, fam))
+            for vlabel, fn, n_v, starts in variants:
                 t0 = time.perf_counter()
                 sig = optimized(
                     gm, fn, n_v, sigma_min=args.sigma_floor, sigma_max=sigma_max,
                     shape=(args.calibration[tname], gm.dim), seed=args.seed + 1,
                     free_sigma_min=True, iterations=args.iterations, sampler_options=opts,
+                    starts=starts,
                     cache=Path(args.out) / "optimized_schedules.json", cache_key=f"{tname}|{vlabel}",
                 )  # fmt: skip
                 row = record(label, vlabel, target_nfe, fn, sig, opts)
@@ -535,6 +545,7 @@ def _plot(all_rows: dict, nfes: list[int], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(nfes, [str(t) for t in nfes])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("NFE (denoiser calls)")
         ax.set_ylabel("RMS error to exact ODE solution")
         ax.set_title(tname)
@@ -558,7 +569,7 @@ def run(args: argparse.Namespace) -> int:
     table = DiscreteProcess.linear()
     sigma_max, sigma_min = table.sigma_max, table.sigma_min
     batches = {"ring8": 2000, "gmm64": 500, "checker": 2000, "swiss": 2000}
-    args.calibration = {"ring8": 256, "gmm64": 256, "checker": 256, "swiss": 256}
+    args.calibration = {"ring8": 256, "gmm64": 512, "checker": 256, "swiss": 256}
     if args.quick:
         batches = {k: 100 for k in batches}
         args.calibration = {k: 32 for k in batches}
