@@ -142,7 +142,8 @@ def elbo(
         sigma_min, sigma_max: as in :func:`~scorekit.likelihood.log_likelihood`.
         n_sigma: Monte Carlo points in ``log sigma`` per row (``>= 2``).
         reference: ``(mean [d], variances [d])`` of the control-variate Gaussian, e.g. the training
-            data's; default: the per-dimension mean and variance of the batch ``x``.
+            data's; default: the per-dimension mean and variance of the batch ``x`` (then a row's
+            estimate, though not its expectation, depends on the rest of the batch).
         generator: for the noise levels and the noise.
         return_info: also return an :class:`ElboInfo` (with the per-row standard error).
     """
