@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -46,7 +47,11 @@ def test_two_processes_match_one(tmp_path):
     script.write_text(WORKER)
     cfg2 = {**base, "out": str(tmp_path / "ddp")}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    with socket.socket() as sock:  # a free port for the rendezvous on localhost
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port)]  # fmt: skip
     out = subprocess.run(
         [*cmd, str(script), json.dumps(cfg2)], env=env, capture_output=True, text=True, timeout=240
     )

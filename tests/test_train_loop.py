@@ -188,3 +188,14 @@ def test_errors(tmp_path, gauss_npy):
         train(_cfg(tmp_path, gauss_npy, steps=2, lr=-1.0), progress=False)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         load_run(tmp_path / "nothing")
+
+
+def test_minutes_limit_counts_training_time_over_resumes(tmp_path, gauss_npy):
+    cfg = _cfg(tmp_path, gauss_npy, minutes=0.01, ckpt_every=10**6)  # 0.6 s
+    res = train(cfg, progress=False)
+    _, state = ckpt.load(ckpt.latest(cfg.out))
+    assert res.step > 0 and 0.6 <= state["elapsed"] < 5.0
+    cfg.minutes = 0.02  # 1.2 s in all: about another 0.6 s
+    res2 = train(cfg, resume=True, progress=False)
+    _, state2 = ckpt.load(ckpt.latest(cfg.out))
+    assert res2.step > res.step and 1.2 <= state2["elapsed"] < 6.0
