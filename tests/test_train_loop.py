@@ -199,3 +199,13 @@ def test_minutes_limit_counts_training_time_over_resumes(tmp_path, gauss_npy):
     res2 = train(cfg, resume=True, progress=False)
     _, state2 = ckpt.load(ckpt.latest(cfg.out))
     assert res2.step > res.step and 1.2 <= state2["elapsed"] < 6.0
+
+
+def test_diverging_loss_is_a_clear_error_and_not_checkpointed(tmp_path, gauss_npy):
+    cfg = _cfg(tmp_path, gauss_npy, steps=20, lr=1e30, warmup=0, log_every=10, ckpt_every=3)
+    with pytest.raises(FloatingPointError, match="not finite|training loss is"):
+        train(cfg, progress=False)
+    folder = ckpt.latest(cfg.out)
+    if folder is not None:  # whatever was saved holds finite weights only
+        for t in ckpt.load(folder)[0]["model"].values():
+            assert torch.isfinite(t).all()

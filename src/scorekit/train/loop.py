@@ -305,6 +305,8 @@ def train(
     dist.barrier()
 
     def save_checkpoint() -> None:
+        if not torch.isfinite(loss_sum):  # never checkpoint weights that a NaN/inf loss has reached
+            raise FloatingPointError(f"training loss is not finite before step {step}; lower --lr?")
         if dist.main:
             otensors, groups = ckpt.optimizer_to_tensors(opt)
             run_state = {
