@@ -147,6 +147,8 @@ def test_run_folder_and_log(tmp_path, gauss_npy):
         ("vp_cosine", "x0"),
         ("flow", "flow"),
         ("ve", "edm"),
+        ("vp", "score"),
+        ("ddpm", "eps"),
     ],
 )
 def test_every_process_and_parameterization_trains(tmp_path, gauss_npy, process, param):

@@ -172,5 +172,6 @@ def test_errors():
         get_weighting("snr")
     with pytest.raises(ValueError, match="label dropout"):
         drop_labels(torch.zeros(3, dtype=torch.long), 1.5, torch.rand(3))
-    with pytest.raises(ValueError, match="parameterization 'score'"):
-        default_weighting("score")
+    with pytest.raises(ValueError, match="parameterization 'velocity'"):
+        default_weighting("velocity")
+    assert default_weighting("score") == "eps"

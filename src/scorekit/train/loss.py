@@ -154,7 +154,13 @@ def flow_matching_loss(
 
 
 def default_weighting(param: str) -> str:
-    """The weighting that makes the loss the plain MSE of a parameterisation's own output."""
+    """The weighting that makes the loss the plain MSE of a parameterisation's own output.
+
+    For a score network this is ``eps``: Song et al. (ICLR 2021, eq. 7) weight the score-matching
+    loss by ``lambda = s(t)**2``, which turns ``|F - score|^2`` into the eps-MSE.
+    """
+    if param == "score":
+        return "eps"
     if param not in WEIGHTINGS:
         raise ValueError(
             f"no default weighting for parameterization {param!r}; allowed: {sorted(WEIGHTINGS)}"
