@@ -20,8 +20,9 @@ collapses to (``e = D(z_s, s) - x``, ``d`` values per row)::
                + int_{sigma_min}^{sigma_max} E_eps[ |e|^2 / s^3 + 2 sigma_min^2 (e . eps) / (r s^3) ] ds.
 
 For ``sigma_min -> 0`` this is the sigma-frame VDM loss above plus the decoder and prior terms.
-For a Gaussian target and its exact denoiser the bound equals ``log p_{sigma_min}`` exactly (the
-prior is the only gap), and for any denoiser ``ELBO(x) <= log p^SDE_{sigma_min}(x)``, the density of
+For the exact denoiser of any data distribution the bound equals ``log p_{sigma_min}`` up to the
+prior's mismatch (the forward noising of ``x`` is then exactly the model's posterior over paths;
+checked in the tests on Gaussians and mixtures), and for any denoiser ``ELBO(x) <= log p^SDE_{sigma_min}(x)``, the density of
 the reverse-time SDE driven by the same denoiser (which differs from the ODE density unless the
 denoiser is exact).
 
