@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--device", default="cpu")
     a("--out", required=True, metavar="FILE", help="output .npy (samples in data units) or .png")
     a("--no-progress", action="store_true")
+    a("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
     a("--debug", action="store_true", help="show tracebacks")
 
 
@@ -47,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     from scorekit.train.distributed import setup, teardown
     from scorekit.train.run import decode, generate, load_run, picture
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     suffix = os.path.splitext(args.out)[1].lower()
     if suffix not in (".npy", ".png"):
         raise ValueError(f"--out must end in .npy or .png, got {args.out!r}")

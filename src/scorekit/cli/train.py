@@ -74,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=int, help="seed of data order, noise and initial weights (default 0)")
     a("--device", help="cpu or cuda (default cpu)")
     a("--no-progress", action="store_true", help="no progress bar")
+    a("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
     a("--debug", action="store_true", help="show tracebacks")
 
 
@@ -98,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
     from scorekit.train.distributed import teardown
     from scorekit.train.loop import train
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     cfg, given = config_from_args(args)
     resuming = args.resume and ckpt.latest(args.out) is not None
     if resuming:
