@@ -61,7 +61,7 @@ def ring(
 
     cfg = TrainConfig(
         data="ring", out=str(out / "ring_run"), steps=steps, batch=512, lr=2e-3,
-        net=RING_NET, ckpt_every=10**9, log_every=100,
+        net=RING_NET, ckpt_every=10**9, log_every=20,
     )  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()
     res = train(cfg, progress=progress)
@@ -107,7 +107,7 @@ def digits(
     tr, te = data.split(full, holdout=0.2, seed=0)
     cfg = TrainConfig(
         data="digits", out=str(out / "digits_run"), minutes=minutes, steps=steps, batch=batch,
-        lr=2e-3, holdout=0.2, ckpt_every=500, log_every=50, net=net or {},
+        lr=2e-3, holdout=0.2, ckpt_every=500, log_every=10, net=net or {},
     )  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()
     res = train(cfg, progress=progress, dataset=tr)
