@@ -26,8 +26,8 @@ floor 0.002) for the ``--optimize-top`` samplers that did best on the fixed sche
 without and with the analytic teleport start (``accelerators.with_teleport`` on the target's Gaussian
 approximation; starts: teleport to 10/20/40, then log-linear to 0.03/0.1/0.3). The optimiser
 calibrates on its own noise (seed + 1, 256 rows for ring8, 512 for gmm64), never on the evaluation
-noise; schedules are cached in ``<out>/optimized_schedules.json``. On gmm64 the teleport variant only
-selects its start (no polish) on 1024 calibration rows (see ``run``).
+noise; schedules are cached in ``<out>/optimized_schedules.json``. On gmm64 a third variant,
+teleport+selected, only selects among the teleport starts (no polish) on 1024 rows (see ``run``).
 
 Diagnostics. "flips": samples whose nearest mixture component differs from the reference's; on
 gmm64 a handful of samples lying on a component boundary dominate the RMS (one flip of 500 costs
@@ -418,11 +418,14 @@ def _scorekit_side(gm, tname, x_t, ref, sigma_max, sigma_min, nfes, args, log) -
                     for st in (10.0, 20.0, 40.0)
                     for se in (0.03, 0.1, 0.3)
                 ]
-                variants.append(("teleport+optimized", with_teleport(name, flow), n + 1, fam))
+                tele = with_teleport(name, flow)
+                variants.append(("teleport+optimized", tele, n + 1, fam))
+                if tname in args.select_only:
+                    variants.append(("teleport+selected", tele, n + 1, fam))
             for vlabel, fn, n_v, starts in variants:
                 t0 = time.perf_counter()
                 cal, iters = args.calibration[tname], args.iterations
-                if starts is not None and tname in args.select_only:
+                if vlabel == "teleport+selected":
                     cal, iters = args.select_only[tname], 0
                 sig = optimized(
                     gm, fn, n_v, sigma_min=args.sigma_floor, sigma_max=sigma_max,
@@ -616,7 +619,8 @@ def run(args: argparse.Namespace) -> int:
     # gmm64's RMS is set by a few samples on component boundaries; polishing every sigma on 512
     # calibration rows overfits the calibration set's own boundary samples (measured: 0.096 at
     # NFE 10 on the evaluation noise), while choosing among the teleport starts on 1024 rows
-    # generalises (0.053). So there the teleport variant selects (no L-BFGS) on 1024 rows.
+    # generalises (0.053). So there a third variant, teleport+selected, only selects among the
+    # teleport starts (no L-BFGS) on 1024 rows.
     args.select_only = {"gmm64": 1024}
     if args.quick:
         batches = {k: 100 for k in batches}
