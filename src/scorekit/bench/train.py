@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--out", default="bench_train", help="folder for the JSON results and pictures")
     a("--ring-steps", type=int, default=3000, help="training steps for ring (default 3000)")
     a("--digits-minutes", type=float, default=10.0, help="training minutes for digits (default 10)")
-    a("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    a("--threads", type=int, default=1,
+      help="torch threads (default 1: with more threads than free cores training slows many-fold)")  # fmt: skip
     a("--repeats", type=int, default=3, help="alternating timing repeats for the overhead part")
     a("--nfe", type=int, default=10)
     a("--sampler", default="ipndm", help="sampler for the quality parts (default ipndm)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -48,25 +47,14 @@ def run(args: argparse.Namespace) -> int:
     ring_steps = args.ring_steps or (400 if args.quick else 2000)
     minutes = args.digits_minutes or (0.5 if args.quick else 3.0)
     progress = not args.no_progress
-    busy = _busy()
-    if busy:
-        # Measured on a 2-core machine at load 4: two threads per process made training 4-15x slower
-        # than one (threads wait on each other for cores that other processes hold).
-        torch.set_num_threads(1)
-    print(
-        f"scorekit demo: report folder {out}/ ({torch.get_num_threads()} CPU threads"
-        + (f"; the machine is busy, load {busy:.1f})" if busy else ")")
-    )
+    # One thread: on this 2-core machine two threads per process made training 4-15x slower than one
+    # as soon as another process wanted a core (the threads spin waiting for each other): measured
+    # 6.8 s/step against 0.1 s/step for the digits U-Net. One thread never degrades that way.
+    torch.set_num_threads(1)
+    print(f"scorekit demo: report folder {out}/ (1 CPU thread)")
 
     print(f"[1/2] ring of 8 Gaussians: training {ring_steps} steps ...", flush=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(
-        1
-    )  # a small MLP: a second thread costs more in synchronisation than it gives
-    try:
-        r = ring(out, steps=ring_steps, nfe=args.nfe, sampler=args.sampler, progress=progress)
-    finally:
-        torch.set_num_threads(threads)
+    r = ring(out, steps=ring_steps, nfe=args.nfe, sampler=args.sampler, progress=progress)
     shutil.copyfile(out / "ring_run" / "loss.png", out / "ring_loss.png")
     print(
         f"      sliced W2 to exact samples {r['sw2']:.4f} (floor {r['sw2_floor']:.4f}, "
@@ -92,15 +80,6 @@ def run(args: argparse.Namespace) -> int:
     atomic_write(out / "report.md", _markdown(report, args).encode())
     print(f"done in {total:.0f} s. Report: {out / 'report.md'} (pictures and figures in {out}/)")
     return 0
-
-
-def _busy() -> float:
-    """The 1-minute load average if other work already keeps the cores busy, else 0."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # pragma: no cover - platforms without getloadavg
-        return 0.0
-    return load if load > (os.cpu_count() or 1) - 0.5 else 0.0
 
 
 def _markdown(rep: dict, args: argparse.Namespace) -> str:
