@@ -17,6 +17,16 @@ from scorekit.train import checkpoint as ckpt
 TINY = {"hidden": 32, "depth": 1, "emb_dim": 16}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny networks gain nothing from a second thread, and on a busy 2-core machine two threads per
+    # process were measured many-fold slower than one. Restored afterwards.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def gauss_npy(tmp_path_factory):
     """2-D Gaussian data N(m, diag(s^2)) in its own units (the loader standardises it)."""
@@ -205,7 +215,7 @@ def test_minutes_limit_counts_training_time_over_resumes(tmp_path, gauss_npy):
 
 def test_diverging_loss_is_a_clear_error_and_not_checkpointed(tmp_path, gauss_npy):
     cfg = _cfg(tmp_path, gauss_npy, steps=20, lr=1e30, warmup=0, log_every=10, ckpt_every=3)
-    with pytest.raises(FloatingPointError, match="not finite|training loss is"):
+    with pytest.raises(FloatingPointError, match=r"not finite|training loss is"):
         train(cfg, progress=False)
     folder = ckpt.latest(cfg.out)
     if folder is not None:  # whatever was saved holds finite weights only
