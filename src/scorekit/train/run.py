@@ -153,7 +153,8 @@ def generate(
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
     lo, hi = rank * n // world, (rank + 1) * n // world
     parts = []
-    bar = tqdm(total=hi - lo, disable=not progress or rank != 0, unit="sample")
+    # delay: no bar at all when the first chunk fails validation (the error stands alone).
+    bar = tqdm(total=hi - lo, disable=not progress or rank != 0, unit="sample", delay=0.5)
     for start in range(lo, hi, batch):
         m = min(batch, hi - start)
         parts.append(draw(denoiser, info, m, index_offset=start, **draw_options).cpu())
