@@ -139,6 +139,18 @@ def _check_labels(class_labels: Tensor | None, num_classes: int, batch: int) -> 
         )
 
 
+def _conditioning(
+    net: nn.Module, x: Tensor, c_noise: Tensor | float, class_labels: Tensor | None
+) -> Tensor:
+    """The embedding both networks feed their blocks: ``silu(noise_emb(c_noise) + class_emb(labels))``."""
+    c_noise = _check_c_noise(c_noise, x)
+    _check_labels(class_labels, net.num_classes, x.shape[0])
+    emb = net.noise_emb(c_noise)
+    if net.class_emb is not None:
+        emb = emb + net.class_emb(class_labels, x.shape[0], x.device)
+    return F.silu(emb)
+
+
 def _check_options(**kwargs: Any) -> None:
     for name, value in kwargs.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -224,12 +236,7 @@ class MLP(nn.Module):
             raise ValueError(
                 f"MLP(dim={self.dim}) expects x of shape [B, {self.dim}]; got {tuple(x.shape)}"
             )
-        c_noise = _check_c_noise(c_noise, x)
-        _check_labels(class_labels, self.num_classes, x.shape[0])
-        emb = self.noise_emb(c_noise)
-        if self.class_emb is not None:
-            emb = emb + self.class_emb(class_labels, x.shape[0], x.device)
-        emb = F.silu(emb)
+        emb = _conditioning(self, x, c_noise, class_labels)
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, emb)
@@ -441,12 +448,7 @@ class UNet(nn.Module):
                 f"UNet(in_channels={self.in_channels}, image_size={h_}x{w_}) expects x of shape "
                 f"[B, {self.in_channels}, {h_}, {w_}]; got {tuple(x.shape)}"
             )
-        c_noise = _check_c_noise(c_noise, x)
-        _check_labels(class_labels, self.num_classes, x.shape[0])
-        emb = self.noise_emb(c_noise)
-        if self.class_emb is not None:
-            emb = emb + self.class_emb(class_labels, x.shape[0], x.device)
-        emb = F.silu(emb)
+        emb = _conditioning(self, x, c_noise, class_labels)
 
         h = self.inp(x)
         skips = [h]
