@@ -17,16 +17,6 @@ TINY = json.dumps({"hidden": 16, "depth": 1, "emb_dim": 16})
 TINY_UNET = json.dumps({"base_channels": 8, "num_res_blocks": 1, "attn_resolutions": []})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny networks gain nothing from a second thread, and on a busy 2-core machine two threads per
-    # process were measured many-fold slower than one. Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def vector_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")

@@ -16,17 +16,6 @@ from safetensors.torch import load_file
 
 from scorekit.train import TrainConfig, generate, load_run, train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny networks gain nothing from a second thread, and on a busy 2-core machine two threads per
-    # process were measured many-fold slower than one. Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 WORKER = textwrap.dedent(
     """
     import json, os, sys

@@ -17,16 +17,6 @@ from scorekit.train import checkpoint as ckpt
 TINY = {"hidden": 32, "depth": 1, "emb_dim": 16}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny networks gain nothing from a second thread, and on a busy 2-core machine two threads per
-    # process were measured many-fold slower than one. Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def gauss_npy(tmp_path_factory):
     """2-D Gaussian data N(m, diag(s^2)) in its own units (the loader standardises it)."""
