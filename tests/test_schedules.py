@@ -60,6 +60,31 @@ def test_loglinear_is_geometric_and_polyexponential_rho1():
     assert math.isclose(float(p[1]), math.exp(math.log(0.01) + 0.25 * math.log(1e4)), rel_tol=1e-13)
 
 
+@pytest.mark.parametrize("n", [3, 7, 50])
+@pytest.mark.parametrize("opts", [{}, {"sigma_split": 2.0, "n_low": 2}, {"rho": 3.0}])
+def test_two_phase_contract(n, opts):
+    s = S.get_schedule("two_phase")(n, SMIN, SMAX, **opts)
+    assert s.dtype == torch.float64 and s.shape == (n + 1,)
+    assert s[-1] == 0 and (s[1:] < s[:-1]).all()
+    assert math.isclose(float(s[0]), SMAX, rel_tol=1e-12)
+    assert math.isclose(float(s[-2]), SMIN, rel_tol=1e-12)
+
+
+def test_two_phase_closed_form():
+    # n = 20, n_low = 6: 14 equal log-steps from 40 to 2 (the 15th entry is 2 itself), then the
+    # karras ramp from 2 to 0.1 written out from EDM eq. 5.
+    s = S.two_phase(20, 0.1, 40.0, sigma_split=2.0, n_low=6)
+    ratios = s[1:15] / s[:14]
+    torch.testing.assert_close(ratios, torch.full_like(ratios, (2.0 / 40.0) ** (1 / 14)))
+    assert math.isclose(float(s[14]), 2.0, rel_tol=1e-12)
+    u = torch.arange(6, dtype=torch.float64) / 5
+    ramp = (2.0 ** (1 / 7) + u * (0.1 ** (1 / 7) - 2.0 ** (1 / 7))) ** 7
+    torch.testing.assert_close(s[14:-1], ramp, rtol=1e-13, atol=0)
+    # Defaults: the split at the geometric middle of the range, 30% of the steps below it.
+    d = S.two_phase(20, 0.1, 40.0)
+    assert math.isclose(float(d[14]), math.sqrt(0.1 * 40.0), rel_tol=1e-12)
+
+
 def test_uniform_t_matches_the_process():
     # VE: sigma(t) = smin (smax/smin)^t is exponential in t, so uniform t is uniform log-sigma.
     torch.testing.assert_close(
@@ -89,6 +114,10 @@ def test_uniform_t_matches_the_process():
         (lambda: S.uniform_t(5, 0.001, 1.0, process="ddpm"), "range"),
         (lambda: S.uniform_t(5, 0.1, 1.0, process="nope"), "allowed"),
         (lambda: S.get_schedule("cosine"), "karras"),
+        (lambda: S.two_phase(2, 0.1, 40.0), "n >= 3"),
+        (lambda: S.two_phase(10, 0.1, 40.0, n_low=1), "n_low"),
+        (lambda: S.two_phase(10, 0.1, 40.0, n_low=10), "n_low"),
+        (lambda: S.two_phase(10, 0.1, 40.0, sigma_split=40.0), "sigma_split"),
     ],
 )
 def test_errors(call, match):

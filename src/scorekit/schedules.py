@@ -12,6 +12,8 @@ karras            ``(smax^(1/rho) + u_i (smin^(1/rho) - smax^(1/rho)))^rho``  (E
 loglinear         ``exp(lerp(log smax, log smin, u_i))``  (uniform log-SNR)
 polyexponential   ``exp(log smin + (1 - u_i)^rho (log smax - log smin))``  (rho = 1: loglinear)
 uniform_t         ``process.sigma(lerp(t(smax), t(smin), u_i))``  (uniform in a process's time)
+two_phase         log-uniform down to ``sigma_split``, then karras (rho) to ``smin``: dense steps
+                  where a multimodal distribution's modes separate
 optimized         chosen to minimise a sampler's error against the exact ODE solution
 ================  =================================================================================
 
@@ -43,6 +45,7 @@ __all__ = [
     "optimized",
     "pf_ode_reference",
     "polyexponential",
+    "two_phase",
     "uniform_t",
 ]
 
@@ -160,12 +163,70 @@ def uniform_t(
     return _append_zero(sig).to(dtype=dtype, device=device)
 
 
+def two_phase(
+    n: int,
+    sigma_min: float,
+    sigma_max: float,
+    *,
+    sigma_split: float | None = None,
+    n_low: int | None = None,
+    rho: float = 7.0,
+    dtype=torch.float64,
+    device=None,
+) -> Tensor:
+    """Log-uniform steps from ``sigma_max`` down to ``sigma_split``, then a karras ramp to ``sigma_min``.
+
+    The first ``n_high = n - n_low`` sigmas are ``sigma_max (sigma_split / sigma_max)^(i / n_high)``,
+    ``i = 0 .. n_high-1`` (equal log-steps ending one step above ``sigma_split``); the last ``n_low``
+    are ``karras(n_low, sigma_min, sigma_split, rho)`` (starting at ``sigma_split``); then 0.
+    Defaults: ``sigma_split = sqrt(sigma_min sigma_max)`` (the middle of the log range) and
+    ``n_low = round(0.3 n)`` clamped to ``[2, n - 1]``; ``n >= 3``.
+
+    Why: on a multimodal distribution the probability-flow ODE decides which mode a sample ends in over
+    a band of intermediate noise levels (for unit-scale data with well-separated modes, roughly
+    sigma 40 down to 2). A sample that starts near the boundary between two basins ends in the wrong
+    mode unless the solver is accurate over that whole band, and one such "flip" costs more RMS error
+    than all the discretisation error below it. Both karras (rho = 7) and log-linear steps spend most
+    of their budget below sigma 1, where a sample's mode is settled. This schedule puts ``n_high``
+    equal log-steps across the band and a short karras ramp below it. ``sigma_max`` is where the
+    sampler starts (after an analytic teleport, the sigma teleported to). Measured on the 64-D
+    mixture ``gmm64`` in ``scorekit bench samplers``, where ``sigma_split`` and ``n_low`` are chosen
+    on calibration noise.
+    """
+    _check_range(n, sigma_min, sigma_max)
+    if n < 3:
+        raise ValueError(f"two_phase needs n >= 3 steps (two phases and a karras ramp); got n={n}")
+    if sigma_split is None:
+        sigma_split = math.sqrt(sigma_min * sigma_max)
+    if n_low is None:
+        n_low = min(n - 1, max(2, round(0.3 * n)))
+    if not sigma_min < sigma_split < sigma_max:
+        raise ValueError(
+            f"sigma_split must lie strictly between sigma_min={sigma_min} and sigma_max={sigma_max}; "
+            f"got {sigma_split}"
+        )
+    if isinstance(n_low, bool) or not isinstance(n_low, int) or not 2 <= n_low <= n - 1:
+        raise ValueError(
+            f"n_low must be an integer in [2, n - 1] = [2, {n - 1}] (the high phase needs a step and "
+            f"the karras ramp must reach sigma_min); got {n_low!r}"
+        )
+    n_high = n - n_low
+    log_hi = torch.lerp(
+        torch.tensor(math.log(sigma_max), dtype=torch.float64),
+        torch.tensor(math.log(sigma_split), dtype=torch.float64),
+        torch.arange(n_high, dtype=torch.float64) / n_high,
+    )
+    low = karras(n_low, sigma_min, sigma_split, rho=rho)
+    return torch.cat([log_hi.exp(), low]).to(dtype=dtype, device=device)
+
+
 #: Schedule name -> function ``(n, sigma_min, sigma_max, **options) -> sigmas [n + 1]``.
 SCHEDULES: dict[str, Callable[..., Tensor]] = {
     "karras": karras,
     "loglinear": loglinear,
     "polyexponential": polyexponential,
     "uniform_t": uniform_t,
+    "two_phase": two_phase,
 }
 
 

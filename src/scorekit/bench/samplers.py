@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -357,6 +358,29 @@ def _steps_for(name: str, options: dict, target_nfe: int) -> int | None:
     return best
 
 
+def _two_phase_family(n: int) -> list[Tensor]:
+    """Teleport starts with ``schedules.two_phase`` after the teleport: to 20 or 40, equal log-steps
+    down to 1, 2 or 3, then 30/40/50% of the steps on a karras ramp to 0.03, 0.1 or 0.3 (54 at most)."""
+    from scorekit.schedules import two_phase
+
+    if n < 3:
+        return []
+    sigma_max = DiscreteProcess.linear().sigma_max
+    lows = sorted({min(n - 1, max(2, round(f * n))) for f in (0.3, 0.4, 0.5)})
+    return [
+        torch.cat(
+            [
+                torch.tensor([sigma_max], dtype=torch.float64),
+                two_phase(n, se, st, sigma_split=sp, n_low=nl),
+            ]
+        )
+        for st in (20.0, 40.0)
+        for sp in (1.0, 2.0, 3.0)
+        for nl in lows
+        for se in (0.03, 0.1, 0.3)
+    ]
+
+
 def _scorekit_side(gm, tname, x_t, ref, sigma_max, sigma_min, nfes, args, log) -> list[dict]:
     from scorekit.samplers import REGISTRY
     from scorekit.samplers.accelerators import GaussianFlow, with_teleport
@@ -421,7 +445,7 @@ def _scorekit_side(gm, tname, x_t, ref, sigma_max, sigma_min, nfes, args, log) -
                 tele = with_teleport(name, flow)
                 variants.append(("teleport+optimized", tele, n + 1, fam))
                 if tname in args.select_only:
-                    variants.append(("teleport+selected", tele, n + 1, fam))
+                    variants.append(("teleport+selected", tele, n + 1, fam + _two_phase_family(n)))
             for vlabel, fn, n_v, starts in variants:
                 t0 = time.perf_counter()
                 cal, iters = args.calibration[tname], args.iterations
@@ -494,6 +518,72 @@ def _overhead(steps: int, repeats: int) -> list[dict]:
     return rows
 
 
+def _fresh_check(gm, summary: dict, sigma_max: float, args, log) -> tuple[str, list[dict]]:
+    """The winners of the main run on fresh noise: is a ratio a property of the samplers or of the
+    few boundary samples in one noise draw?
+
+    For each fresh set (seeds ``seed + 101, seed + 102, ...``, ``--fresh-rows`` rows, never the
+    calibration noise) and NFE: the scorekit config that won the main run, its schedule unchanged,
+    against the best of *every* diffusers config on that set (chosen after the fact, in diffusers'
+    favour). The last line per NFE pools the squared errors over all fresh sets.
+    """
+    from scorekit.samplers import REGISTRY
+    from scorekit.samplers.accelerators import GaussianFlow, with_teleport
+    from scorekit.schedules import pf_ode_reference
+
+    options = {label: (name, opts) for label, name, opts in SCOREKIT_SAMPLERS}
+    flow = GaussianFlow.from_mixture(gm)
+    lines, rows = [], []
+    pooled: dict[int, list[float]] = {}
+    for k in range(1, args.fresh + 1):
+        seed = args.seed + 100 + k
+        g = torch.Generator().manual_seed(seed)
+        x_t = sigma_max * torch.randn(args.fresh_rows, gm.dim, generator=g, dtype=torch.float64)
+        ref = pf_ode_reference(gm, x_t, sigma_max, 0.0, rtol=args.rtol, atol=args.rtol)
+        ref_comp = gm.responsibilities(ref, 0.0).argmax(1)
+        d_rows = _diffusers_side(
+            gm, x_t, ref, sigma_max, sorted(summary), args.quick, lambda m: None
+        )
+        for t, v in sorted(summary.items()):
+            best = v["scorekit"]
+            name, opts = options[best["sampler"]]
+            fn = REGISTRY[name]
+            if best["schedule"].startswith("teleport"):
+                fn = with_teleport(name, flow)
+            out = fn(gm, x_t.clone(), torch.tensor(best["sigmas"], dtype=torch.float64), **opts)
+            err = rms_error(out, ref)
+            diag = _diagnostics(gm, out, ref, ref_comp)
+            d_t = [r for r in d_rows if r["target_nfe"] == t and r["error"] == r["error"]]
+            bd = min(d_t, key=lambda r: r["error"])
+            row = {"seed": seed, "rows": args.fresh_rows, "target_nfe": t,
+                   "scorekit": best["config"], "scorekit_error": err,
+                   "scorekit_flips": diag["flips"], "diffusers": bd["config"],
+                   "diffusers_error": bd["error"], "diffusers_flips": bd["flips"],
+                   "ratio": err / bd["error"]}  # fmt: skip
+            rows.append(row)
+            p = pooled.setdefault(t, [0.0, 0.0, 0])
+            p[0] += err**2 * args.fresh_rows
+            p[1] += bd["error"] ** 2 * args.fresh_rows
+            p[2] += args.fresh_rows
+            line = (
+                f"{t:>4} | seed {seed}: diffusers {bd['error']:.4f} ({bd['flips']:2d}) "
+                f"{bd['config']:>18s} | scorekit {err:.4f} ({diag['flips']:2d}) "
+                f"{best['config']:>28s} | ratio {row['ratio']:.2f}"
+            )
+            lines.append(line)
+            log(line)
+    for t, (se, de, n) in sorted(pooled.items()):
+        lines.append(
+            f"{t:>4} | pooled over {n} rows: diffusers {math.sqrt(de / n):.4f} | scorekit "
+            f"{math.sqrt(se / n):.4f} | ratio {math.sqrt(se / de):.2f}"
+        )
+    head = (
+        f"the main run's best scorekit config on {args.fresh} fresh noise set(s) of {args.fresh_rows} "
+        f"rows, against the best diffusers config on each set (flips in brackets):"
+    )
+    return "\n".join([head, *lines]), rows
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench_out/samplers", help="output folder (JSON, PNG)")
     parser.add_argument("--quick", action="store_true", help="small batches and subsets: < 1 min")
@@ -510,6 +600,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sigma-floor", type=float, default=0.002, help="lowest last sigma the optimiser may pick"
     )
+    parser.add_argument(
+        "--fresh",
+        type=int,
+        default=0,
+        help="re-check the best configs on this many fresh noise sets (seeds seed+101, ...)",
+    )
+    parser.add_argument("--fresh-rows", type=int, default=2000, help="rows per fresh noise set")
 
 
 def _table(rows: list[dict], tname: str, nfes: list[int]) -> tuple[str, dict]:
@@ -630,11 +727,15 @@ def run(args: argparse.Namespace) -> int:
         args.iterations = min(args.iterations, 4)
         args.no_teleport = True
     nfes = sorted(args.nfe)
+    if args.fresh < 0 or args.fresh_rows < 1:
+        raise ValueError(
+            f"--fresh must be >= 0 and --fresh-rows >= 1; got {args.fresh}, {args.fresh_rows}"
+        )
 
     def log(msg):
         print(msg, flush=True)
 
-    all_rows, summaries, texts = {}, {}, []
+    all_rows, summaries, texts, fresh = {}, {}, [], {}
     for tname in args.targets:
         gm = target(tname)
         g = torch.Generator().manual_seed(args.seed)
@@ -646,6 +747,9 @@ def run(args: argparse.Namespace) -> int:
         rows += _scorekit_side(gm, tname, x_t, ref, sigma_max, sigma_min, nfes, args, log)
         all_rows[tname] = rows
         text, summaries[tname] = _table(rows, tname, nfes)
+        if args.fresh > 0:
+            fresh_text, fresh[tname] = _fresh_check(gm, summaries[tname], sigma_max, args, log)
+            text += "\n" + fresh_text
         texts.append(text)
         print(text, flush=True)
 
@@ -679,6 +783,7 @@ def run(args: argparse.Namespace) -> int:
             }
             for t, s in summaries.items()
         },
+        "fresh": fresh,
         "overhead": overhead,
         "seconds": time.perf_counter() - t_start,
     }
