@@ -117,3 +117,30 @@ def test_demo_quick_writes_report(tmp_path, capsys):
                  "digits_real_vs_generated", "digits_loss"):  # fmt: skip
         assert (out / f"{name}.png").stat().st_size > 1000, name
     assert "FD-digits" in (out / "report.md").read_text()
+
+
+def test_every_option_survives_torchrun_or_has_a_spelling_that_does():
+    # torchrun parses the whole command line with abbreviations allowed, so an option of ours that is
+    # a prefix of one of its own (--run of --run-path, --n of --nnodes ...) is taken or rejected by it.
+    # Every option must have a spelling that reaches scorekit intact, and the README's forms must.
+    from torch.distributed.run import get_args_parser
+
+    from scorekit.cli import build_parser
+
+    theirs = [s for a in get_args_parser()._actions for s in a.option_strings]
+    (sub,) = [a for a in build_parser()._actions if isinstance(getattr(a, "choices", None), dict)]
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            if action.dest == "help" or not action.option_strings:  # positionals pass through
+                continue
+            safe = [s for s in action.option_strings if not any(t.startswith(s) for t in theirs)]
+            assert safe, f"scorekit {name} {action.option_strings}: every spelling is torchrun's"
+    for cmd in (
+        ["train", "--data", "digits", "--out", "runs/ddp", "--steps", "2000"],
+        ["sample", "--run-dir", "runs/ddp", "--num-samples", "1000", "--out", "s.npy"],
+    ):
+        parsed = get_args_parser().parse_args(["--nproc_per_node", "2", "-m", "scorekit", *cmd])
+        assert parsed.module and parsed.training_script == "scorekit"
+        assert parsed.training_script_args == cmd
+    args = build_parser().parse_args(cmd)
+    assert (args.run, args.n) == ("runs/ddp", 1000)

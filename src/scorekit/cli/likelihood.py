@@ -25,7 +25,13 @@ from torch import Tensor
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--run", required=True, help="a training run folder (written by scorekit train)")
+    a(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        help="a training run folder (written by scorekit train); --run-dir under torchrun",
+    )
     a(
         "--data",
         required=True,

@@ -22,8 +22,22 @@ import numpy as np
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a("--run", required=True, metavar="RUN_DIR", help="a folder written by scorekit train")
-    a("--n", type=int, required=True, help="number of samples")
+    a(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        metavar="RUN_DIR",
+        help="a folder written by scorekit train (use --run-dir under torchrun)",
+    )
+    a(
+        "--n",
+        "--num-samples",
+        dest="n",
+        type=int,
+        required=True,
+        help="number of samples (use --num-samples under torchrun)",
+    )
     a("--nfe", type=int, default=None, help="denoiser calls per sample (default 20)")
     a(
         "--sampler",
