@@ -27,11 +27,16 @@ without and with the analytic teleport start (``accelerators.with_teleport`` on 
 approximation; starts: teleport to 10/20/40, then log-linear to 0.03/0.1/0.3). The optimiser
 calibrates on its own noise (seed + 1, 256 rows for ring8, 512 for gmm64), never on the evaluation
 noise; schedules are cached in ``<out>/optimized_schedules.json``. On gmm64 a third variant,
-teleport+selected, only selects among the teleport starts (no polish) on 1024 rows (see ``run``).
+teleport+selected, only selects (no polish) on 1024 rows among those teleport starts and the
+two-phase starts of ``_two_phase_family`` (teleport, then ``schedules.two_phase``: equal log-steps
+across the band where the modes separate, a short karras ramp below it; see ``run``).
 
 Diagnostics. "flips": samples whose nearest mixture component differs from the reference's; on
 gmm64 a handful of samples lying on a component boundary dominate the RMS (one flip of 500 costs
 about 0.05), so the table also gives the same configs' RMS without their flipped samples and medians.
+With ``--fresh K`` the winning scorekit config of each NFE is re-run, schedule unchanged, on K fresh
+noise sets of ``--fresh-rows`` rows against the best diffusers config on each set: whether a ratio
+holds beyond the few boundary samples of one draw.
 
 Overhead. Time per step of the sampler itself, excluding the model: a "denoiser" returning a
 precomputed tensor, batch 1, scorekit's sampler against the same algorithm's diffusers scheduler loop
