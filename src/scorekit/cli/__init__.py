@@ -21,6 +21,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def add_run_dir(parser: argparse.ArgumentParser) -> None:
+    """``--run`` / ``--run-dir``: a folder written by ``scorekit train`` (required).
+
+    ``--run-dir`` is the spelling to use under ``torchrun``, whose parser matches abbreviations over
+    the whole command line and takes ``--run`` for its own ``--run-path``.
+    """
+    parser.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        metavar="RUN_DIR",
+        help="a folder written by scorekit train (use --run-dir under torchrun)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scorekit",

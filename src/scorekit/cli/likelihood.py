@@ -22,16 +22,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from scorekit.cli import add_run_dir
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a(
-        "--run",
-        "--run-dir",
-        dest="run",
-        required=True,
-        help="a training run folder (written by scorekit train); --run-dir under torchrun",
-    )
+    add_run_dir(parser)
     a(
         "--data",
         required=True,

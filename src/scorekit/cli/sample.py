@@ -19,17 +19,12 @@ import sys
 
 import numpy as np
 
+from scorekit.cli import add_run_dir
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    a(
-        "--run",
-        "--run-dir",
-        dest="run",
-        required=True,
-        metavar="RUN_DIR",
-        help="a folder written by scorekit train (use --run-dir under torchrun)",
-    )
+    add_run_dir(parser)
     a(
         "--n",
         "--num-samples",
