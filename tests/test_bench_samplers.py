@@ -56,3 +56,55 @@ def test_quick_bench_writes_tables_and_its_fresh_check_is_reproducible(tmp_path,
 def test_bench_rejects_a_negative_fresh_count(tmp_path):
     with pytest.raises(ValueError, match="--fresh"):
         run(_args("--quick", "--fresh", "-1", "--out", str(tmp_path)))
+
+
+def test_bespoke_variant_starts_from_the_best_candidate_on_calibration_noise(tmp_path):
+    # _bespoke_fit picks, among this NFE's teleport rows with a linear sampler, the one with the
+    # lowest error on the calibration noise (recomputed here), fits it, and caches the solver.
+    from scorekit.bench.samplers import _bespoke_fit, _fresh_check
+    from scorekit.samplers import BespokeSolver
+    from scorekit.samplers.accelerators import GaussianFlow, with_teleport
+
+    gm = target("ring8")
+    flow = GaussianFlow.from_mixture(gm)
+    smax = DiscreteProcess.linear().sigma_max
+    good = [smax, 8.0, 1.5, 0.3, 0.05, 0.0]
+    bad = [smax, 40.0, 30.0, 20.0, 10.0, 0.0]
+    rows = [
+        {"target_nfe": 4, "schedule": "teleport+optimized", "sampler": "dpmpp_2m", "sigmas": bad},
+        {"target_nfe": 4, "schedule": "teleport+optimized", "sampler": "ipndm", "sigmas": good},
+        {"target_nfe": 4, "schedule": "karras", "sampler": "euler", "sigmas": good},
+        {"target_nfe": 4, "schedule": "teleport+optimized", "sampler": "heun", "sigmas": good},
+    ]
+    args = _args("--out", str(tmp_path), "--bespoke-rows", "128", "--bespoke-iterations", "20")
+    label, solver = _bespoke_fit(gm, "ring8", 4, rows, flow, smax, args, lambda m: None)
+    assert label == "ipndm" and solver.nfe == 4 and solver.teleport
+    # the same calibration noise as the bench: seed + 1
+    g = torch.Generator().manual_seed(1)
+    x_c = smax * torch.randn(128, 2, generator=g, dtype=torch.float64)
+    ref_c = pf_ode_reference(gm, x_c, smax, 0.0, rtol=1e-10, atol=1e-10)
+    start = with_teleport("ipndm", flow)(gm, x_c.clone(), torch.tensor(good, dtype=torch.float64))
+    base_rms = float((start - ref_c).square().mean().sqrt())
+    assert math.isclose(solver.calibration_rms[0], base_rms, rel_tol=1e-9)
+    fitted = solver(gm, x_c.clone(), gaussian=flow)
+    assert math.isclose(
+        solver.calibration_rms[1], float((fitted - ref_c).square().mean().sqrt()), rel_tol=1e-6
+    )
+    assert solver.calibration_rms[1] <= base_rms
+    again = _bespoke_fit(gm, "ring8", 4, rows, flow, smax, args, lambda m: None)[1]
+    assert torch.equal(again.coefficients, solver.coefficients)  # from the cache
+    cached = json.loads((tmp_path / "bespoke_solvers.json").read_text())
+    assert len(cached) == 1
+
+    # the fresh check re-runs a bespoke winner from its stored coefficients
+    best = {"config": "ipndm/teleport+bespoke", "sampler": "ipndm", "schedule": "teleport+bespoke",
+            "sigmas": [smax, *solver.sigmas.tolist()], "bespoke": solver.to_dict()}  # fmt: skip
+    summary = {4: {"scorekit": best}}
+    fresh_args = _args("--quick", "--fresh", "1", "--fresh-rows", "32", "--out", str(tmp_path))
+    _, (frow,) = _fresh_check(gm, summary, smax, fresh_args, lambda m: None)
+    g = torch.Generator().manual_seed(101)
+    x_f = smax * torch.randn(32, 2, generator=g, dtype=torch.float64)
+    ref_f = pf_ode_reference(gm, x_f, smax, 0.0)
+    want = float((BespokeSolver.from_dict(best["bespoke"])(gm, x_f, gaussian=flow) - ref_f)
+                 .square().mean().sqrt())  # fmt: skip
+    assert math.isclose(frow["scorekit_error"], want, rel_tol=1e-6)

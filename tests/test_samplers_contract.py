@@ -28,6 +28,7 @@ CONTRACT: dict[str, dict] = {
     "unipc": {"order": 3, "variant": "bh1"},
     "deis": {"order": 3},
     "ipndm": {"order": 4},
+    "bespoke": {"base": "dpmpp_2m"},
     "euler_ancestral": {"eta": 1.0},
     "euler_maruyama": {},
     "dpmpp_2m_sde": {"eta": 1.0},

@@ -41,7 +41,7 @@ def test_every_stochastic_sampler_is_checked():
     stochastic = set(LEVELS)
     assert stochastic <= set(REGISTRY)
     ode = {"euler", "heun", "dpm_solver_2", "dpm_solver_3", "dpmpp_2s", "dpmpp_2m", "dpmpp_3m"}
-    ode |= {"unipc", "deis", "ipndm", "adaptive_ode"}
+    ode |= {"unipc", "deis", "ipndm", "bespoke", "adaptive_ode"}
     assert stochastic | ode == set(REGISTRY)
 
 

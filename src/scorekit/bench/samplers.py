@@ -476,7 +476,85 @@ def _scorekit_side(gm, tname, x_t, ref, sigma_max, sigma_min, nfes, args, log) -
                     f"  scorekit {label}/{vlabel} NFE {row['nfe']} err {row['error']:.4g} "
                     f"({row['optimize_s']:.0f}s)"
                 )
+        if not args.no_teleport and not args.no_bespoke and target_nfe in args.bespoke_nfe:
+            t0 = time.perf_counter()
+            fitted = _bespoke_fit(gm, tname, target_nfe, rows, flow, sigma_max, args, log)
+            if fitted is not None:
+                label, solver = fitted
+                row = record(
+                    label, "teleport+bespoke", target_nfe,
+                    lambda den, x, _sig, solver=solver, flow=flow, **_: solver(den, x, gaussian=flow),
+                    torch.cat([torch.tensor([sigma_max], dtype=torch.float64), solver.sigmas]), {},
+                )  # fmt: skip
+                row["bespoke"] = solver.to_dict()
+                row["optimize_s"] = time.perf_counter() - t0
+                log(
+                    f"  scorekit {label}/teleport+bespoke NFE {row['nfe']} err {row['error']:.4g} "
+                    f"({row['optimize_s']:.0f}s)"
+                )
     return rows
+
+
+def _bespoke_fit(gm, tname, target_nfe, rows, flow, sigma_max, args, log):
+    """teleport+bespoke: ``samplers.fit_bespoke`` from the best teleport config at this NFE.
+
+    The candidates are this NFE's teleport rows (teleport+optimized / teleport+selected) whose
+    sampler is a linear one-call-per-step solver; the start is the one with the lowest error on the
+    calibration noise (seed + 1, ``--bespoke-rows`` rows, never the evaluation noise), whose
+    coefficients and sigmas are then fitted there. Cached in ``<out>/bespoke_solvers.json``.
+    Returns ``(sampler label, BespokeSolver)`` or ``None`` without candidates.
+    """
+    from scorekit.samplers import BespokeSolver, fit_bespoke
+    from scorekit.samplers.accelerators import with_teleport
+    from scorekit.samplers.bespoke import LINEAR
+    from scorekit.schedules import pf_ode_reference
+
+    options = {label: (name, opts) for label, name, opts in SCOREKIT_SAMPLERS}
+    cands, seen = [], set()
+    for r in rows:
+        name, opts = options[r["sampler"]]
+        key = (r["sampler"], tuple(round(v, 12) for v in r["sigmas"]))
+        if (
+            r["target_nfe"] == target_nfe
+            and r["schedule"].startswith("teleport")
+            and name in LINEAR
+            and key not in seen
+        ):
+            seen.add(key)
+            cands.append((r["sampler"], r["sigmas"]))
+    if not cands:
+        return None
+    n_rows = args.bespoke_rows or {"gmm64": 4096}.get(tname, 1024)
+    cache = Path(args.out) / "bespoke_solvers.json"
+    ckey = json.dumps([tname, target_nfe, n_rows, args.bespoke_iterations, args.seed + 1, cands])
+    stored = json.loads(cache.read_text()) if cache.exists() else {}
+    if ckey in stored:
+        hit = stored[ckey]
+        return hit["label"], BespokeSolver.from_dict(hit["solver"])
+    g = torch.Generator().manual_seed(args.seed + 1)
+    x_c = sigma_max * torch.randn(n_rows, gm.dim, generator=g, dtype=torch.float64)
+    ref_c = pf_ode_reference(gm, x_c, sigma_max, 0.0, rtol=args.rtol, atol=args.rtol)
+    scored = []
+    for label, sig in cands:
+        name, opts = options[label]
+        out = with_teleport(name, flow)(
+            gm, x_c.clone(), torch.tensor(sig, dtype=torch.float64), **opts
+        )
+        scored.append((float((out - ref_c).square().mean()), label, sig))
+    _, label, sig = min(scored, key=lambda c: c[0])
+    name, opts = options[label]
+    solver = fit_bespoke(
+        gm, sig[1:], calibration=(x_c, ref_c), base=name, base_options=opts, gaussian=flow,
+        sigma_max=sig[0], iterations=args.bespoke_iterations,
+    )  # fmt: skip
+    log(
+        f"  bespoke {tname} NFE {target_nfe}: start {label} {[round(v, 3) for v in sig]}; "
+        f"calibration RMS {solver.calibration_rms[0]:.4g} -> {solver.calibration_rms[1]:.4g}"
+    )
+    stored = json.loads(cache.read_text()) if cache.exists() else {}
+    stored[ckey] = {"label": label, "solver": solver.to_dict()}
+    _write_atomic(cache, json.dumps(stored, indent=1))
+    return label, solver
 
 
 def _overhead(steps: int, repeats: int) -> list[dict]:
@@ -539,7 +617,7 @@ def _fresh_check(gm, summary: dict, sigma_max: float, args, log) -> tuple[str, l
     against the best of *every* diffusers config on that set (chosen after the fact, in diffusers'
     favour). The last line per NFE pools the squared errors over all fresh sets.
     """
-    from scorekit.samplers import REGISTRY
+    from scorekit.samplers import REGISTRY, BespokeSolver
     from scorekit.samplers.accelerators import GaussianFlow, with_teleport
     from scorekit.schedules import pf_ode_reference
 
@@ -559,10 +637,14 @@ def _fresh_check(gm, summary: dict, sigma_max: float, args, log) -> tuple[str, l
         for t, v in sorted(summary.items()):
             best = v["scorekit"]
             name, opts = options[best["sampler"]]
-            fn = REGISTRY[name]
-            if best["schedule"].startswith("teleport"):
-                fn = with_teleport(name, flow)
-            out = fn(gm, x_t.clone(), torch.tensor(best["sigmas"], dtype=torch.float64), **opts)
+            if "bespoke" in best:
+                out = BespokeSolver.from_dict(best["bespoke"])(gm, x_t.clone(), gaussian=flow)
+            else:
+                fn = REGISTRY[name]
+                if best["schedule"].startswith("teleport"):
+                    fn = with_teleport(name, flow)
+                sig = torch.tensor(best["sigmas"], dtype=torch.float64)
+                out = fn(gm, x_t.clone(), sig, **opts)
             err = rms_error(out, ref)
             diag = _diagnostics(gm, out, ref, ref_comp)
             d_t = [r for r in d_rows if r["target_nfe"] == t and r["error"] == r["error"]]
@@ -619,6 +701,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="re-check the best configs on this many fresh noise sets (seeds seed+101, ...)",
     )
     parser.add_argument("--fresh-rows", type=int, default=2000, help="rows per fresh noise set")
+    parser.add_argument("--no-bespoke", action="store_true", help="skip teleport+bespoke")
+    parser.add_argument(
+        "--bespoke-nfe", nargs="+", type=int, default=None,
+        help="NFEs with a teleport+bespoke fit (default: every --nfe)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--bespoke-rows", type=int, default=None,
+        help="calibration rows of the bespoke fit (default: 4096 on gmm64, 1024 otherwise)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--bespoke-iterations", type=int, default=400, help="Adam steps of the bespoke fit"
+    )
 
 
 def _table(rows: list[dict], tname: str, nfes: list[int]) -> tuple[str, dict]:
@@ -740,6 +834,8 @@ def run(args: argparse.Namespace) -> int:
         args.iterations = min(args.iterations, 4)
         args.no_teleport = True
     nfes = sorted(args.nfe)
+    if args.bespoke_nfe is None:
+        args.bespoke_nfe = nfes
     if args.fresh < 0 or args.fresh_rows < 1:
         raise ValueError(
             f"--fresh must be >= 0 and --fresh-rows >= 1; got {args.fresh}, {args.fresh_rows}"

@@ -23,6 +23,7 @@ dpmpp_3m          N               third-order steps, multistep
 unipc             N               predictor-corrector; ``order`` 1-3, ``variant`` bh1/bh2
 deis              N               Adams in sigma / log sigma; ``order`` 1-3
 ipndm             N               equal-step Adams-Bashforth up to order 4; strong at <10 NFE
+bespoke           N               explicit linear-solver coefficients, fitted by ``fit_bespoke``
 euler_ancestral   N               DDPM ancestral (``eta``)
 euler_maruyama    N               reverse SDE, first order; needs many steps
 dpmpp_2m_sde      N               SDE family with ``eta``; ``eta=0`` is dpmpp_2m
@@ -45,6 +46,7 @@ from torch import Tensor
 
 from scorekit.samplers._common import check_sigmas, row_generators
 from scorekit.samplers.adaptive import adaptive_ode, adaptive_sde
+from scorekit.samplers.bespoke import BespokeSolver, bespoke, fit_bespoke, linear_coefficients
 from scorekit.samplers.ode import (
     deis,
     dpm_solver_2,
@@ -70,8 +72,10 @@ from scorekit.samplers.sde import (
 __all__ = [
     "ADAPTIVE",
     "REGISTRY",
+    "BespokeSolver",
     "adaptive_ode",
     "adaptive_sde",
+    "bespoke",
     "deis",
     "dpm_solver_2",
     "dpm_solver_3",
@@ -84,8 +88,10 @@ __all__ = [
     "euler",
     "euler_ancestral",
     "euler_maruyama",
+    "fit_bespoke",
     "heun",
     "ipndm",
+    "linear_coefficients",
     "nfe",
     "pc_langevin",
     "restart",
@@ -105,6 +111,7 @@ REGISTRY: dict[str, Callable] = {
     "unipc": unipc,
     "deis": deis,
     "ipndm": ipndm,
+    "bespoke": bespoke,
     "euler_ancestral": euler_ancestral,
     "euler_maruyama": euler_maruyama,
     "dpmpp_2m_sde": dpmpp_2m_sde,
@@ -129,6 +136,7 @@ _NFE: dict[str, Callable[..., int]] = {
     "unipc": lambda n, o: n,
     "deis": lambda n, o: n,
     "ipndm": lambda n, o: n,
+    "bespoke": lambda n, o: n,
     "euler_ancestral": lambda n, o: n,
     "euler_maruyama": lambda n, o: n,
     "dpmpp_2m_sde": lambda n, o: n,
