@@ -150,3 +150,18 @@ def test_round_trip_and_clear_errors():
         fit_bespoke(gm, sig, shape=(8, 2), sigma_max=50.0)
     with pytest.raises(ValueError, match="strictly decreasing"):
         fit_bespoke(gm, [1.0, 2.0, 0.0], shape=(8, 2))
+
+
+def test_chunked_gradients_give_the_same_fit():
+    gm = target("ring8")
+    kw = dict(shape=(200, 2), base="dpmpp_2m", iterations=5, lr=0.05, seed=3)
+    sig = loglinear(3, 0.05, 20.0)
+    whole = fit_bespoke(gm, sig, batch_size=1000, **kw)
+    chunked = fit_bespoke(gm, sig, batch_size=64, **kw)  # 64 + 64 + 64 + 8 rows
+    assert torch.allclose(whole.coefficients, chunked.coefficients, atol=1e-10)
+    assert torch.allclose(whole.sigmas, chunked.sigmas, rtol=1e-10)
+    assert math.isclose(whole.calibration_rms[1], chunked.calibration_rms[1], rel_tol=1e-9)
+    with pytest.raises(ValueError, match="batch_size"):
+        fit_bespoke(gm, sig, shape=(8, 2), batch_size=0)
+    with pytest.raises(ValueError, match="exactly one of shape"):
+        fit_bespoke(gm, sig)

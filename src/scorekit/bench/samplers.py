@@ -29,7 +29,10 @@ calibrates on its own noise (seed + 1, 256 rows for ring8, 512 for gmm64), never
 noise; schedules are cached in ``<out>/optimized_schedules.json``. On gmm64 a third variant,
 teleport+selected, only selects (no polish) on 2048 rows among those teleport starts and those of
 ``_selection_family``: teleport, then ``schedules.two_phase`` (equal log-steps across the band where
-the modes separate, a short karras ramp below it) or karras (see ``run``).
+the modes separate, a short karras ramp below it) or karras (see ``run``). Last, teleport+bespoke:
+``samplers.fit_bespoke`` fits the coefficients and sigmas of a linear solver, starting from the
+teleport config with the lowest error on its own calibration noise (seed + 1, 4096 rows on gmm64,
+1024 on ring8; ``--bespoke-*`` options); solvers are cached in ``<out>/bespoke_solvers.json``.
 
 Diagnostics. "flips": samples whose nearest mixture component differs from the reference's; on
 gmm64 a handful of samples lying on a component boundary dominate the RMS (one flip of 500 costs

@@ -264,6 +264,7 @@ def fit_bespoke(
     seed: int = 0,
     iterations: int = 400,
     lr: float = 0.01,
+    batch_size: int = 1024,
     reference_rtol: float = 1e-9,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
@@ -297,6 +298,8 @@ def fit_bespoke(
         gaussian: a ``accelerators.GaussianFlow`` of the data, for the teleport start, or ``None``.
         sigma_max: the start noise level; defaults to ``sigmas[0]`` (required with ``gaussian``).
         iterations, lr: Adam steps and learning rate.
+        batch_size: rows per forward and backward pass; the gradients of all chunks are summed, so
+            every step uses the whole calibration batch (this bounds memory, not the result).
         reference_rtol: ``rtol = atol`` of the reference solve.
 
     Returns:
@@ -342,6 +345,8 @@ def fit_bespoke(
         raise ValueError(f"iterations must be an integer >= 0; got {iterations!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0; got {lr}")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
 
     device = torch.device(device if device is not None else "cpu")
     if shape is not None:
@@ -371,19 +376,31 @@ def fit_bespoke(
             r = torch.cat([r.new_ones(1), r[1:]])
         return a0 + d, sigma_max * torch.cumprod(r, 0)
 
-    def loss_of(a: Tensor, taus: Tensor) -> Tensor:
-        x0 = gaussian(x_t, sigma_max, taus[0]) if free_first else x_t
-        return (_run(denoiser, x0, a, taus) - ref).square().mean()
+    total = ref.numel()
+
+    def loss_of(lo: int, hi: int) -> Tensor:
+        """Rows ``lo:hi``'s share of the mean squared error (graph built per chunk)."""
+        a, taus = current()
+        x0 = gaussian(x_t[lo:hi], sigma_max, taus[0]) if free_first else x_t[lo:hi]
+        return (_run(denoiser, x0, a, taus) - ref[lo:hi]).square().sum() / total
 
     params = [delta, v]
     opt = torch.optim.Adam(params, lr=lr)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iterations, 1), eta_min=lr / 10)
     best: tuple[float, Tensor, Tensor] | None = None
     first = math.nan
+    rows = x_t.shape[0]
     for it in steps(iterations + 1, progress):
-        a, taus = current()
-        loss = loss_of(a, taus)
-        value = float(loss.detach())
+        opt.zero_grad()
+        value = 0.0
+        for lo in range(0, rows, batch_size):  # gradient accumulated over chunks: the full batch
+            with torch.set_grad_enabled(it < iterations):
+                part = loss_of(lo, min(rows, lo + batch_size))
+                if it < iterations:
+                    part.backward()
+            value += float(part.detach())
+        with torch.no_grad():
+            a, taus = current()
         if it == 0:
             first = value
             if not math.isfinite(value):
@@ -394,8 +411,6 @@ def fit_bespoke(
             best = (value, a.detach().clone(), taus.detach().clone())
         if it == iterations:
             break
-        opt.zero_grad()
-        loss.backward()
         opt.step()
         decay.step()
     assert best is not None
