@@ -139,7 +139,8 @@ def bespoke(
     ``coefficients`` is the ``[N + 1, N + 1]`` lower-triangular matrix ``A`` of the module docstring,
     usually from ``fit_bespoke`` (``BespokeSolver.coefficients``, with its own ``sigmas``). Left
     ``None``, it is ``linear_coefficients(base, sigmas)``: the sampler is then ``base`` itself,
-    written as a linear solver. ``NFE = N``. Keeps the ``N`` denoiser outputs.
+    written as a linear solver (with the base's default options). ``NFE = N``. Keeps the ``N``
+    denoiser outputs and recombines them at every step: ``N (N + 1) / 2`` tensor additions in all.
 
     References:
         Shaul et al., "Bespoke Non-Stationary Solvers for Fast Sampling of Diffusion and Flow
