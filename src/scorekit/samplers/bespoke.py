@@ -159,11 +159,16 @@ def bespoke(
         d = model(x, s[k])
         emit(callback, k, s[k], x, d)
         outs.append(d)
-        row = w[k + 1]
-        x = x0 * row[0]
-        for j, dj in enumerate(outs):
-            x = x.add(dj, alpha=row[j + 1])
+        x = _state(x0, w[k + 1], outs)
     return finish(x)
+
+
+def _state(x0: Tensor, row, outs: list[Tensor]) -> Tensor:
+    """``row[0] x_0 + sum_j row[j + 1] D_j``: host floats in sampling, tensors (autograd) in fitting."""
+    x = x0 * row[0]
+    for j, dj in enumerate(outs):
+        x = x + row[j + 1] * dj
+    return x
 
 
 @dataclass(frozen=True)
@@ -246,9 +251,7 @@ def _run(denoiser: Callable, x0: Tensor, a: Tensor, taus: Tensor) -> Tensor:
     outs, x = [], x0
     for k in range(len(taus)):
         outs.append(denoiser(x, taus[k].expand(x.shape[0])))
-        x = a[k + 1, 0] * x0
-        for j, dj in enumerate(outs):
-            x = x + a[k + 1, j + 1] * dj
+        x = _state(x0, a[k + 1], outs)
     return x
 
 
@@ -361,13 +364,12 @@ def fit_bespoke(
 
     pos = torch.tensor(s[:-1], dtype=torch.float64)
     ratios = torch.cat([pos[:1] / sigma_max, pos[1:] / pos[:-1]]).clamp(1e-12, 1 - 1e-12)
-    v = torch.logit(ratios).to(device, dtype)
+    v = torch.logit(ratios).to(device, dtype).requires_grad_(True)
     free_first = gaussian is not None
     mask = torch.tril(torch.ones(n + 1, n + 1, dtype=dtype, device=device))
     mask[0] = 0
     a0 = a_base.to(device, dtype)
     delta = torch.zeros_like(a0, requires_grad=True)
-    v = v.clone().requires_grad_(True)
 
     def current() -> tuple[Tensor, Tensor]:
         d = delta * mask
@@ -385,8 +387,7 @@ def fit_bespoke(
         x0 = gaussian(x_t[lo:hi], sigma_max, taus[0]) if free_first else x_t[lo:hi]
         return (_run(denoiser, x0, a, taus) - ref[lo:hi]).square().sum() / total
 
-    params = [delta, v]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam([delta, v], lr=lr)
     decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iterations, 1), eta_min=lr / 10)
     best: tuple[float, Tensor, Tensor] | None = None
     first = math.nan
