@@ -225,7 +225,7 @@ def test_adaptive_nfe_is_not_known_in_advance():
 
 
 def test_per_row_generators_must_match_the_batch():
-    from scorekit.samplers._common import randn_like
+    from scorekit.samplers.common import randn_like
 
     x = torch.zeros(3, 2)
     with pytest.raises(ValueError, match="generator"):

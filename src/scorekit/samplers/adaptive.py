@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from scorekit._util import append_dims, check_finite
-from scorekit.samplers._common import GeneratorLike, emit, finish, prepare, randn_like
+from scorekit.samplers.common import GeneratorLike, emit, finish, prepare, randn_like
 
 __all__ = ["adaptive_ode", "adaptive_sde"]
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from scorekit.samplers._common import GeneratorLike, check_sigmas, emit, finish, prepare, steps
+from scorekit.samplers.common import GeneratorLike, check_sigmas, emit, finish, prepare, steps
 
 __all__ = ["LINEAR", "BespokeSolver", "bespoke", "fit_bespoke", "linear_coefficients"]
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit.samplers._common import (
+from scorekit.samplers.common import (
     GeneratorLike,
     emit,
     finish,

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from scorekit._util import append_dims
-from scorekit.samplers._common import (
+from scorekit.samplers.common import (
     GeneratorLike,
     emit,
     finish,

@@ -1,5 +1,6 @@
-"""Plumbing shared by every sampler: sigma validation, the checked denoiser call, callbacks, progress,
-per-row noise, and the host-side coefficient maths (phi functions, Lagrange weights).
+"""Sampler plumbing, public for anyone writing a sampler, guidance rule or posterior solver: sigma
+validation, the checked denoiser call, callbacks, progress, per-row noise, and the host-side
+coefficient maths (phi functions, Lagrange weights).
 
 Everything here runs once per sampler call or works on Python floats, so the sampling loops stay free
 of host-device synchronisation: ``sigmas`` is read to the host once, per-step scalars are Python
