@@ -1,17 +1,38 @@
-"""Small helpers shared by every layer: broadcasting, sigma validation, the ODE drift.
+"""Small helpers shared by every layer: broadcasting, sigma validation, the ODE drift, number
+validation, name lookup in a registry, seed mixing and atomic file writes.
 
 Everything here works in the sigma frame of DESIGN.md: ``x = x0 + sigma * noise``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["append_dims", "as_sigma", "check_finite", "to_d"]
+__all__ = [
+    "append_dims",
+    "as_sigma",
+    "atomic_write",
+    "atomic_write_json",
+    "check_finite",
+    "check_int",
+    "check_number",
+    "lookup",
+    "mix_seed",
+    "to_d",
+]
+
+V = TypeVar("V")
 
 
 def append_dims(v: Tensor, ndim: int) -> Tensor:
@@ -73,3 +94,113 @@ def check_finite(t: Tensor, what: str) -> Tensor:
 
 
 LOG_2PI = math.log(2 * math.pi)
+
+
+# -- validation of user-given numbers and names ---------------------------------------------------
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_ok: bool = True,
+    high_ok: bool = True,
+    finite: bool = True,
+    what: str = "",
+) -> float:
+    """``value`` as a finite float in the interval ``low .. high``, or a one-line error.
+
+    ``low_ok`` / ``high_ok`` say whether the ends are allowed; ``finite=False`` admits ``+-inf``
+    when the interval does. ``what`` is a short explanation put
+    after the name (e.g. ``" (the intermediate point as a fraction of the step)"``).
+    Raises TypeError for a non-number (``bool`` included), ValueError for NaN, inf or out of range.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}{what} must be a number; got {type(value).__name__} {value!r}")
+    v = float(value)
+    inside = (v >= low if low_ok else v > low) and (v <= high if high_ok else v < high)
+    if math.isnan(v) or not inside or (finite and math.isinf(v)):
+        if high == math.inf:
+            allowed = f"a {'finite ' if finite else ''}number {'>=' if low_ok else '>'} {low:g}"
+        elif low == -math.inf:
+            allowed = f"a {'finite ' if finite else ''}number {'<=' if high_ok else '<'} {high:g}"
+        else:
+            allowed = f"in {'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+        raise ValueError(f"{name}{what} must be {allowed}; got {value!r}")
+    return v
+
+
+def check_int(name: str, value: Any, *, least: int = 1, most: int | None = None) -> int:
+    """``value`` as an int with ``least <= value <= most`` (``bool`` is refused), or a one-line error."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or value < least or (most is not None and value > most):
+        allowed = f"an integer >= {least}" if most is None else f"an integer in [{least}, {most}]"
+        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+    return int(value)
+
+
+def lookup(table: Mapping[str, V], name: Any, what: str) -> V:
+    """``table[name]``, or a one-line ValueError naming ``what`` was asked for and what is allowed."""
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(f"unknown {what} {name!r}; allowed: {sorted(table)}")
+    return table[name]
+
+
+# -- seeds ----------------------------------------------------------------------------------------
+
+
+def mix_seed(*ints: int) -> int:
+    """A 63-bit seed from integers by numpy's ``SeedSequence`` hashing: nearby inputs give unrelated
+    streams, and ``mix_seed(seed, i)`` is the seed of sample ``i`` in ``scorekit.sample``."""
+    words = [int(v) & 0xFFFFFFFFFFFFFFFF for v in ints]
+    a, b = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+    return ((int(a) << 32) | int(b)) & (2**63 - 1)
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` holds either its old content or all of ``data``.
+
+    A temporary file in the same folder is written, flushed to disk and renamed over ``path``; the
+    folder entry is synced too. The file gets the permissions of an ordinary new file under the
+    user's umask (``mkstemp`` alone would leave it 0600).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """``atomic_write`` of ``obj`` as indented, key-sorted JSON with a final newline."""
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -47,6 +47,21 @@ def _flatten(x: Tensor, d: int, what: str = "x") -> Tensor:
     return x.reshape(x.shape[0], d)
 
 
+def _check_measurement(A, y, sigma_y, d: int, like: Tensor) -> tuple[Tensor, Tensor, float]:
+    """Validate ``A`` ``[m, d]``, ``y`` ``[m]`` and ``sigma_y > 0`` for ``GaussianMixture.posterior``."""
+    A = torch.as_tensor(A, dtype=like.dtype, device=like.device)
+    if A.ndim != 2 or A.shape[1] != d:
+        raise ValueError(f"A must have shape [m, d] with d = {d}; got {tuple(A.shape)}")
+    y = torch.as_tensor(y, dtype=like.dtype, device=like.device)
+    if y.shape != (A.shape[0],):
+        raise ValueError(f"y must have shape [m] = [{A.shape[0]}] to match A; got {tuple(y.shape)}")
+    if not (torch.isfinite(A).all() and torch.isfinite(y).all()):
+        raise ValueError("A and y must be finite; got NaN or inf")
+    if isinstance(sigma_y, bool) or not isinstance(sigma_y, (int, float)) or not math.isfinite(sigma_y) or sigma_y <= 0:
+        raise ValueError(f"sigma_y must be a finite number > 0; got {sigma_y!r}")
+    return A, y, float(sigma_y) ** 2
+
+
 class GaussianMixture:
     """A Gaussian mixture ``sum_k w_k N(m_k, C_k)`` with exact denoiser, score, samples and log-density.
 
@@ -174,6 +189,48 @@ class GaussianMixture:
         )
         m = self.mean
         return second - torch.outer(m, m)
+
+    def posterior(self, A: Tensor, y: Tensor, sigma_y: float) -> GaussianMixture:
+        """The exact posterior ``p(x0 | y)`` for ``y = A x0 + sigma_y n``, ``n ~ N(0, I_m)``: a mixture.
+
+        Component ``k`` is conditioned in closed form (the Kalman update, in Joseph form so the
+        covariance stays symmetric positive definite), and its weight is multiplied by its evidence:
+
+            S_k  = A C_k A^T + sigma_y^2 I          K_k = C_k A^T S_k^{-1}
+            m_k' = m_k + K_k (y - A m_k)            C_k' = (I - K_k A) C_k (I - K_k A)^T + sigma_y^2 K_k K_k^T
+            w_k' = softmax_k( log w_k + log N(y; A m_k, S_k) )            (log-sum-exp)
+
+        Args:
+            A: ``[m, d]`` measurement matrix (rows act on the flattened ``d`` coordinates).
+            y: ``[m]`` one measurement.
+            sigma_y: measurement noise standard deviation, finite and ``> 0``.
+
+        Returns:
+            A ``GaussianMixture`` with full covariances, in this mixture's dtype.
+
+        References:
+            Bishop, "Pattern Recognition and Machine Learning", 2006, eqs. 2.113-2.117 (linear-Gaussian
+            conditioning). Kalman, "A New Approach to Linear Filtering and Prediction Problems", 1960.
+        """
+        A, y, s2 = _check_measurement(A, y, sigma_y, self.dim, self.means)
+        c = self.covs if self.full else torch.diag_embed(self.covs)  # [K, d, d]
+        eye_m = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        s = A @ c @ A.T + s2 * eye_m  # [K, m, m]
+        chol = torch.linalg.cholesky(s)
+        resid = y[None] - self.means @ A.T  # [K, m]
+        white = torch.linalg.solve_triangular(chol, resid[:, :, None], upper=False)[..., 0]
+        log_ev = -0.5 * (
+            white.square().sum(-1)
+            + 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+            + A.shape[0] * LOG_2PI
+        )
+        gain = torch.cholesky_solve(A @ c, chol).mT  # C A^T S^{-1} = (S^{-1} A C)^T, [K, d, m]
+        means = self.means + (gain @ resid[:, :, None])[..., 0]
+        ika = torch.eye(self.dim, dtype=A.dtype, device=A.device) - gain @ A
+        covs = ika @ c @ ika.mT + s2 * gain @ gain.mT
+        covs = 0.5 * (covs + covs.mT)
+        weights = torch.softmax(self.log_weights + log_ev, dim=0)
+        return GaussianMixture(means, covs, weights)
 
     def to(self, dtype: torch.dtype | None = None, device=None) -> GaussianMixture:
         """A copy in another dtype or on another device."""

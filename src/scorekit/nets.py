@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scorekit._util import append_dims
+from scorekit._util import append_dims, check_int, check_number
 
 if TYPE_CHECKING:
     from scorekit.data import Dataset
@@ -151,18 +151,6 @@ def _conditioning(
     return F.silu(emb)
 
 
-def _check_options(**kwargs: Any) -> None:
-    for name, value in kwargs.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_dropout(dropout: float) -> float:
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    return float(dropout)
-
-
 # --------------------------------------------------------------------------------------------------
 # MLP for vectors.
 
@@ -214,15 +202,15 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        _check_options(dim=dim, hidden=hidden, depth=depth, emb_dim=emb_dim)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        for name, v in {"dim": dim, "hidden": hidden, "depth": depth, "emb_dim": emb_dim}.items():
+            check_int(name, v)
+        check_int("num_classes", num_classes, least=0)
         self.dim, self.num_classes = dim, num_classes
         self.noise_emb = _NoiseEmbedding(emb_dim, emb_dim)
         self.class_emb = _ClassEmbedding(num_classes, emb_dim) if num_classes else None
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
-            _MLPBlock(hidden, emb_dim, _check_dropout(dropout)) for _ in range(depth)
+            _MLPBlock(hidden, emb_dim, check_number("dropout", dropout, low=0, high=1, high_ok=False)) for _ in range(depth)
         )
         self.out_norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, dim)
@@ -360,19 +348,16 @@ class UNet(nn.Module):
     ):
         super().__init__()
         emb_dim = 4 * base_channels if emb_dim is None else emb_dim
-        _check_options(
-            in_channels=in_channels,
-            base_channels=base_channels,
-            num_res_blocks=num_res_blocks,
-            emb_dim=emb_dim,
-        )
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        sizes = {"in_channels": in_channels, "base_channels": base_channels,
+                 "num_res_blocks": num_res_blocks, "emb_dim": emb_dim}  # fmt: skip
+        for name, v in sizes.items():
+            check_int(name, v)
+        check_int("num_classes", num_classes, least=0)
         channel_mults = tuple(channel_mults)
         if not channel_mults:
             raise ValueError("channel_mults must have at least one entry")
         for m in channel_mults:
-            _check_options(channel_mults=m)
+            check_int("channel_mults", m)
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
             raise ValueError(
@@ -392,7 +377,7 @@ class UNet(nn.Module):
                 f"attn_resolutions {unused} match no level; the levels' heights are {levels} "
                 f"for image_size {size[0]}x{size[1]} and channel_mults={channel_mults}"
             )
-        dropout = _check_dropout(dropout)
+        dropout = check_number("dropout", dropout, low=0, high=1, high_ok=False)
         self.in_channels, self.image_size, self.num_classes = in_channels, size, num_classes
 
         self.noise_emb = _NoiseEmbedding(2 * ((base_channels + 1) // 2), emb_dim)

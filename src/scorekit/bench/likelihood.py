@@ -32,14 +32,13 @@ per example is measured in the same process and is the comparable figure.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from scorekit._util import atomic_write_json
 
 __all__ = ["add_arguments", "run"]
 
@@ -240,10 +239,7 @@ def _baselines(train, test, norm, d, log_det, g) -> dict:
 
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{statistics.median(o['scorekit_cpu_steps_s']):.1f}, ratio {o['ratio_of_medians_cpu']:.3f}")  # fmt: skip
     report["load_after"] = _load()
     print(f"load average before {report['load_before']}, after {report['load_after']}")
-    from scorekit.train.checkpoint import atomic_write_json
+    from scorekit._util import atomic_write_json
 
     atomic_write_json(out / "bench_train.json", report)
     print(f"results: {out / 'bench_train.json'}")

@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from scorekit._util import atomic_write, atomic_write_json
     from scorekit.bench.train import digits, ring
-    from scorekit.train.checkpoint import atomic_write, atomic_write_json
 
     t0 = time.perf_counter()
     out = Path(args.out)

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from scorekit._util import atomic_write
 from scorekit.cli import add_run_dir
 
 
@@ -95,16 +95,11 @@ def load_levels(data: str, info: dict, *, split: str = "all", holdout: float | N
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write(path, buf.getvalue().encode())
 
 
 def run(args: argparse.Namespace) -> int:

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scorekit.train.checkpoint import atomic_write
+    from scorekit._util import atomic_write
     from scorekit.train.distributed import setup, teardown
     from scorekit.train.run import decode, generate, load_run, picture
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from scorekit._util import LOG_2PI
+from scorekit._util import LOG_2PI, check_number
 
 __all__ = [
     "ADAPTIVE_METHODS",
@@ -109,17 +109,6 @@ def prior_log_prob(x: Tensor, sigma_max: float) -> Tensor:
     return -0.5 * (sq / sigma_max**2 + d * (LOG_2PI + 2 * math.log(sigma_max)))
 
 
-def _check_number(name: str, value, *, low: float, high: float = math.inf, low_ok=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number; got {type(value).__name__}")
-    v = float(value)
-    ok = (v >= low if low_ok else v > low) and v < high and math.isfinite(v)
-    if not ok:
-        lo = "[" if low_ok else "("
-        raise ValueError(f"{name} must be in {lo}{low:g}, {high:g}); got {value!r}")
-    return v
-
-
 def _check_inputs(x, sigma_min, sigma_max) -> tuple[float, float]:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape [B, ...]; got {type(x).__name__}")
@@ -133,8 +122,8 @@ def _check_inputs(x, sigma_min, sigma_max) -> tuple[float, float]:
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero().flatten()
         raise ValueError(f"x contains NaN or inf in rows {bad[:10].tolist()}")
-    sigma_min = _check_number("sigma_min", sigma_min, low=0.0)
-    sigma_max = _check_number("sigma_max", sigma_max, low=0.0)
+    sigma_min = check_number("sigma_min", sigma_min, low=0.0, low_ok=False)
+    sigma_max = check_number("sigma_max", sigma_max, low=0.0, low_ok=False)
     if sigma_min >= sigma_max:
         raise ValueError(
             f"need sigma_min < sigma_max; got sigma_min={sigma_min:g}, sigma_max={sigma_max:g}"
@@ -305,8 +294,8 @@ def log_likelihood(
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be an integer >= 1; got {max_steps!r}")
     eps = torch.finfo(x.dtype).eps
-    rtol = _check_number("rtol", rtol, low=10 * eps, high=1.0, low_ok=True)
-    atol = _check_number("atol", atol, low=0.0, high=1.0)
+    rtol = check_number("rtol", rtol, low=10 * eps, high=1.0, high_ok=False)
+    atol = check_number("atol", atol, low=0.0, high=1.0, low_ok=False, high_ok=False)
 
     x = x.detach()
     probes = None

@@ -44,9 +44,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from scorekit.samplers.common import check_sigmas, row_generators
 from scorekit.samplers.adaptive import adaptive_ode, adaptive_sde
 from scorekit.samplers.bespoke import BespokeSolver, bespoke, fit_bespoke, linear_coefficients
+from scorekit.samplers.common import check_sigmas, row_generators
 from scorekit.samplers.ode import (
     deis,
     dpm_solver_2,

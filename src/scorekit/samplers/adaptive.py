@@ -17,16 +17,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit._util import append_dims, check_finite
+from scorekit._util import append_dims, check_finite, check_number
 from scorekit.samplers.common import GeneratorLike, emit, finish, prepare, randn_like
 
 __all__ = ["adaptive_ode", "adaptive_sde"]
 
 
-def _check_tolerances(**values: float) -> None:
-    for k, v in values.items():
-        if not (isinstance(v, (int, float)) and v > 0):
-            raise ValueError(f"{k} must be a number > 0; got {v!r}")
+def _positive(**values: float) -> None:
+    for name, v in values.items():
+        check_number(name, v, low=0, low_ok=False)
 
 
 def adaptive_ode(
@@ -59,7 +58,7 @@ def adaptive_ode(
     """
     from torchdiffeq import odeint
 
-    _check_tolerances(rtol=rtol, atol=atol)
+    _positive(rtol=rtol, atol=atol)
     s, model = prepare(denoiser, x, sigmas)
     batch, calls, last = x.shape[0], 0, x
 
@@ -136,7 +135,7 @@ def adaptive_sde(
         arXiv:2105.14080 (2021), Alg. 1 (defaults from their Sec. 4). Roberts, "Modify the Improved
         Euler scheme to integrate stochastic differential equations", arXiv:1210.0933 (2012).
     """
-    _check_tolerances(rtol=rtol, atol=atol, h_init=h_init, safety=safety, exponent=exponent)
+    _positive(rtol=rtol, atol=atol, h_init=h_init, safety=safety, exponent=exponent)
     s, model = prepare(denoiser, x, sigmas)
     u0, u1 = math.log(s[0]), math.log(s[-2])
     span, batch, it = u0 - u1, x.shape[0], 0

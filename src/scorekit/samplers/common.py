@@ -13,11 +13,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from scorekit._util import check_finite
+from scorekit._util import check_finite, mix_seed
 
 __all__ = [
     "GeneratorLike",
@@ -152,14 +151,8 @@ def randn_like(x: Tensor, generator: GeneratorLike) -> Tensor:
 
 
 def row_generators(seed: int, rows: Iterable[int], device=None) -> list[torch.Generator]:
-    """One generator per row, seeded from ``(seed, row)`` alone (numpy ``SeedSequence`` mixing)."""
-    gens = []
-    for i in rows:
-        a, b = np.random.SeedSequence([seed, i]).generate_state(2, dtype=np.uint32)
-        g = torch.Generator(device=device or "cpu")
-        g.manual_seed(((int(a) << 32) | int(b)) & (2**63 - 1))
-        gens.append(g)
-    return gens
+    """One generator per row, seeded by ``mix_seed(seed, row)`` alone."""
+    return [torch.Generator(device=device or "cpu").manual_seed(mix_seed(seed, i)) for i in rows]
 
 
 # -- host-side coefficient maths ------------------------------------------------------------------

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from scorekit._util import check_number
 from scorekit.samplers.common import (
     GeneratorLike,
     emit,
@@ -184,11 +185,7 @@ def _combine(x: Tensor, scale: float, weights: list[float], terms: list[Tensor])
     return out
 
 
-def _check_fraction(name: str, v: float) -> None:
-    if not (isinstance(v, (int, float)) and 0 < v <= 1):
-        raise ValueError(
-            f"{name} (the intermediate point as a fraction of the step) must be in (0, 1]; got {v!r}"
-        )
+_FRACTION = " (the intermediate point as a fraction of the step)"
 
 
 def dpm_solver_2(
@@ -217,7 +214,7 @@ def dpm_solver_2(
         Lu et al., "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling in Around
         10 Steps", NeurIPS 2022, Alg. 1 (DPM-Solver-2).
     """
-    _check_fraction("r1", r1)
+    check_number("r1", r1, low=0, high=1, low_ok=False, what=_FRACTION)
     s, model = prepare(denoiser, x, sigmas)
     for i in steps(len(s) - 1, progress):
         s0, s1 = s[i], s[i + 1]
@@ -305,7 +302,7 @@ def dpmpp_2s(
         Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
         arXiv:2211.01095 (2022), Alg. 1.
     """
-    _check_fraction("r", r)
+    check_number("r", r, low=0, high=1, low_ok=False, what=_FRACTION)
     s, model = prepare(denoiser, x, sigmas)
     for i in steps(len(s) - 1, progress):
         s0, s1 = s[i], s[i + 1]

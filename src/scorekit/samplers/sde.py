@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit._util import append_dims
+from scorekit._util import append_dims, check_int, check_number
 from scorekit.samplers.common import (
     GeneratorLike,
     emit,
@@ -45,17 +45,6 @@ __all__ = [
     "pc_langevin",
     "restart",
 ]
-
-
-def _check_nonneg(**values: float) -> None:
-    for k, v in values.items():
-        if not (isinstance(v, (int, float)) and v >= 0):
-            raise ValueError(f"{k} must be a number >= 0; got {v!r}")
-
-
-def _check_count(name: str, v: int, least: int) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v < least:
-        raise ValueError(f"{name} must be an integer >= {least}; got {v!r}")
 
 
 def euler_ancestral(
@@ -82,7 +71,7 @@ def euler_ancestral(
         Ho, Jain & Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020, eq. 6-7.
         Song, Meng & Ermon, "Denoising Diffusion Implicit Models", ICLR 2021, eq. 12 and 16 (eta).
     """
-    _check_nonneg(eta=eta)
+    check_number("eta", eta, low=0)
     s, model = prepare(denoiser, x, sigmas)
     for i in steps(len(s) - 1, progress):
         s0, s1 = s[i], s[i + 1]
@@ -135,7 +124,7 @@ def euler_maruyama(
 
 def _dpmpp_sde(denoiser, x, sigmas, generator, callback, progress, eta, order) -> Tensor:
     """Shared body of ``dpmpp_2m_sde`` / ``dpmpp_3m_sde`` (their docstrings give the update)."""
-    _check_nonneg(eta=eta)
+    check_number("eta", eta, low=0)
     s, model = prepare(denoiser, x, sigmas)
     hist: list[tuple[float, Tensor]] = []  # (lambda, D), most recent first
     for i in steps(len(s) - 1, progress):
@@ -248,7 +237,9 @@ def edm_stochastic(
         Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models",
         NeurIPS 2022, Alg. 2.
     """
-    _check_nonneg(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+    for name, v in {"s_churn": s_churn, "s_tmin": s_tmin, "s_noise": s_noise}.items():
+        check_number(name, v, low=0)
+    check_number("s_tmax", s_tmax, low=0, finite=False)
     s, model = prepare(denoiser, x, sigmas)
     n = len(s) - 1
     for i in steps(n, progress):
@@ -295,9 +286,9 @@ def restart(
     """
     from scorekit.schedules import karras
 
-    _check_count("restarts", restarts, 0)
-    _check_count("restart_steps", restart_steps, 1)
-    _check_nonneg(s_noise=s_noise)
+    check_int("restarts", restarts, least=0)
+    check_int("restart_steps", restart_steps, least=1)
+    check_number("s_noise", s_noise, low=0)
     s, model = prepare(denoiser, x, sigmas)
     if not 0 < t_min < t_max <= s[0]:
         raise ValueError(
@@ -357,8 +348,8 @@ def pc_langevin(
         Song et al., "Score-Based Generative Modeling through Stochastic Differential Equations",
         ICLR 2021, Alg. 2 (VE PC sampling) and Alg. 4 (corrector step size from the snr).
     """
-    _check_nonneg(snr=snr)
-    _check_count("n_corrector", n_corrector, 0)
+    check_number("snr", snr, low=0)
+    check_int("n_corrector", n_corrector, least=0)
     if predictor not in ("reverse_diffusion", "euler_maruyama"):
         raise ValueError(
             f"predictor must be 'reverse_diffusion' or 'euler_maruyama'; got {predictor!r}"

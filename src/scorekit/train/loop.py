@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from scorekit._util import atomic_write, atomic_write_json, mix_seed
 from scorekit.denoiser import EDMPrecond, NetDenoiser, get_parameterization
 from scorekit.process import get_process
 from scorekit.train import checkpoint as ckpt
@@ -41,20 +42,7 @@ from scorekit.train.distributed import setup, shard
 from scorekit.train.ema import EMA, ema_beta
 from scorekit.train.loss import WEIGHTINGS, default_weighting, denoising_loss, drop_labels
 
-__all__ = ["DataOrder", "TrainConfig", "TrainResult", "build_denoiser", "mix_seed", "train"]
-
-_MASK = (1 << 63) - 1
-
-
-def mix_seed(*ints: int) -> int:
-    """A 63-bit seed from integers (SplitMix64 finaliser), so nearby inputs give unrelated streams."""
-    h = 0x9E3779B97F4A7C15
-    for v in ints:
-        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 29
-    return h & _MASK
-
+__all__ = ["DataOrder", "TrainConfig", "TrainResult", "build_denoiser", "train"]
 
 @dataclass
 class TrainConfig:
@@ -298,7 +286,7 @@ def train(
     log_path = run_dir / "log.jsonl"
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_json(
+        atomic_write_json(
             run_dir / "config.json", {"config": cfg.to_dict(), "net": net_cfg, "data": info}
         )
         _truncate_log(log_path, step)
@@ -444,7 +432,7 @@ def _truncate_log(path: Path, step: int) -> None:
                 keep.append(ln)
         except (json.JSONDecodeError, KeyError):
             break  # a torn last line
-    ckpt.atomic_write(path, "".join(k + "\n" for k in keep).encode())
+    atomic_write(path, "".join(k + "\n" for k in keep).encode())
 
 
 def _plot_losses(log_path: Path, png: Path) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from scorekit.train.checkpoint import atomic_write
+from scorekit._util import atomic_write
 
 __all__ = ["save_figure", "save_grid", "save_loss_curve", "save_panel", "save_scatter"]
 
