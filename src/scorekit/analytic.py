@@ -57,7 +57,8 @@ def _check_measurement(A, y, sigma_y, d: int, like: Tensor) -> tuple[Tensor, Ten
         raise ValueError(f"y must have shape [m] = [{A.shape[0]}] to match A; got {tuple(y.shape)}")
     if not (torch.isfinite(A).all() and torch.isfinite(y).all()):
         raise ValueError("A and y must be finite; got NaN or inf")
-    if isinstance(sigma_y, bool) or not isinstance(sigma_y, (int, float)) or not math.isfinite(sigma_y) or sigma_y <= 0:
+    ok = isinstance(sigma_y, (int, float)) and not isinstance(sigma_y, bool)
+    if not (ok and math.isfinite(sigma_y) and sigma_y > 0):
         raise ValueError(f"sigma_y must be a finite number > 0; got {sigma_y!r}")
     return A, y, float(sigma_y) ** 2
 
