@@ -58,7 +58,9 @@ class ClassMixture:
         c = int(labels.max()) + 1
         missing = sorted(set(range(c)) - set(labels.tolist()))
         if int(labels.min()) < 0 or missing:
-            raise ValueError(f"labels must cover 0..{c - 1} with no gaps; classes {missing} are empty")
+            raise ValueError(
+                f"labels must cover 0..{c - 1} with no gaps; classes {missing} are empty"
+            )
         self.mixture, self.labels, self.num_classes = mixture, labels, c
         self.dim = mixture.dim
         self.classes: list[GaussianMixture] = []

@@ -1,0 +1,63 @@
+"""Guidance: denoisers built from denoisers, and sampler-level rules that steer towards a condition.
+
+Two kinds of rule (DESIGN.md, STYLE 5):
+
+* A rule that only changes the denoiser's output **returns a denoiser** ``D(x [B, ...], sigma [B])``
+  built from denoisers with the condition already bound (``cond``, ``uncond``); it works with every
+  sampler in ``scorekit.samplers.REGISTRY`` unchanged. Rules with state across calls (``apg``'s
+  momentum, ``adaptive_guidance``'s finished rows) keep it in the closure: build a new one for each
+  sampling call.
+* A rule that changes the update itself is a function with the sampler signature
+  ``name(cond, uncond, x, sigmas, *, scale, generator=None, callback=None, progress=False, ...) -> x``.
+
+Cost is counted in **network evaluations** (calls of ``cond``, ``uncond`` or another model), per
+call of the returned denoiser; a sampler making ``n`` denoiser calls costs ``n`` times that.
+``N = len(sigmas) - 1``.
+
+======================  ==========================================  ===============================
+rule                    what                                        network evaluations
+======================  ==========================================  ===============================
+cfg                     ``D_u + w (D_c - D_u)``, rescale, interval  2 per call; 1 outside interval
+autoguidance            cfg with a weaker model of the same cond    2 per call (1 weak)
+dynamic_threshold       clamp the output at a per-row percentile     the wrapped denoiser's
+apg                     parallel/orthogonal split, r, momentum      2 per call
+tcfg                    unconditional eps projected on top SV       2 per call
+adaptive_guidance       drops uncond once cos(eps_c, eps_u) >= t    2 per call, then 1 (counted)
+classifier_guidance     ``D_u + w sigma^2 grad log p(y | x)``       1 + classifier fwd/bwd per call
+cads                    annealed noise on the condition embedding   1 per call
+fk_smc (sampler)        FK-weighted SMC, exact tilted target         2 N
+cfg_pc (sampler)        DDIM(cond) + C Langevin on tilted density   (N - 1)(1 + 2C) + 2
+======================  ==========================================  ===============================
+
+The exact ground truth these are tested against is in ``scorekit.guidance.exact``:
+``ClassMixture`` (exact conditional and unconditional denoisers, the exact noisy classifier and
+exact samples of the tilted target ``p(x|y)^w p(x)^(1-w)``) and ``class_target(name)``.
+"""
+
+from __future__ import annotations
+
+from scorekit.guidance.adaptive import adaptive_guidance
+from scorekit.guidance.cads import cads
+from scorekit.guidance.cfg import autoguidance, cfg, dynamic_threshold
+from scorekit.guidance.classifier import classifier_guidance
+from scorekit.guidance.exact import ClassMixture, class_target
+from scorekit.guidance.pc import cfg_pc
+from scorekit.guidance.projected import apg, tcfg
+from scorekit.guidance.smc import effective_sample_size, fk_smc, systematic_resample
+
+__all__ = [
+    "ClassMixture",
+    "adaptive_guidance",
+    "apg",
+    "autoguidance",
+    "cads",
+    "cfg",
+    "cfg_pc",
+    "class_target",
+    "classifier_guidance",
+    "dynamic_threshold",
+    "effective_sample_size",
+    "fk_smc",
+    "systematic_resample",
+    "tcfg",
+]

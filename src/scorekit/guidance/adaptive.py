@@ -1,0 +1,88 @@
+"""Adaptive guidance: stop calling the unconditional model once it agrees with the conditional one."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from scorekit._util import as_sigma, check_number
+from scorekit.guidance._common import Denoiser, call, check_denoiser, check_scale, rowdot
+
+__all__ = ["adaptive_guidance"]
+
+
+def adaptive_guidance(
+    cond: Denoiser,
+    uncond: Denoiser,
+    scale: float,
+    *,
+    threshold: float = 0.999,
+    stats: dict | None = None,
+) -> Denoiser:
+    """CFG that drops the unconditional pass, per row, once ``cos(eps_c, eps_u) >= threshold``.
+
+    While row ``i`` is active: ``D = D_u + w (D_c - D_u)`` and
+
+        gamma_i = <eps_c, eps_u> / (|eps_c| |eps_u|),   eps = (x - D) / sigma
+
+    (computed as the cosine of ``x - D_c`` and ``x - D_u``, the same thing for ``sigma > 0``). Once
+    ``gamma_i >= threshold`` the row is done: every later call gives it ``D = D_c`` and ``uncond`` is
+    called only on the rows still active (not at all once every row is done). The decision is per
+    row, so sample ``i`` does not depend on the batch.
+
+    State: the set of finished rows lives in this closure; build a new ``adaptive_guidance(...)`` for
+    each sampling call (a batch of another size is a ValueError).
+
+    ``stats`` (a dict, filled in place) reports the network evaluations actually made:
+    ``"cond_calls"``, ``"uncond_calls"``, ``"nfe"`` (their sum: calls of either model),
+    ``"uncond_rows"`` (rows passed to ``uncond`` in total) and ``"rows"`` (rows passed to either).
+
+    Args:
+        cond, uncond: denoisers ``D(x [B, ...], sigma [B]) -> [B, ...]``. scale: ``w >= 0``.
+        threshold: ``gamma_bar`` in ``[-1, 1]``.
+
+    Cost: 2 network evaluations per sampler call while any row is active, then 1.
+
+    References:
+        Castillo et al., "Adaptive Guidance: Training-free Acceleration of Conditional Diffusion
+        Models", AAAI 2025 (arXiv 2312.12487).
+    """
+    check_denoiser("cond", cond)
+    check_denoiser("uncond", uncond)
+    w = check_scale(scale)
+    gamma_bar = check_number("threshold", threshold, low=-1, high=1)
+    counts = stats if stats is not None else {}
+    counts.update(cond_calls=0, uncond_calls=0, nfe=0, uncond_rows=0, rows=0)
+    state: dict[str, Tensor] = {}
+
+    def guided(x: Tensor, sigma: Tensor | float) -> Tensor:
+        sigma = as_sigma(sigma, x)
+        done = state.setdefault("done", torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
+        if done.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"adaptive_guidance: this closure tracks a batch of {done.shape[0]} rows, got "
+                f"{x.shape[0]}; build a new adaptive_guidance(...) per sampling call"
+            )
+        d_c = call("cond", cond, x, sigma)
+        counts["cond_calls"] += 1
+        counts["rows"] += x.shape[0]
+        active = ~done
+        n_active = int(active.sum())  # one host read per call: decides whether uncond runs
+        if n_active == 0:
+            counts["nfe"] = counts["cond_calls"] + counts["uncond_calls"]
+            return d_c
+        xa, dca = x[active], d_c[active]
+        d_u = call("uncond", uncond, xa, sigma[active])
+        counts["uncond_calls"] += 1
+        counts["uncond_rows"] += n_active
+        counts["rows"] += n_active
+        counts["nfe"] = counts["cond_calls"] + counts["uncond_calls"]
+        a, b = xa - dca, xa - d_u
+        tiny = torch.finfo(x.dtype).tiny
+        cos = rowdot(a, b) / (rowdot(a, a) * rowdot(b, b)).sqrt().clamp(min=tiny)
+        out = d_c.clone()
+        out[active] = d_u + w * (dca - d_u)
+        done[active] = cos >= gamma_bar
+        return out
+
+    return guided
