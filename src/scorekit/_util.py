@@ -77,9 +77,14 @@ def as_sigma(sigma: Tensor | float, x: Tensor, *, name: str = "sigma") -> Tensor
     return sigma
 
 
-def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
-    """The probability-flow ODE drift ``dx/dsigma = (x - D(x, sigma)) / sigma``; ``sigma`` is ``[B]``."""
-    return (x - denoised) / append_dims(sigma, x.ndim)
+def to_d(x: Tensor, sigma: Tensor | float, denoised: Tensor) -> Tensor:
+    """The probability-flow ODE drift ``dx/dsigma = (x - D(x, sigma)) / sigma`` (= the noise estimate).
+
+    ``sigma`` is a Python float (the samplers' host-side step values) or a ``[B]`` tensor.
+    """
+    if isinstance(sigma, Tensor):
+        sigma = append_dims(sigma, x.ndim)
+    return (x - denoised) / sigma
 
 
 def check_finite(t: Tensor, what: str) -> Tensor:

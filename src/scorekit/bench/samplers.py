@@ -21,7 +21,7 @@ NFE is the number of denoiser calls actually made (counted).
 scorekit side. Every deterministic ODE sampler x every schedule (karras, loglinear,
 polyexponential rho=2, uniform_t on the DDPM table; all from sigma_max to the table's sigma_min
 0.0100005) at the target NFE (counted), or the largest NFE not above it when a sampler cannot hit it
-(heun, dpm_solver_2/3, dpmpp_2s: 2n-1 or 3n-2 calls). Then ``schedules.optimized`` (free last sigma,
+(heun, dpm_solver_2/3, dpmpp_2s: 2n-1 or 3n-2 calls). Then ``samplers.optimized`` (free last sigma,
 floor 0.002) for the ``--optimize-top`` samplers that did best on the fixed schedules at that NFE,
 without and with the analytic teleport start (``accelerators.with_teleport`` on the target's Gaussian
 approximation; starts: teleport to 10/20/40, then log-linear to 0.03/0.1/0.3). The optimiser
@@ -399,7 +399,8 @@ def _selection_family(n: int) -> list[Tensor]:
 def _scorekit_side(gm, tname, x_t, ref, sigma_max, sigma_min, nfes, args, log) -> list[dict]:
     from scorekit.samplers import REGISTRY
     from scorekit.samplers.accelerators import GaussianFlow, with_teleport
-    from scorekit.schedules import SCHEDULES, optimized
+    from scorekit.samplers import optimized
+    from scorekit.schedules import SCHEDULES
 
     table = DiscreteProcess.linear()
     fixed = {

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from scorekit._util import LOG_2PI, check_number
+from scorekit.pfode import ADAPTIVE_METHODS, ODESolveError, integrate
 
 __all__ = [
     "ADAPTIVE_METHODS",
@@ -53,28 +54,6 @@ __all__ = [
     "log_likelihood",
     "prior_log_prob",
 ]
-
-#: torchdiffeq's adaptive-step methods; fixed-step ones would ignore ``rtol``/``atol``.
-ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-
-
-class ODESolveError(FloatingPointError):
-    """The probability-flow ODE could not be solved for some rows.
-
-    Attributes:
-        failures: dict ``row index -> reason`` (non-finite drift, step-size underflow, too many steps).
-    """
-
-    def __init__(self, failures: dict[int, str]):
-        self.failures = dict(sorted(failures.items()))
-        rows = list(self.failures)
-        shown = "; ".join(f"row {i}: {self.failures[i]}" for i in rows[:10])
-        more = f" (and {len(rows) - 10} more rows)" if len(rows) > 10 else ""
-        super().__init__(
-            f"the probability-flow ODE failed for {len(rows)} row(s): {shown}{more}. "
-            "Check those inputs for extreme values, or loosen rtol/atol, or use float64."
-        )
-
 
 @dataclass
 class LikelihoodInfo:
@@ -167,8 +146,6 @@ def _divergence_hutchinson(out: Tensor, x: Tensor, probes: Tensor) -> Tensor:
 
 def _solve(denoiser, x, rows, *, t0, t1, divergence, probes, rtol, atol, method, max_steps):
     """Solve rows ``rows`` of the batch jointly; returns (x_end, delta [B, K], nfe)."""
-    from torchdiffeq import odeint
-
     d = x[0].numel()
     nfe = 0
 
@@ -195,21 +172,10 @@ def _solve(denoiser, x, rows, *, t0, t1, divergence, probes, rtol, atol, method,
     k = 1 if divergence == "exact" else probes.shape[0]
     state0 = (x[rows], torch.zeros(len(rows), k, dtype=x.dtype, device=x.device))
     ts = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
-    try:
-        xs, deltas = odeint(
-            drift, state0, ts, rtol=rtol, atol=atol, method=method,
-            options={"max_num_steps": max_steps},
-        )  # fmt: skip
-    except AssertionError as e:  # torchdiffeq signals step underflow / step budget this way
-        msg = str(e)
-        reason = (
-            "step size underflow (the drift is too stiff or rough at this tolerance)"
-            if "underflow" in msg
-            else f"more than max_steps={max_steps} steps"
-            if "max_num_steps" in msg
-            else f"solver failure: {msg[:200]}"
-        )
-        raise ODESolveError({int(r): reason for r in rows}) from e
+    xs, deltas = integrate(
+        drift, state0, ts, rtol=rtol, atol=atol, method=method, rows=rows.tolist(),
+        max_steps=max_steps,
+    )  # fmt: skip
     return xs[-1], deltas[-1], nfe
 
 

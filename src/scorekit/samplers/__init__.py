@@ -34,19 +34,26 @@ pc_langevin       N + C(N - 1)    reverse diffusion + C Langevin corrector steps
 adaptive_ode      stats["nfe"]    dopri5 (torchdiffeq) in log sigma, rtol/atol
 adaptive_sde      stats["nfe"]    Gotta Go Fast (EM + improved Euler), per-sample control
 ================  ==============  ======================================================
+
+Modules: ``common`` (the plumbing every sampler shares, public for guidance and posterior solvers),
+``ode``, ``sde``, ``adaptive``, ``bespoke`` (the samplers), ``registry`` (``REGISTRY``, ``nfe``),
+``fitted`` (``optimized`` schedules and ``fit_bespoke`` solvers, fitted to one denoiser: they run the
+samplers, so they sit above them), ``accelerators`` (teleport start, exposure-bias corrections).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from scorekit._util import check_int
+from scorekit.samplers import registry
 from scorekit.samplers.adaptive import adaptive_ode, adaptive_sde
-from scorekit.samplers.bespoke import BespokeSolver, bespoke, fit_bespoke, linear_coefficients
+from scorekit.samplers.bespoke import BespokeSolver, bespoke, linear_coefficients
 from scorekit.samplers.common import check_sigmas, row_generators
+from scorekit.samplers.fitted import fit_bespoke, optimized
 from scorekit.samplers.ode import (
     deis,
     dpm_solver_2,
@@ -59,6 +66,15 @@ from scorekit.samplers.ode import (
     ipndm,
     unipc,
 )
+from scorekit.samplers.registry import (
+    ADAPTIVE,
+    REGISTRY,
+    STOCHASTIC,
+    get_sampler,
+    nfe,
+    options_of,
+    steps_for,
+)
 from scorekit.samplers.sde import (
     dpmpp_2m_sde,
     dpmpp_3m_sde,
@@ -68,10 +84,12 @@ from scorekit.samplers.sde import (
     pc_langevin,
     restart,
 )
+from scorekit.schedules import get_schedule
 
 __all__ = [
     "ADAPTIVE",
     "REGISTRY",
+    "STOCHASTIC",
     "BespokeSolver",
     "adaptive_ode",
     "adaptive_sde",
@@ -89,126 +107,17 @@ __all__ = [
     "euler_ancestral",
     "euler_maruyama",
     "fit_bespoke",
+    "get_sampler",
     "heun",
     "ipndm",
     "linear_coefficients",
     "nfe",
+    "optimized",
     "pc_langevin",
     "restart",
     "sample",
     "unipc",
 ]
-
-#: Sampler name -> function. One explicit table; the contract tests cover exactly these names.
-REGISTRY: dict[str, Callable] = {
-    "euler": euler,
-    "heun": heun,
-    "dpm_solver_2": dpm_solver_2,
-    "dpm_solver_3": dpm_solver_3,
-    "dpmpp_2s": dpmpp_2s,
-    "dpmpp_2m": dpmpp_2m,
-    "dpmpp_3m": dpmpp_3m,
-    "unipc": unipc,
-    "deis": deis,
-    "ipndm": ipndm,
-    "bespoke": bespoke,
-    "euler_ancestral": euler_ancestral,
-    "euler_maruyama": euler_maruyama,
-    "dpmpp_2m_sde": dpmpp_2m_sde,
-    "dpmpp_3m_sde": dpmpp_3m_sde,
-    "edm_stochastic": edm_stochastic,
-    "restart": restart,
-    "pc_langevin": pc_langevin,
-    "adaptive_ode": adaptive_ode,
-    "adaptive_sde": adaptive_sde,
-}
-
-#: Number of denoiser calls as a function of the number of steps ``n = len(sigmas) - 1`` and the
-#: sampler's options (defaults filled in). Adaptive samplers are absent: their NFE depends on the run.
-_NFE: dict[str, Callable[..., int]] = {
-    "euler": lambda n, o: n,
-    "heun": lambda n, o: 2 * n - 1,
-    "dpm_solver_2": lambda n, o: 2 * n - 1,
-    "dpm_solver_3": lambda n, o: 3 * n - 2,
-    "dpmpp_2s": lambda n, o: 2 * n - 1,
-    "dpmpp_2m": lambda n, o: n,
-    "dpmpp_3m": lambda n, o: n,
-    "unipc": lambda n, o: n,
-    "deis": lambda n, o: n,
-    "ipndm": lambda n, o: n,
-    "bespoke": lambda n, o: n,
-    "euler_ancestral": lambda n, o: n,
-    "euler_maruyama": lambda n, o: n,
-    "dpmpp_2m_sde": lambda n, o: n,
-    "dpmpp_3m_sde": lambda n, o: n,
-    "edm_stochastic": lambda n, o: 2 * n - 1,
-    "restart": lambda n, o: 2 * n - 1 + 2 * o["restarts"] * o["restart_steps"],
-    "pc_langevin": lambda n, o: n + o["n_corrector"] * (n - 1),
-}
-
-#: Samplers whose number of steps is chosen by error control (``nfe`` cannot be known in advance);
-#: they report the calls they made in ``stats["nfe"]``.
-ADAPTIVE: frozenset[str] = frozenset({"adaptive_ode", "adaptive_sde"})
-
-
-def _lookup(name: str) -> Callable:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown sampler {name!r}; allowed: {sorted(REGISTRY)}")
-    return REGISTRY[name]
-
-
-def _options(name: str, options: dict) -> dict:
-    """The sampler's keyword options with defaults filled in; a misspelt option is a TypeError."""
-    params = inspect.signature(_lookup(name)).parameters
-    allowed = [p for p, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise TypeError(f"{name}() got unexpected option(s) {unknown}; allowed: {allowed}")
-    return {p: options.get(p, params[p].default) for p in allowed}
-
-
-def _count(name: str, n: int, options: dict) -> int:
-    if name in ADAPTIVE:
-        raise ValueError(
-            f"{name} is adaptive: its NFE is not known in advance (it depends on the tolerances and "
-            "the denoiser); pass stats={} to the sampler and read stats['nfe'] after the call"
-        )
-    return _NFE[name](n, _options(name, options))
-
-
-def nfe(name: str, sigmas: Tensor | Sequence[float], **options) -> int:
-    """The exact number of denoiser calls ``REGISTRY[name]`` makes on ``sigmas`` with ``options``.
-
-    Raises:
-        ValueError: unknown name, invalid ``sigmas``, or an adaptive sampler (NFE not known in advance).
-        TypeError: an option the sampler does not take.
-    """
-    s = check_sigmas(sigmas)
-    _lookup(name)
-    return _count(name, len(s) - 1, options)
-
-
-def _steps_for(name: str, target: int, options: dict) -> int:
-    """The number of steps ``n`` whose NFE is exactly ``target``, or a ValueError naming neighbours."""
-    if not isinstance(target, int) or isinstance(target, bool) or target < 1:
-        raise ValueError(f"nfe must be a positive integer; got {target!r}")
-    least = _count(name, 2, options)
-    if target < least:
-        raise ValueError(
-            f"nfe={target} is too small for {name}: it needs at least {least} (one full step of its "
-            "order before the final step to sigma = 0)"
-        )
-    below, n = None, 2
-    while True:
-        got = _count(name, n, options)
-        if got == target:
-            return n
-        if got > target:
-            raise ValueError(
-                f"{name} cannot make exactly nfe={target} denoiser calls; nearest achievable: "
-                f"{below} ({n - 1} steps) or {got} ({n} steps)"
-            )
-        below, n = got, n + 1
 
 
 def sample(
@@ -251,38 +160,33 @@ def sample(
     Returns:
         ``[B, ...]`` samples in ``dtype`` on ``device``.
     """
-    fn = _lookup(sampler)
-    _options(sampler, options)
+    fn = get_sampler(sampler)
+    options_of(sampler, options)
     shape = tuple(int(v) for v in shape)
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"shape must be [B, ...] with rank >= 2 and positive sizes; got {shape}")
+    if sampler in ADAPTIVE and nfe is not None:
+        raise ValueError(
+            f"{sampler} is adaptive: its NFE follows from its tolerances (rtol/atol), so nfe must "
+            f"be None; got nfe={nfe}"
+        )
     if sigmas is not None:
         s = check_sigmas(sigmas)
-        if (
-            nfe is not None
-            and sampler not in ADAPTIVE
-            and _count(sampler, len(s) - 1, options) != nfe
-        ):
+        made = None if nfe is None else registry.nfe(sampler, s, **options)
+        if made is not None and made != nfe:
             raise ValueError(
-                f"nfe={nfe} does not match the explicit sigmas: {sampler} makes "
-                f"{_count(sampler, len(s) - 1, options)} calls on {len(s) - 1} steps"
+                f"nfe={nfe} does not match the explicit sigmas: {sampler} makes {made} calls on "
+                f"{len(s) - 1} steps"
             )
     elif sampler in ADAPTIVE:
-        if nfe is not None:
-            raise ValueError(
-                f"{sampler} is adaptive: its NFE follows from its tolerances (rtol/atol), so nfe must "
-                f"be None; got nfe={nfe}"
-            )
         s = [float(sigma_max), float(sigma_min), 0.0]
     else:
         if nfe is None:
             raise ValueError(
                 f"give nfe (the number of denoiser calls) or explicit sigmas for {sampler}"
             )
-        n = _steps_for(sampler, nfe, options)
+        n = steps_for(sampler, nfe, options)
         if isinstance(schedule, str):
-            from scorekit.schedules import get_schedule
-
             schedule = get_schedule(schedule)
         if not callable(schedule):
             raise TypeError(f"schedule must be a name or a callable; got {type(schedule).__name__}")
@@ -292,10 +196,10 @@ def sample(
         if len(s) != n + 1:
             raise ValueError(f"schedule returned {len(s)} sigmas for n={n} steps; expected {n + 1}")
     device = torch.device(device if device is not None else "cpu")
-    if not isinstance(index_offset, int) or index_offset < 0:
-        raise ValueError(f"index_offset must be an integer >= 0; got {index_offset!r}")
+    check_int("index_offset", index_offset, least=0)
     gens = row_generators(seed, range(index_offset, index_offset + shape[0]), device)
     x = torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype, device=device) for g in gens])
     x = x * s[0]
     sig = torch.tensor(s, dtype=torch.float64)
     return fn(denoiser, x, sig, generator=gens, progress=progress, **options)
+

@@ -120,7 +120,7 @@ def with_teleport(sampler: Callable | str, gaussian: GaussianFlow) -> Callable:
     ``sigmas[0]``; it moves ``x`` to ``sigmas[1]`` with the Gaussian approximation's exact flow (no
     denoiser call) and runs ``sampler`` on ``sigmas[1:]``. So a schedule
     ``[sigma_max, sigma_t, ..., 0]`` costs the denoiser calls of ``sampler`` on ``[sigma_t, ..., 0]``,
-    and ``schedules.optimized`` applied to the wrapped sampler also chooses where to teleport to.
+    and ``samplers.optimized`` applied to the wrapped sampler also chooses where to teleport to.
 
     Args:
         sampler: a sampler function or a name in ``scorekit.samplers.REGISTRY``.

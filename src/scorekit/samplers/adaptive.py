@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from scorekit._util import append_dims, check_finite, check_number
-from scorekit.samplers.common import GeneratorLike, emit, finish, prepare, randn_like
+from scorekit.pfode import ODESolveError, integrate
+from scorekit.samplers.common import GeneratorLike, emit, finish, prepare, randn_like, sampler
 
 __all__ = ["adaptive_ode", "adaptive_sde"]
 
@@ -28,6 +29,7 @@ def _positive(**values: float) -> None:
         check_number(name, v, low=0, low_ok=False)
 
 
+@sampler(nfe=None)
 def adaptive_ode(
     denoiser: Callable,
     x: Tensor,
@@ -56,8 +58,6 @@ def adaptive_ode(
         (dopri5). Chen et al., "Neural Ordinary Differential Equations", NeurIPS 2018 (torchdiffeq).
         Song et al., "Score-Based Generative Modeling through SDEs", ICLR 2021, Sec. 4.3.
     """
-    from torchdiffeq import odeint
-
     _positive(rtol=rtol, atol=atol)
     s, model = prepare(denoiser, x, sigmas)
     batch, calls, last = x.shape[0], 0, x
@@ -75,12 +75,10 @@ def adaptive_ode(
     if len(positive) > 1:
         u = torch.tensor([math.log(v) for v in positive], dtype=x.dtype, device=x.device)
         try:
-            path = odeint(drift, x, u, rtol=rtol, atol=atol, method=method, options={"norm": norm})
-        except AssertionError as err:  # torchdiffeq's "underflow in dt": usually NaN/inf
+            path = integrate(drift, x, u, rtol=rtol, atol=atol, method=method, norm=norm)
+        except ODESolveError:  # usually NaN/inf from the denoiser: say so if it is
             check_finite(last, "denoiser output during the adaptive solve")
-            raise RuntimeError(
-                f"adaptive_ode: the solver stopped ({err}); too stiff for rtol/atol?"
-            ) from err
+            raise
         for i, sig in enumerate(positive[:-1]):
             emit(callback, i, sig, path[i], None)
         x = path[-1]
@@ -91,6 +89,7 @@ def adaptive_ode(
     return finish(d)
 
 
+@sampler(nfe=None, stochastic=True)
 def adaptive_sde(
     denoiser: Callable,
     x: Tensor,

@@ -22,6 +22,7 @@ __all__ = [
     "GeneratorLike",
     "Model",
     "check_sigmas",
+    "combine",
     "emit",
     "finish",
     "lagrange_weights",
@@ -30,6 +31,7 @@ __all__ = [
     "prepare",
     "randn_like",
     "row_generators",
+    "sampler",
     "steps",
 ]
 
@@ -37,6 +39,23 @@ __all__ = [
 GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
 
 Model = Callable[[Tensor, "float | Tensor"], Tensor]
+
+
+def sampler(*, nfe: Callable[[int, dict], int] | None, stochastic: bool = False) -> Callable:
+    """Record, beside a sampler's definition, its exact number of denoiser calls and whether it draws noise.
+
+    ``nfe(n, options)`` is the number of calls on ``n = len(sigmas) - 1`` steps with the sampler's
+    keyword options (defaults filled in); ``None`` marks an adaptive sampler, whose count is known
+    only after the run (it reports it in ``stats["nfe"]``). ``scorekit.samplers.nfe`` and
+    ``scorekit.sample`` read these; the registry is still one explicit table.
+    """
+
+    def mark(fn: Callable) -> Callable:
+        fn.nfe_formula = nfe
+        fn.stochastic = stochastic
+        return fn
+
+    return mark
 
 
 def check_sigmas(sigmas: Tensor | Sequence[float], *, name: str = "sigmas") -> list[float]:
@@ -126,6 +145,14 @@ def emit(
     """Call ``callback({"i", "sigma", "x", "denoised"})`` if given: ``x`` is the state at ``sigma``."""
     if callback is not None:
         callback({"i": i, "sigma": sigma, "x": x, "denoised": denoised})
+
+
+def combine(x: Tensor, scale: float, weights: Sequence[float], terms: Sequence[Tensor]) -> Tensor:
+    """``scale * x + sum_j weights[j] * terms[j]`` (host-float weights, no synchronisation)."""
+    out = x * scale
+    for w, t in zip(weights, terms, strict=True):
+        out = out.add(t, alpha=w)
+    return out
 
 
 def finish(x: Tensor) -> Tensor:

@@ -27,15 +27,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit._util import check_number
+from scorekit._util import check_number, to_d
 from scorekit.samplers.common import (
     GeneratorLike,
+    combine,
     emit,
     finish,
     lagrange_weights,
     phi,
     phis,
     prepare,
+    sampler,
     steps,
 )
 
@@ -66,6 +68,7 @@ def _exp_moments(h: float, k: int, eta: float = 0.0) -> list[float]:
     return [math.factorial(j) * z ** (j + 1) * p[j + 1] / a**j for j in range(k)]
 
 
+@sampler(nfe=lambda n, o: n)
 def euler(
     denoiser: Callable,
     x: Tensor,
@@ -94,6 +97,7 @@ def euler(
     return finish(x)
 
 
+@sampler(nfe=lambda n, o: 2 * n - 1)
 def heun(
     denoiser: Callable,
     x: Tensor,
@@ -137,6 +141,7 @@ def heun_step(model: Callable, x: Tensor, d: Tensor, s0: float, s1: float) -> Te
     return x + (0.5 * h / s0) * (x - d) + (0.5 * h / s1) * (x1 - model(x1, s1))
 
 
+@sampler(nfe=lambda n, o: n)
 def dpmpp_2m(
     denoiser: Callable,
     x: Tensor,
@@ -177,17 +182,10 @@ def dpmpp_2m(
     return finish(x)
 
 
-def _combine(x: Tensor, scale: float, weights: list[float], terms: list[Tensor]) -> Tensor:
-    """``scale * x + sum_j weights[j] * terms[j]`` (host-float weights, no synchronisation)."""
-    out = x * scale
-    for w, t in zip(weights, terms, strict=True):
-        out = out.add(t, alpha=w)
-    return out
-
-
 _FRACTION = " (the intermediate point as a fraction of the step)"
 
 
+@sampler(nfe=lambda n, o: 2 * n - 1)
 def dpm_solver_2(
     denoiser: Callable,
     x: Tensor,
@@ -224,13 +222,14 @@ def dpm_solver_2(
             x = d
             break
         sm = s0 * math.exp(-r1 * math.log(s0 / s1))
-        eps0 = (x - d) / s0
+        eps0 = to_d(x, s0, d)
         u = x - (s0 - sm) * eps0
         eps1 = (u - model(u, sm)) / sm
         x = x - (s0 - s1) * eps0 - ((s0 - s1) / (2 * r1)) * (eps1 - eps0)
     return finish(x)
 
 
+@sampler(nfe=lambda n, o: 3 * n - 2)
 def dpm_solver_3(
     denoiser: Callable,
     x: Tensor,
@@ -268,7 +267,7 @@ def dpm_solver_3(
             break
         h = math.log(s0 / s1)
         sa, sb = s0 * math.exp(-r1 * h), s0 * math.exp(-r2 * h)
-        eps0 = (x - d) / s0
+        eps0 = to_d(x, s0, d)
         u1 = x - (s0 - sa) * eps0
         d1 = (u1 - model(u1, sa)) / sa - eps0
         u2 = x - (s0 - sb) * eps0 - (sb * (r2 / r1) * r2 * h * phi(2, r2 * h)) * d1
@@ -277,6 +276,7 @@ def dpm_solver_3(
     return finish(x)
 
 
+@sampler(nfe=lambda n, o: 2 * n - 1)
 def dpmpp_2s(
     denoiser: Callable,
     x: Tensor,
@@ -318,6 +318,7 @@ def dpmpp_2s(
     return finish(x)
 
 
+@sampler(nfe=lambda n, o: n)
 def dpmpp_3m(
     denoiser: Callable,
     x: Tensor,
@@ -361,10 +362,11 @@ def dpmpp_3m(
         lam, h = -math.log(s0), math.log(s0 / s1)
         hist = [(lam, d), *hist[:2]]
         w = lagrange_weights([l - lam for l, _ in hist], _exp_moments(h, len(hist)))
-        x = _combine(x, s1 / s0, w, [t for _, t in hist])
+        x = combine(x, s1 / s0, w, [t for _, t in hist])
     return finish(x)
 
 
+@sampler(nfe=lambda n, o: n)
 def unipc(
     denoiser: Callable,
     x: Tensor,
@@ -411,7 +413,7 @@ def unipc(
         if plan is not None:  # UniC on the point just predicted, with the new output d
             x_prev, h_prev, hist_prev, p_prev = plan
             w = _unipc_weights(hist_prev, h_prev, p_prev, variant, corrector=True)
-            x = _combine(x_prev, math.exp(-h_prev), w, [*[t for _, t in hist_prev], d])
+            x = combine(x_prev, math.exp(-h_prev), w, [*[t for _, t in hist_prev], d])
         emit(callback, i, s0, x, d)
         if s1 == 0:
             x = d
@@ -421,7 +423,7 @@ def unipc(
         p = len(hist)
         w = _unipc_weights(hist, h, p, variant, corrector=False)
         plan = (x, h, hist, p)
-        x = _combine(x, s1 / s0, w, [t for _, t in hist])
+        x = combine(x, s1 / s0, w, [t for _, t in hist])
     return finish(x)
 
 
@@ -479,6 +481,7 @@ def _lower_gamma(k: int, h: float) -> float:
     )
 
 
+@sampler(nfe=lambda n, o: n)
 def deis(
     denoiser: Callable,
     x: Tensor,
@@ -523,7 +526,7 @@ def deis(
         s0, s1 = s[i], s[i + 1]
         d = model(x, s0)
         emit(callback, i, s0, x, d)
-        hist = [(s0, (x - d) / s0), *hist[: order - 1]]
+        hist = [(s0, to_d(x, s0, d)), *hist[: order - 1]]
         q = len(hist)
         if basis == "rho":
             nodes = [sj - s0 for sj, _ in hist]
@@ -533,7 +536,7 @@ def deis(
             nodes = [math.log(sj / s0) for sj, _ in hist]
             moments = [(-1) ** (k + 1) * s0 * _lower_gamma(k, h) for k in range(q)]
         w = lagrange_weights(nodes, moments)
-        x = _combine(x, 1.0, w, [e for _, e in hist])
+        x = combine(x, 1.0, w, [e for _, e in hist])
     return finish(x)
 
 
@@ -546,6 +549,7 @@ _AB = {
 }
 
 
+@sampler(nfe=lambda n, o: n)
 def ipndm(
     denoiser: Callable,
     x: Tensor,
@@ -581,6 +585,6 @@ def ipndm(
         s0, s1 = s[i], s[i + 1]
         d = model(x, s0)
         emit(callback, i, s0, x, d)
-        hist = [(x - d) / s0, *hist[: order - 1]]
-        x = _combine(x, 1.0, [(s1 - s0) * b for b in _AB[len(hist)]], hist)
+        hist = [to_d(x, s0, d), *hist[: order - 1]]
+        x = combine(x, 1.0, [(s1 - s0) * b for b in _AB[len(hist)]], hist)
     return finish(x)

@@ -27,14 +27,17 @@ from torch import Tensor
 from scorekit._util import append_dims, check_int, check_number
 from scorekit.samplers.common import (
     GeneratorLike,
+    combine,
     emit,
     finish,
     lagrange_weights,
     prepare,
     randn_like,
+    sampler,
     steps,
 )
-from scorekit.samplers.ode import _combine, heun_step
+from scorekit.samplers.ode import heun_step
+from scorekit.schedules import karras
 
 __all__ = [
     "dpmpp_2m_sde",
@@ -47,6 +50,7 @@ __all__ = [
 ]
 
 
+@sampler(nfe=lambda n, o: n, stochastic=True)
 def euler_ancestral(
     denoiser: Callable,
     x: Tensor,
@@ -86,6 +90,7 @@ def euler_ancestral(
     return finish(x)
 
 
+@sampler(nfe=lambda n, o: n, stochastic=True)
 def euler_maruyama(
     denoiser: Callable,
     x: Tensor,
@@ -139,12 +144,13 @@ def _dpmpp_sde(denoiser, x, sigmas, generator, callback, progress, eta, order) -
         # m_k = (1 - e^{-a h}) h^k / (k + 1): see dpmpp_2m_sde for why not the exact moments.
         moments = [-math.expm1(-(1 + eta) * h) * h**k / (k + 1) for k in range(len(hist))]
         w = lagrange_weights([l - lam for l, _ in hist], moments)
-        x = _combine(x, math.exp(-(1 + eta) * h), w, [t for _, t in hist])
+        x = combine(x, math.exp(-(1 + eta) * h), w, [t for _, t in hist])
         if eta > 0:
             x = x + s1 * math.sqrt(-math.expm1(-2 * eta * h)) * randn_like(x, generator)
     return finish(x)
 
 
+@sampler(nfe=lambda n, o: n, stochastic=True)
 def dpmpp_2m_sde(
     denoiser: Callable,
     x: Tensor,
@@ -181,6 +187,7 @@ def dpmpp_2m_sde(
     return _dpmpp_sde(denoiser, x, sigmas, generator, callback, progress, eta, order=2)
 
 
+@sampler(nfe=lambda n, o: n, stochastic=True)
 def dpmpp_3m_sde(
     denoiser: Callable,
     x: Tensor,
@@ -210,6 +217,7 @@ def dpmpp_3m_sde(
     return _dpmpp_sde(denoiser, x, sigmas, generator, callback, progress, eta, order=3)
 
 
+@sampler(nfe=lambda n, o: 2 * n - 1, stochastic=True)
 def edm_stochastic(
     denoiser: Callable,
     x: Tensor,
@@ -255,6 +263,7 @@ def edm_stochastic(
     return finish(x)
 
 
+@sampler(nfe=lambda n, o: 2 * n - 1 + 2 * o["restarts"] * o["restart_steps"], stochastic=True)
 def restart(
     denoiser: Callable,
     x: Tensor,
@@ -284,7 +293,6 @@ def restart(
         Xu et al., "Restart Sampling for Improving Generative Processes", NeurIPS 2023, Alg. 1 and
         Sec. 3 (the restart interval and K).
     """
-    from scorekit.schedules import karras
 
     check_int("restarts", restarts, least=0)
     check_int("restart_steps", restart_steps, least=1)
@@ -312,6 +320,7 @@ def restart(
     return finish(x)
 
 
+@sampler(nfe=lambda n, o: n + o["n_corrector"] * (n - 1), stochastic=True)
 def pc_langevin(
     denoiser: Callable,
     x: Tensor,
