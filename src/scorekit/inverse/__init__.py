@@ -1,7 +1,41 @@
-"""Inverse problems: measurement operators and posterior samplers with a diffusion prior."""
+"""Inverse problems: measurement operators and posterior samplers with a diffusion prior.
+
+Given ``y = A(x0) + sigma_y n`` and a denoiser ``D(x, sigma) ~ E[x0 | x]`` of the prior, every solver
+draws approximate samples of ``p(x0 | y)`` with the sampler-style signature
+
+    name(denoiser, y, operator, x, sigmas, *, sigma_y, generator=None, callback=None, progress=False,
+         <options>) -> x0
+
+with ``x`` ``[B, *operator.in_shape]`` the starting state at ``sigmas[0]`` (noise times ``sigmas[0]``),
+``y`` ``[B, *operator.out_shape]`` (one measurement per row; repeat it to draw several samples of one
+posterior) and ``sigmas`` 1-D, strictly decreasing, ending in 0 (``scorekit.schedules``).
+
+``REGISTRY`` maps each name to its function; ``nfe(name, sigmas, **options)`` is the exact number of
+denoiser calls and ``vjps(name, sigmas, **options)`` the exact number of backward passes through the
+denoiser (autograd) for ``N = len(sigmas) - 1`` steps:
+
+=========  ====  ====================  =========  =====================================================
+solver     NFE   VJP                   operator   notes
+=========  ====  ====================  =========  =====================================================
+dps        N     N                     any        differentiable ``A`` (non-linear too); ignores sigma_y
+pigdm      N     N                     linear     isotropic Gaussian ``p(x0 | x)``; SVD or CG Gram solve
+mmps       N     N (cg_iters + 1)      linear     Tweedie covariance ``sigma^2 dD/dx``, CG
+ddrm       N     0                     SVD        spectral variational step (Kawar et al. 2022)
+ddnm       N     0                     SVD        range-space correction (DDNM+)
+diffpir    N     0                     linear     proximal data step, partial re-noising
+tds        N     N - 1                 any        SMC, ``particles`` per output row (``B K`` rows/call)
+=========  ====  ====================  =========  =====================================================
+"""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Sequence
+
+from torch import Tensor
+
+from scorekit.inverse.diffpir import diffpir
+from scorekit.inverse.guided import dps, mmps, pigdm
 from scorekit.inverse.operators import (
     OPERATORS,
     Blur,
@@ -14,9 +48,13 @@ from scorekit.inverse.operators import (
     Saturate,
     as_matrix,
 )
+from scorekit.inverse.smc import tds
+from scorekit.inverse.spectral import ddnm, ddrm
+from scorekit.samplers.common import check_sigmas
 
 __all__ = [
     "OPERATORS",
+    "REGISTRY",
     "Blur",
     "Compose",
     "Downsample",
@@ -26,4 +64,56 @@ __all__ = [
     "Operator",
     "Saturate",
     "as_matrix",
+    "ddnm",
+    "ddrm",
+    "diffpir",
+    "dps",
+    "mmps",
+    "nfe",
+    "pigdm",
+    "tds",
+    "vjps",
 ]
+
+#: Posterior sampler name -> function.
+REGISTRY: dict[str, Callable] = {
+    "dps": dps,
+    "pigdm": pigdm,
+    "mmps": mmps,
+    "ddrm": ddrm,
+    "ddnm": ddnm,
+    "diffpir": diffpir,
+    "tds": tds,
+}
+
+#: name -> (NFE, VJP) as functions of the number of steps N and the solver's options.
+_COSTS: dict[str, tuple[Callable, Callable]] = {
+    "dps": (lambda n, o: n, lambda n, o: n),
+    "pigdm": (lambda n, o: n, lambda n, o: n),
+    "mmps": (lambda n, o: n, lambda n, o: n * (o.get("cg_iters", 3) + 1)),
+    "ddrm": (lambda n, o: n, lambda n, o: 0),
+    "ddnm": (lambda n, o: n, lambda n, o: 0),
+    "diffpir": (lambda n, o: n, lambda n, o: 0),
+    "tds": (lambda n, o: n, lambda n, o: n - 1),
+}
+
+
+def _steps(name: str, sigmas: Tensor | Sequence[float], options: dict) -> int:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown posterior sampler {name!r}; allowed: {sorted(REGISTRY)}")
+    params = inspect.signature(REGISTRY[name]).parameters
+    allowed = [p for p, v in params.items() if v.kind is v.KEYWORD_ONLY]
+    for key in options:
+        if key not in allowed:
+            raise TypeError(f"{name} has no option {key!r}; allowed: {allowed}")
+    return len(check_sigmas(sigmas)) - 1
+
+
+def nfe(name: str, sigmas: Tensor | Sequence[float], **options) -> int:
+    """The exact number of denoiser calls ``REGISTRY[name]`` makes on ``sigmas`` with ``options``."""
+    return _COSTS[name][0](_steps(name, sigmas, options), options)
+
+
+def vjps(name: str, sigmas: Tensor | Sequence[float], **options) -> int:
+    """The exact number of backward passes through the denoiser ``REGISTRY[name]`` makes."""
+    return _COSTS[name][1](_steps(name, sigmas, options), options)

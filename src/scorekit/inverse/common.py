@@ -39,7 +39,9 @@ def check_problem(
 ) -> float:
     """Validate a posterior sampler's inputs; return ``sigma_y`` as a float. One-line errors."""
     if not isinstance(operator, Operator):
-        raise TypeError(f"operator must be a scorekit.inverse Operator; got {type(operator).__name__}")
+        raise TypeError(
+            f"operator must be a scorekit.inverse Operator; got {type(operator).__name__}"
+        )
     if linear and not operator.linear:
         raise ValueError(f"{solver} needs a linear operator; got non-linear {operator!r}")
     if svd and not operator.has_svd:
@@ -49,11 +51,15 @@ def check_problem(
         )
     if not isinstance(x, Tensor) or tuple(x.shape[1:]) != operator.in_shape:
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must have shape [B, *{list(operator.in_shape)}] for {operator!r}; got {got}")
+        raise ValueError(
+            f"x must have shape [B, *{list(operator.in_shape)}] for {operator!r}; got {got}"
+        )
     want = (x.shape[0], *operator.out_shape)
     if not isinstance(y, Tensor) or tuple(y.shape) != want:
         got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-        raise ValueError(f"y must have the operator's output shape [B, ...] = {list(want)}; got {got}")
+        raise ValueError(
+            f"y must have the operator's output shape [B, ...] = {list(want)}; got {got}"
+        )
     if not torch.isfinite(y).all():
         raise ValueError("y must be finite; got NaN or inf")
     if isinstance(sigma_y, Tensor) and sigma_y.numel() == 1:
@@ -71,7 +77,9 @@ def check_option(name: str, value: float, low: float, high: float = math.inf) ->
         raise ValueError(f"{name} must be a number in [{low}, {high}]; got {value!r}")
 
 
-def ddim_step(d: Tensor, x: Tensor, s0: float, s1: float, eta: float, noise: Tensor | None) -> Tensor:
+def ddim_step(
+    d: Tensor, x: Tensor, s0: float, s1: float, eta: float, noise: Tensor | None
+) -> Tensor:
     """``d + sqrt(s1^2 - c^2) (x - d)/s0 + c z`` with ``c = eta s1 sqrt(1 - s1^2/s0^2)`` (module doc)."""
     c = eta * s1 * math.sqrt(max(0.0, 1.0 - (s1 / s0) ** 2))
     out = d + (math.sqrt(max(0.0, s1 * s1 - c * c)) / s0) * (x - d)
