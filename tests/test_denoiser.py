@@ -22,6 +22,7 @@ from scorekit.denoiser import (
     EDMPrecond,
     NetDenoiser,
     Parameterization,
+    build_denoiser,
     get_parameterization,
 )
 from scorekit.process import PROCESSES, get_process
@@ -251,6 +252,25 @@ def test_net_denoiser_is_a_module_with_the_network_inside():
     den2 = NetDenoiser(net, get_parameterization("eps"))
     assert isinstance(den, torch.nn.Module)
     assert set(den2.state_dict()) == {"net.weight", "net.bias"}
+
+
+def test_build_denoiser_picks_the_named_adapter():
+    # "edm" is EDM's preconditioning with the given sigma_data whatever the process; any other name
+    # is that adapter of the named process: its c_out at sigma = 0.7 from the definitions (EDM
+    # Table 1: sigma sd / sqrt(sigma^2 + sd^2); eps: -sigma; x0: 1).
+    net = torch.nn.Linear(2, 2)
+    sigma = torch.tensor([0.7], dtype=torch.float64)
+    edm = build_denoiser(net, process="vp", param="edm", sigma_data=0.3)
+    assert edm.net is net and isinstance(edm.param, EDMPrecond)
+    c_out = edm.param.scalings(sigma)[1]
+    torch.testing.assert_close(c_out, 0.7 * 0.3 / torch.sqrt(0.7**2 + 0.3**2 + 0 * sigma))
+    eps = build_denoiser(net, process="ve", param="eps", sigma_data=0.3)
+    assert eps.param.name == "eps" and eps.param.process.name == "ve"
+    torch.testing.assert_close(eps.param.scalings(sigma)[1], -sigma)
+    x0 = build_denoiser(net, process="flow", param="x0", sigma_data=0.3)
+    torch.testing.assert_close(x0.param.scalings(sigma)[1], torch.ones_like(sigma))
+    with pytest.raises(ValueError, match="unknown parameterization"):
+        build_denoiser(net, process="vp", param="eps_pred", sigma_data=1.0)
 
 
 def test_bad_input_messages():

@@ -44,6 +44,7 @@ __all__ = [
     "ScorePred",
     "VPred",
     "X0Pred",
+    "build_denoiser",
     "get_parameterization",
 ]
 
@@ -218,3 +219,15 @@ class NetDenoiser(nn.Module):
                 f"the network returned shape {tuple(raw.shape)}, expected x's shape {tuple(x.shape)}"
             )
         return self.param.denoise(raw, x, sigma)
+
+
+def build_denoiser(net: nn.Module, *, process: str, param: str, sigma_data: float) -> NetDenoiser:
+    """Wrap a raw network as the denoiser of parameterisation ``param``.
+
+    ``param = "edm"`` is EDM's preconditioning with the data's standard deviation ``sigma_data``
+    (independent of the process); any other name is the process-tied adapter of ``PARAMETERIZATIONS``
+    for the forward process ``process`` (a name of ``scorekit.process.PROCESSES``).
+    """
+    if param == "edm":
+        return NetDenoiser(net, EDMPrecond(sigma_data))
+    return NetDenoiser(net, get_parameterization(param, process=get_process(process)))

@@ -12,8 +12,9 @@ Modules: ``loss`` (weighted DSM, flow matching, label dropout), ``loop`` (``trai
 
 from __future__ import annotations
 
+from scorekit.denoiser import build_denoiser
 from scorekit.train.ema import EMA, ema_beta
-from scorekit.train.loop import DataOrder, TrainConfig, TrainResult, build_denoiser, train
+from scorekit.train.loop import DataOrder, TrainConfig, TrainResult, train
 from scorekit.train.loss import (
     WEIGHTINGS,
     default_weighting,

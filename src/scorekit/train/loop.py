@@ -35,14 +35,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from scorekit._util import atomic_write, atomic_write_json, mix_seed
-from scorekit.denoiser import EDMPrecond, NetDenoiser, get_parameterization
+from scorekit.denoiser import build_denoiser
 from scorekit.process import get_process
 from scorekit.train import checkpoint as ckpt
 from scorekit.train.distributed import setup, shard
 from scorekit.train.ema import EMA, ema_beta
 from scorekit.train.loss import WEIGHTINGS, default_weighting, denoising_loss, drop_labels
 
-__all__ = ["DataOrder", "TrainConfig", "TrainResult", "build_denoiser", "train"]
+__all__ = ["DataOrder", "TrainConfig", "TrainResult", "train"]
+
 
 @dataclass
 class TrainConfig:
@@ -165,13 +166,6 @@ class DataOrder:
 
     def state(self) -> dict[str, int]:
         return {"n": self.n, "seed": self.seed, "epoch": self.epoch, "pos": self.pos}
-
-
-def build_denoiser(net: nn.Module, *, process: str, param: str, sigma_data: float) -> NetDenoiser:
-    """Wrap a raw network as a denoiser for ``param`` (EDM's preconditioning or a process-tied one)."""
-    if param == "edm":
-        return NetDenoiser(net, EDMPrecond(sigma_data))
-    return NetDenoiser(net, get_parameterization(param, process=get_process(process)))
 
 
 def _dataset_info(ds, sigma_data: float) -> dict[str, Any]:

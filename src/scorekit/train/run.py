@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from scorekit.denoiser import build_denoiser
 from scorekit.process import get_process
 from scorekit.train import checkpoint as ckpt
 
@@ -46,7 +47,6 @@ def load_run(
         FileNotFoundError: if ``run_dir`` has no complete checkpoint.
     """
     from scorekit import nets
-    from scorekit.train.loop import build_denoiser
 
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
