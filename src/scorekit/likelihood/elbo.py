@@ -50,11 +50,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from scorekit._util import LOG_2PI, append_dims
-from scorekit.likelihood.ode import _check_inputs
+from scorekit.analytic import GaussianMixture
+from scorekit.likelihood.ode import check_inputs
 
 __all__ = ["ElboInfo", "elbo"]
 
@@ -103,7 +105,7 @@ def _reference_integral(flat: Tensor, mean: Tensor, var: Tensor, sigma_min, sigm
     """
     nodes, weights = (
         torch.as_tensor(v, dtype=flat.dtype, device=flat.device)
-        for v in __import__("numpy").polynomial.legendre.leggauss(n)
+        for v in np.polynomial.legendre.leggauss(n)
     )
     lo, hi = math.log(sigma_min), math.log(sigma_max)
     u = 0.5 * (hi - lo) * nodes + 0.5 * (hi + lo)
@@ -148,16 +150,14 @@ def elbo(
         generator: for the noise levels and the noise.
         return_info: also return an :class:`ElboInfo` (with the per-row standard error).
     """
-    sigma_min, sigma_max = _check_inputs(x, sigma_min, sigma_max)
+    sigma_min, sigma_max = check_inputs(x, sigma_min, sigma_max)
     if isinstance(n_sigma, bool) or not isinstance(n_sigma, int) or n_sigma < 2 or n_sigma % 2:
         raise ValueError(f"n_sigma must be an even integer >= 2; got {n_sigma!r}")
     b, d = x.shape[0], x[0].numel()
     flat = x.reshape(b, d)
     mean, var = _reference(x, reference, sigma_min)
 
-    def ref_denoiser(z: Tensor, s: Tensor) -> Tensor:
-        a = var / (var + append_dims(s, 2).square())
-        return (mean + a * (z.reshape(z.shape[0], d) - mean)).reshape(z.shape)
+    ref_denoiser = GaussianMixture(mean[None], var[None])  # the control variate's exact denoiser
 
     dev = generator.device if generator is not None else x.device
     lo, width = math.log(sigma_min), math.log(sigma_max / sigma_min)

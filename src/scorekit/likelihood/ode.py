@@ -51,6 +51,7 @@ __all__ = [
     "ADAPTIVE_METHODS",
     "LikelihoodInfo",
     "ODESolveError",
+    "check_inputs",
     "log_likelihood",
     "prior_log_prob",
 ]
@@ -88,7 +89,8 @@ def prior_log_prob(x: Tensor, sigma_max: float) -> Tensor:
     return -0.5 * (sq / sigma_max**2 + d * (LOG_2PI + 2 * math.log(sigma_max)))
 
 
-def _check_inputs(x, sigma_min, sigma_max) -> tuple[float, float]:
+def check_inputs(x, sigma_min, sigma_max) -> tuple[float, float]:
+    """Validate the points and noise range of a likelihood computation (one-line errors)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape [B, ...]; got {type(x).__name__}")
     if not x.is_floating_point():
@@ -248,7 +250,7 @@ def log_likelihood(
         ValueError / TypeError: bad input (named argument, given value, allowed values).
         ODESolveError: the solve failed for some rows; lists each failing row and why.
     """
-    sigma_min, sigma_max = _check_inputs(x, sigma_min, sigma_max)
+    sigma_min, sigma_max = check_inputs(x, sigma_min, sigma_max)
     if divergence not in ("exact", "hutchinson"):
         raise ValueError(f"divergence must be 'exact' or 'hutchinson'; got {divergence!r}")
     if probe not in ("rademacher", "gaussian"):

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 
 from scorekit._util import append_dims, as_sigma
+from scorekit.samplers.registry import REGISTRY, get_sampler
+from scorekit.samplers.registry import nfe as nfe_of
 
 __all__ = ["GaussianFlow", "eps_scaling", "teleport", "time_shift", "with_teleport"]
 
@@ -94,14 +96,6 @@ class GaussianFlow:
             out = self.mean + ((y @ self.evecs) * scale) @ self.evecs.mT
         return out.reshape(x.shape).to(x.dtype)
 
-    def denoise(self, x: Tensor, sigma) -> Tensor:
-        """The Gaussian's exact denoiser ``m + U diag(lam / (lam + sigma^2)) U^T (x - m)``."""
-        flat = x.reshape(x.shape[0], -1).to(self.mean.dtype)
-        s = as_sigma(sigma, flat)
-        w = self.evals / (self.evals + append_dims(s, 2) ** 2)
-        y = flat - self.mean
-        out = self.mean + (w * y if self.evecs is None else ((y @ self.evecs) * w) @ self.evecs.mT)
-        return out.reshape(x.shape).to(x.dtype)
 
 
 def teleport(gaussian: GaussianFlow, x: Tensor, sigma_from, sigma_to) -> Tensor:
@@ -129,13 +123,8 @@ def with_teleport(sampler: Callable | str, gaussian: GaussianFlow) -> Callable:
     Returns:
         The wrapped sampler; its ``nfe(sigmas, **options)`` attribute counts its denoiser calls.
     """
-    from scorekit.samplers import REGISTRY
-    from scorekit.samplers import nfe as nfe_of
-
     if isinstance(sampler, str):
-        if sampler not in REGISTRY:
-            raise ValueError(f"unknown sampler {sampler!r}; allowed: {sorted(REGISTRY)}")
-        name, fn = sampler, REGISTRY[sampler]
+        name, fn = sampler, get_sampler(sampler)
     elif callable(sampler):
         fn = sampler
         name = next((k for k, v in REGISTRY.items() if v is sampler), None)
@@ -163,6 +152,9 @@ def with_teleport(sampler: Callable | str, gaussian: GaussianFlow) -> Callable:
         return nfe_of(name, sigmas[1:], **options)
 
     teleported.nfe = nfe
+    # A registered sampler's formula on one step fewer; a user's function has no known count.
+    formula = None if name is None else REGISTRY[name].nfe_formula
+    teleported.nfe_formula = None if formula is None else lambda n, o: formula(n - 1, o)
     teleported.__name__ = f"teleport_{getattr(fn, '__name__', 'sampler')}"
     return teleported
 
