@@ -10,8 +10,8 @@ import torch
 
 from scorekit.cli import main
 from scorekit.data import Normalization
+from scorekit.runs import load_run
 from scorekit.samplers import sample
-from scorekit.train import load_run
 
 TINY = json.dumps({"hidden": 16, "depth": 1, "emb_dim": 16})
 TINY_UNET = json.dumps({"base_channels": 8, "num_res_blocks": 1, "attn_resolutions": []})
@@ -59,7 +59,7 @@ def test_sample_npy_is_decoded_and_per_sample_seeded(vector_run, tmp_path):
     np.testing.assert_allclose(a[:3], b, rtol=1e-5, atol=1e-5)  # sample i depends on (seed, i) only
     # Independently: the same samples from the sampler entry point, decoded by the data's map.
     denoiser, info = load_run(vector_run)
-    smax = min(80.0, 20 * info["sigma_data"])  # where draw() starts (see scorekit.train.run.draw)
+    smax = min(80.0, 20 * info["sigma_data"])  # where draw() starts (see scorekit.runs.draw)
     with torch.no_grad():
         x = sample(
             denoiser, (7, 2), nfe=4, sampler="euler", sigma_min=0.002, sigma_max=smax, seed=3

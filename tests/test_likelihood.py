@@ -319,7 +319,7 @@ def test_cli_matches_library_and_reports_bad_data(tmp_path, capsys):
 
     from scorekit.cli import main
     from scorekit.data import Normalization
-    from scorekit.train import load_run
+    from scorekit.runs import load_run
     from scorekit.train.loop import TrainConfig, train
 
     run = tmp_path / "run"

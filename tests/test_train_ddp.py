@@ -14,13 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scorekit.train import TrainConfig, generate, load_run, train
+from scorekit.runs import generate, load_run
+from scorekit.train import TrainConfig, train
 
 WORKER = textwrap.dedent(
     """
     import json, os, sys
     from safetensors.torch import save_file
-    from scorekit.train import TrainConfig, generate, load_run, train
+    from scorekit.runs import generate, load_run
+    from scorekit.train import TrainConfig, train
     from scorekit.train.distributed import setup, teardown
 
     cfg = TrainConfig(**json.loads(sys.argv[1]))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from scorekit.analytic import GaussianMixture, gaussian_approximation
-from scorekit.train import TrainConfig, load_run, train
+from scorekit.runs import load_run
+from scorekit.train import TrainConfig, train
 from scorekit.train import checkpoint as ckpt
 
 TINY = {"hidden": 32, "depth": 1, "emb_dim": 16}

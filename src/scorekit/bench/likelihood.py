@@ -111,7 +111,6 @@ def _exact_targets(n: int, seed: int) -> list[dict]:
 
 
 def _digits(run_dir: str, args) -> dict:
-    from scorekit.cli.likelihood import load_levels
     from scorekit.data import Normalization
     from scorekit.likelihood import (
         OODDetector,
@@ -122,7 +121,7 @@ def _digits(run_dir: str, args) -> dict:
         log_det_normalization,
         log_likelihood,
     )
-    from scorekit.train import load_run
+    from scorekit.runs import load_levels, load_run
 
     den, info = load_run(run_dir)
     norm = Normalization.from_dict(info["normalization"])

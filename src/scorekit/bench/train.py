@@ -61,7 +61,8 @@ def ring(
     """Train on ``ring`` for ``steps`` steps; SW2 of 10,000 samples at ``nfe`` against the exact floor."""
     from scorekit.analytic import target
     from scorekit.metrics import sliced_wasserstein
-    from scorekit.train import TrainConfig, decode, generate, load_run, train
+    from scorekit.runs import decode, generate, load_run
+    from scorekit.train import TrainConfig, train
     from scorekit.train.plots import save_panel, save_scatter
 
     cfg = TrainConfig(
@@ -103,10 +104,10 @@ def digits(
 ) -> dict:
     """Train on 80% of digits for ``minutes`` (or ``steps``); FD-digits, floor and confidence at ``nfe``."""
     from scorekit import data
-    from scorekit.train import TrainConfig, generate, load_run, train
+    from scorekit.runs import decode, generate, load_run, picture, pixel_range
+    from scorekit.train import TrainConfig, train
     from scorekit.train.plots import save_panel
     from scorekit.train.quality import fit_classifier, image_quality
-    from scorekit.train.run import decode, picture, pixel_range
 
     full = data.load("digits")
     tr, te = data.split(full, holdout=0.2, seed=0)

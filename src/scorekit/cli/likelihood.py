@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from scorekit._util import atomic_write
 from scorekit.cli import add_run_dir
@@ -60,39 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--debug", action="store_true", help="show tracebacks")
 
 
-def load_levels(data: str, info: dict, *, split: str = "all", holdout: float | None = None,
-                seed: int = 0) -> Tensor:  # fmt: skip
-    """The data in its own units and layout (``[N, ...]`` float64), checked against the run.
-
-    Raises ``ValueError`` when the examples do not have the run's shape once normalised.
-    """
-    from scorekit import data as sdata
-
-    ds = sdata.load(data, seed=seed)
-    if split != "all":
-        frac = holdout if holdout is not None else float(info["config"].get("holdout", 0.0))
-        if not 0 < frac < 1:
-            raise ValueError(
-                f"--split {split} needs a holdout fraction in (0, 1); the run used {frac} "
-                "(give --holdout)"
-            )
-        train, test = sdata.split(ds, holdout=frac, seed=int(info["config"].get("seed", 0)))
-        ds = test if split == "test" else train
-    raw = ds.normalization.decode(ds.x).to(torch.float64)
-    norm = sdata.Normalization.from_dict(info["normalization"])
-    try:
-        model_x = norm.encode(raw)
-    except ValueError as e:
-        raise ValueError(f"--data {data}: does not fit the run's data layout: {e}") from None
-    want = tuple(info["shape"])
-    if tuple(model_x.shape[1:]) != want:
-        raise ValueError(
-            f"--data {data}: examples have shape {tuple(model_x.shape[1:])} in model units; the run "
-            f"was trained on shape {list(want)}"
-        )
-    return raw
-
-
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO(newline="")
@@ -108,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from scorekit.data import Normalization
     from scorekit.likelihood import bits_per_dim, dequantize, elbo, log_likelihood
     from scorekit.likelihood.discrete import log_det_normalization
-    from scorekit.train import load_run
+    from scorekit.runs import load_levels, load_run
 
     if args.no_ode and not args.elbo:
         raise ValueError("--no-ode leaves nothing to compute; add --elbo")

@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from scorekit._util import atomic_write
+    from scorekit.runs import decode, generate, load_run, picture
     from scorekit.train.distributed import setup, teardown
-    from scorekit.train.run import decode, generate, load_run, picture
 
     if args.threads:
         import torch

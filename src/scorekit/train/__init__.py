@@ -1,13 +1,14 @@
 """Training: denoising losses in the sigma frame, the loop (EMA, checkpoints, exact resume, DDP).
 
-    from scorekit.train import TrainConfig, train, load_run
+    from scorekit.train import TrainConfig, train
     result = train(TrainConfig(data="ring", out="runs/ring", steps=2000))
-    denoiser, info = load_run("runs/ring")        # EMA weights, eval mode; info: shape, process, ...
+    # then, to sample: scorekit.runs.load_run("runs/ring") (inference is a layer above training)
 
 Modules: ``loss`` (weighted DSM, flow matching, label dropout), ``loop`` (``train``), ``ema``,
 ``checkpoint`` (atomic, manifest-last, safetensors + JSON), ``distributed`` (torchrun / DDP),
-``run`` (load a run, draw and decode samples), ``quality`` (digits classifier, FD-digits),
-``plots`` (PNG grids, scatters, loss curves).
+``preview`` (the sample pictures drawn during training, and the sampling range of a trained model),
+``quality`` (digits classifier, FD-digits), ``plots`` (PNG grids, scatters, loss curves).
+Loading a run and sampling from it is inference: ``scorekit.runs``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from scorekit.train.loss import (
     flow_matching_loss,
     get_weighting,
 )
-from scorekit.train.run import decode, draw, generate, load_run, sigma_range
 
 __all__ = [
     "EMA",
@@ -32,16 +32,20 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "build_denoiser",
-    "decode",
     "default_weighting",
     "denoising_loss",
-    "draw",
     "drop_labels",
     "ema_beta",
     "flow_matching_loss",
-    "generate",
     "get_weighting",
-    "load_run",
-    "sigma_range",
     "train",
 ]
+
+# Names that moved to scorekit.runs (inference sits above training; train must not import it).
+_MOVED = ("load_run", "generate", "draw", "decode", "sigma_range")
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        raise AttributeError(f"scorekit.train.{name} moved to scorekit.runs.{name}")
+    raise AttributeError(f"module 'scorekit.train' has no attribute {name!r}")

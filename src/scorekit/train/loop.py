@@ -41,6 +41,7 @@ from scorekit.train import checkpoint as ckpt
 from scorekit.train.distributed import setup, shard
 from scorekit.train.ema import EMA, ema_beta
 from scorekit.train.loss import WEIGHTINGS, default_weighting, denoising_loss, drop_labels
+from scorekit.train.preview import save_preview
 
 __all__ = ["DataOrder", "TrainConfig", "TrainResult", "train"]
 
@@ -392,14 +393,11 @@ def train(
             last_saved = step
             t_prev = time.perf_counter()  # checkpoint time is not training time
         if cfg.sample_every and step % cfg.sample_every == 0 and dist.main:
-            _sample_picture(
-                ema.module,
-                cfg,
-                info,
-                sigma_data,
-                run_dir / "samples" / f"step_{step:09d}.png",
-                device,
-            )
+            save_preview(
+                ema.module, info, run_dir / "samples" / f"step_{step:09d}.png",
+                process=cfg.process, param=cfg.param, n=cfg.sample_n, nfe=cfg.sample_nfe,
+                sampler=cfg.sample_sampler, device=device,
+            )  # fmt: skip
             t_prev = time.perf_counter()
     bar.close()
     rate = total_steps_run / max(time.perf_counter() - run_t0, 1e-9)
@@ -439,26 +437,6 @@ def _plot_losses(log_path: Path, png: Path) -> None:
         save_loss_curve(
             png, [r["step"] for r in rows], [r["loss"] for r in rows], title="training loss"
         )
-
-
-def _sample_picture(net, cfg: TrainConfig, info, sigma_data: float, path: Path, device) -> None:
-    """Draw ``cfg.sample_n`` samples from the EMA network and save a grid / scatter (global RNG untouched)."""
-    from scorekit.train.run import draw, picture
-
-    denoiser = build_denoiser(net, process=cfg.process, param=cfg.param, sigma_data=sigma_data)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        x = draw(
-            denoiser,
-            info,
-            cfg.sample_n,
-            nfe=cfg.sample_nfe,
-            sampler=cfg.sample_sampler,
-            process=cfg.process,
-            seed=0,
-            device=device,
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture(path, x, info, title=f"step {path.stem[5:].lstrip('0') or 0}")
 
 
 def _version() -> str:

@@ -1,5 +1,8 @@
 """PNG pictures of training: sample grids (images), scatter plots (2-D), loss curves.
 
+``save_samples`` pictures model-space samples of a run in the data's own units (``decode`` with the
+run's normalisation, ``pixel_range`` for images); ``scorekit.runs`` uses the same three.
+
 Drawn with matplotlib's object API on an Agg canvas, so no global backend is switched and no
 display is needed. Files are written atomically.
 """
@@ -10,15 +13,28 @@ import io
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from scorekit._util import atomic_write
+from scorekit.data import Normalization
 
-__all__ = ["save_figure", "save_grid", "save_loss_curve", "save_panel", "save_scatter"]
+__all__ = [
+    "decode",
+    "pixel_range",
+    "save_figure",
+    "save_grid",
+    "save_loss_curve",
+    "save_panel",
+    "save_samples",
+    "save_scatter",
+]
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 100) -> None:
@@ -147,3 +163,35 @@ def save_loss_curve(
     if title:
         ax.set_title(title)
     save_figure(fig, path)
+
+
+def decode(x: torch.Tensor, info: dict[str, Any]) -> np.ndarray:
+    """Samples in a run's normalised space -> numpy array in the data's own units and shape.
+
+    ``info`` is a run's data description (``scorekit.runs.load_run``); its ``normalization`` dict is
+    ``scorekit.data.Normalization.to_dict``'s.
+    """
+    return np.asarray(Normalization.from_dict(info["normalization"]).decode(x.detach().cpu()))
+
+
+def pixel_range(info: dict[str, Any]) -> tuple[float, float]:
+    """The data's pixel range in its own units: images are normalised to [-1, 1], so decode -1 and 1."""
+    norm = Normalization.from_dict(info["normalization"])
+    probe = (
+        torch.tensor([-1.0, 1.0]).reshape(2, *([1] * len(info["shape"]))).expand(2, *info["shape"])
+    )
+    lo_hi = np.asarray(norm.decode(probe))
+    return float(lo_hi.min()), float(lo_hi.max())
+
+
+def save_samples(
+    path: str | os.PathLike, x: torch.Tensor, info: dict[str, Any], *, title: str = ""
+) -> None:
+    """A PNG of samples ``x`` (normalised space): an image grid, or a 2-D scatter over the data's axes."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if info["kind"] == "image":
+        lo, hi = pixel_range(info)
+        imgs = decode(x, info)
+        save_grid(path, imgs.reshape(len(imgs), *info["shape"]), vmin=lo, vmax=hi, title=title)
+    else:
+        save_scatter(path, decode(x, info).reshape(len(x), -1), title=title)

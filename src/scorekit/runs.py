@@ -1,27 +1,52 @@
-"""Use a trained run: load its EMA denoiser, draw samples, decode them, picture them.
+"""Inference on a trained run: load its EMA denoiser, draw samples, decode them, picture them.
+
+    from scorekit.runs import load_run, generate, decode
+    denoiser, info = load_run("runs/ring")      # EMA weights, eval mode; info: shape, process, ...
+    x = generate(denoiser, info, 1000, nfe=10)  # [1000, *shape] in the model's normalised space
+    points = decode(x, info)                    # numpy, in the data's own units and layout
 
 ``load_run(run_dir)`` reads only JSON and safetensors (no code runs), rebuilds the network from its
 JSON config and returns ``(denoiser, info)``: ``denoiser(x [B, *shape], sigma [B], class_labels=None)``
 is the sigma-frame denoiser of the EMA weights, in eval mode; ``info`` describes the data (see
 ``load_run``). Samples live in the normalised space the model was trained in; ``decode`` maps them to
-the data's own units and shape.
+the data's own units and shape. ``load_levels`` reads a data file in its own units, checked against
+the run's layout (for likelihoods).
+
+This module sits above ``scorekit.train`` (it reads train's checkpoint format and uses its sampling
+range and pictures); training never imports it.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
+import torch.distributed as tdist
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from scorekit import data as sdata
+from scorekit import nets
 from scorekit.denoiser import build_denoiser
+from scorekit.guidance import cfg
 from scorekit.process import get_process
+from scorekit.samplers import sample
 from scorekit.train import checkpoint as ckpt
+from scorekit.train.plots import decode, pixel_range, save_samples
+from scorekit.train.preview import sampling_range
 
-__all__ = ["decode", "draw", "generate", "load_run", "picture", "pixel_range", "sigma_range"]
+__all__ = [
+    "decode",
+    "draw",
+    "generate",
+    "load_levels",
+    "load_run",
+    "picture",
+    "pixel_range",
+    "sigma_range",
+]
 
 
 def load_run(
@@ -46,8 +71,6 @@ def load_run(
     Raises:
         FileNotFoundError: if ``run_dir`` has no complete checkpoint.
     """
-    from scorekit import nets
-
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     folder = ckpt.latest(run_dir)
@@ -58,20 +81,20 @@ def load_run(
     tensors, state = ckpt.load(folder)
     net = nets.build(state["net"])
     net.load_state_dict(tensors[weights])
-    cfg = state["config"]
+    config = state["config"]
     info = dict(state["data"])
     info["num_classes"] = int(state["net"].get("num_classes", 0) or 0)
-    lo, hi = sigma_range(cfg["process"])
+    lo, hi = sigma_range(config["process"])
     info.update(
-        process=cfg["process"],
-        param=cfg["param"],
+        process=config["process"],
+        param=config["param"],
         sigma_min=lo,
         sigma_max=hi,
         step=int(state["step"]),
-        config=cfg,
+        config=config,
     )
     denoiser = build_denoiser(
-        net, process=cfg["process"], param=cfg["param"], sigma_data=info["sigma_data"]
+        net, process=config["process"], param=config["param"], sigma_data=info["sigma_data"]
     )
     return denoiser.to(device).eval().requires_grad_(False), info
 
@@ -104,14 +127,7 @@ def draw(
     as well, classifier-free guidance ``D_u + w (D_c - D_u)`` with ``D_u`` the label-dropped branch
     (Ho & Salimans 2022, eq. 6 in the denoiser form).
     """
-    from scorekit.samplers import sample
-
-    lo, hi = sigma_range(process or info["process"])
-    lo = max(lo, 2e-3)  # below this the last step changes nothing visible and costs accuracy
-    # The prior N(0, sigma_max^2 I) differs from the noised data's marginal by a relative variance of
-    # (sd / sigma_max)^2, 0.25% at 20 sd; starting higher spends steps on nothing (EDM's 80 is 160 sd
-    # for images of sd 0.5), which at NFE 10 costs visible accuracy.
-    hi = min(hi, 80.0, 20.0 * float(info.get("sigma_data", 4.0)))
+    lo, hi = sampling_range(process or info["process"], info.get("sigma_data", 4.0))
     d = _bind(denoiser, info, guidance, label)
     with torch.no_grad():
         return sample(
@@ -145,9 +161,6 @@ def generate(
     same seed, so sample ``i`` is the same whatever ``N`` and ``batch``); rank 0 gathers them and
     returns ``[n, *shape]`` on the CPU, the other ranks return ``None``. ``draw_options`` go to ``draw``.
     """
-    import torch.distributed as tdist
-    from tqdm.auto import tqdm
-
     if n < 1 or batch < 1:
         raise ValueError(f"n and batch must be >= 1, got n={n}, batch={batch}")
     rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
@@ -176,7 +189,12 @@ def generate(
     return torch.cat([g[:k].cpu() for g, k in zip(gathered, sizes, strict=True)])
 
 
-def _bind(denoiser, info, guidance, label):
+def _bind(denoiser, info: dict[str, Any], guidance: float | None, label: int | None):
+    """The denoiser to sample: unchanged, the class ``label`` bound in, or CFG towards it.
+
+    With a label, ``D_c = denoiser(., ., class_labels=label)``; with ``guidance = w`` as well,
+    ``scorekit.guidance.cfg(D_c, D_u, w)`` with ``D_u`` the label-dropped branch (``class_labels=-1``).
+    """
     if label is None:
         if guidance is not None:
             raise ValueError("--guidance needs --label (the class to guide towards)")
@@ -188,47 +206,48 @@ def _bind(denoiser, info, guidance, label):
         )
     if not 0 <= label < k:
         raise ValueError(f"label must be in 0..{k - 1}, got {label}")
-
-    def conditional(x, sigma):
-        return denoiser(x, sigma, class_labels=torch.full((x.shape[0],), label, device=x.device))
-
+    conditional = partial(_with_label, denoiser, label)
     if guidance is None:
         return conditional
-
-    def guided(x, sigma):
-        d_u = denoiser(x, sigma, class_labels=torch.full((x.shape[0],), -1, device=x.device))
-        return d_u + guidance * (conditional(x, sigma) - d_u)
-
-    return guided
+    return cfg(conditional, partial(_with_label, denoiser, -1), guidance)
 
 
-def decode(x: Tensor, info: dict[str, Any]) -> np.ndarray:
-    """Samples in the normalised space -> numpy array in the data's own units and shape."""
-    from scorekit.data import Normalization
-
-    return np.asarray(Normalization.from_dict(info["normalization"]).decode(x.detach().cpu()))
+def _with_label(denoiser, label: int, x: Tensor, sigma: Tensor) -> Tensor:
+    """``denoiser(x, sigma)`` with every row's class label ``label`` (-1: no label)."""
+    return denoiser(x, sigma, class_labels=torch.full((x.shape[0],), label, device=x.device))
 
 
 def picture(path: str | os.PathLike, x: Tensor, info: dict[str, Any], *, title: str = "") -> None:
     """A PNG of samples ``x`` (normalised space): an image grid, or a 2-D scatter over the data's axes."""
-    from scorekit.train.plots import save_grid, save_scatter
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if info["kind"] == "image":
-        lo, hi = pixel_range(info)
-        imgs = decode(x, info)
-        save_grid(path, imgs.reshape(len(imgs), *info["shape"]), vmin=lo, vmax=hi, title=title)
-    else:
-        save_scatter(path, decode(x, info).reshape(len(x), -1), title=title)
+    save_samples(path, x, info, title=title)
 
 
-def pixel_range(info: dict[str, Any]) -> tuple[float, float]:
-    """The data's pixel range in its own units: images are normalised to [-1, 1], so decode -1 and 1."""
-    from scorekit.data import Normalization
+def load_levels(data: str, info: dict, *, split: str = "all", holdout: float | None = None,
+                seed: int = 0) -> Tensor:  # fmt: skip
+    """The data in its own units and layout (``[N, ...]`` float64), checked against the run.
 
-    norm = Normalization.from_dict(info["normalization"])
-    probe = (
-        torch.tensor([-1.0, 1.0]).reshape(2, *([1] * len(info["shape"]))).expand(2, *info["shape"])
-    )
-    lo_hi = np.asarray(norm.decode(probe))
-    return float(lo_hi.min()), float(lo_hi.max())
+    Raises ``ValueError`` when the examples do not have the run's shape once normalised.
+    """
+    ds = sdata.load(data, seed=seed)
+    if split != "all":
+        frac = holdout if holdout is not None else float(info["config"].get("holdout", 0.0))
+        if not 0 < frac < 1:
+            raise ValueError(
+                f"--split {split} needs a holdout fraction in (0, 1); the run used {frac} "
+                "(give --holdout)"
+            )
+        train, test = sdata.split(ds, holdout=frac, seed=int(info["config"].get("seed", 0)))
+        ds = test if split == "test" else train
+    raw = ds.normalization.decode(ds.x).to(torch.float64)
+    norm = sdata.Normalization.from_dict(info["normalization"])
+    try:
+        model_x = norm.encode(raw)
+    except ValueError as e:
+        raise ValueError(f"--data {data}: does not fit the run's data layout: {e}") from None
+    want = tuple(info["shape"])
+    if tuple(model_x.shape[1:]) != want:
+        raise ValueError(
+            f"--data {data}: examples have shape {tuple(model_x.shape[1:])} in model units; the run "
+            f"was trained on shape {list(want)}"
+        )
+    return raw
