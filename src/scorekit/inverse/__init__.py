@@ -111,9 +111,11 @@ def _steps(name: str, sigmas: Tensor | Sequence[float], options: dict) -> int:
 
 def nfe(name: str, sigmas: Tensor | Sequence[float], **options) -> int:
     """The exact number of denoiser calls ``REGISTRY[name]`` makes on ``sigmas`` with ``options``."""
-    return _COSTS[name][0](_steps(name, sigmas, options), options)
+    n = _steps(name, sigmas, options)
+    return _COSTS[name][0](n, options)
 
 
 def vjps(name: str, sigmas: Tensor | Sequence[float], **options) -> int:
     """The exact number of backward passes through the denoiser ``REGISTRY[name]`` makes."""
-    return _COSTS[name][1](_steps(name, sigmas, options), options)
+    n = _steps(name, sigmas, options)
+    return _COSTS[name][1](n, options)

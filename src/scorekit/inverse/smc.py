@@ -97,10 +97,10 @@ def tds(
         emit(callback, i, s0, xp, d)
         logw = carry + lt
         if last:  # x0 = D(x_1): the twist at sigma = 0 is the exact likelihood
-            pick = _systematic(logw, _uniforms(b, x, generator))[:, :1]
-            out = d.reshape(b, k, *shape)
-            return finish(out[torch.arange(b, device=x.device), pick[:, 0]])
-        # the final weight uses the exact likelihood of D(x_1), so the last twist is that likelihood
+            cdf = torch.softmax(logw, dim=1).cumsum(1)
+            u = _uniforms(b, x, generator)[:, None] * cdf[:, -1:]
+            pick = torch.searchsorted(cdf, u).clamp(max=k - 1)[:, 0]  # one particle, by weight
+            return finish(d.reshape(b, k, *shape)[torch.arange(b, device=x.device), pick])
         anc = _systematic(logw, _uniforms(b, x, generator))
         rows = (torch.arange(b, device=x.device)[:, None] * k + anc).flatten()
         xp, d, g, lt = xp[rows], d[rows], g[rows], lt.flatten()[rows].reshape(b, k)
