@@ -151,7 +151,7 @@ def test_build_round_trip_through_json_and_determinism():
     from scorekit.data import load
 
     for ds in (load("moons"), load("digits")):
-        cfg = default_config(ds)
+        cfg = default_config(ds.kind, ds.shape, ds.num_classes)
         assert cfg["type"] in NETS and cfg["num_classes"] == ds.num_classes
         cfg2 = json.loads(json.dumps(cfg))
         torch.manual_seed(7)
@@ -171,8 +171,22 @@ def test_build_round_trip_through_json_and_determinism():
             a(x, torch.rand(4, generator=torch.Generator().manual_seed(0)), y),
             b(x, torch.rand(4, generator=torch.Generator().manual_seed(0)), y),
         )
-    digits_net = build(default_config(load("digits")))
+    digits = load("digits")
+    digits_net = build(default_config(digits.kind, digits.shape, digits.num_classes))
     assert 0.5e6 <= num_parameters(digits_net) <= 1.5e6
+
+
+def test_default_config_takes_plain_values():
+    # The same config from the kind, shape and class count alone (nets knows nothing of data sets).
+    mlp = default_config("vector", (5,), 3)
+    assert (mlp["type"], mlp["dim"], mlp["num_classes"]) == ("mlp", 5, 3)
+    unet = default_config("image", [3, 6, 6])
+    assert unet["in_channels"] == 3 and unet["image_size"] == [6, 6] and unet["num_classes"] == 0
+    assert unet["channel_mults"] == [1, 2] and unet["attn_resolutions"] == [3]
+    odd = default_config("image", [1, 7, 7])
+    assert odd["channel_mults"] == [1] and odd["attn_resolutions"] == [7]
+    with pytest.raises(ValueError, match="kind must be 'vector' or 'image', got 'text'"):
+        default_config("text", [4])
 
 
 def test_build_errors():

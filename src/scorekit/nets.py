@@ -15,7 +15,7 @@ The noise level enters through a sinusoidal embedding of ``c_noise`` (``_NoiseEm
 and a per-block scale and shift (FiLM, Perez et al. 2018) of the normalised activations.
 
 ``build(config)`` makes a network from a JSON-able dict through the explicit two-entry table ``NETS``;
-``default_config(dataset)`` gives CPU-sized defaults for a ``scorekit.data.Dataset``.
+``default_config(kind, shape, num_classes)`` gives CPU-sized defaults for data of that kind and shape.
 
 References:
     Vaswani et al., "Attention Is All You Need", NeurIPS 2017 (sinusoidal embedding, Sec. 3.5).
@@ -32,16 +32,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scorekit._util import append_dims, check_int, check_number
-
-if TYPE_CHECKING:
-    from scorekit.data import Dataset
 
 __all__ = ["MLP", "NETS", "UNet", "build", "default_config", "num_parameters"]
 
@@ -210,7 +207,10 @@ class MLP(nn.Module):
         self.class_emb = _ClassEmbedding(num_classes, emb_dim) if num_classes else None
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
-            _MLPBlock(hidden, emb_dim, check_number("dropout", dropout, low=0, high=1, high_ok=False)) for _ in range(depth)
+            _MLPBlock(
+                hidden, emb_dim, check_number("dropout", dropout, low=0, high=1, high_ok=False)
+            )
+            for _ in range(depth)
         )
         self.out_norm = nn.LayerNorm(hidden)
         self.out = nn.Linear(hidden, dim)
@@ -480,28 +480,33 @@ def build(config: dict[str, Any]) -> nn.Module:
         raise TypeError(f"bad config for {kind!r}: {err}") from None
 
 
-def default_config(dataset: Dataset) -> dict[str, Any]:
-    """CPU-sized defaults for a ``scorekit.data.Dataset``, as a JSON-able config for ``build``.
+def default_config(kind: str, shape: Sequence[int], num_classes: int = 0) -> dict[str, Any]:
+    """CPU-sized defaults for data of ``kind`` and per-example ``shape``, a JSON-able config for ``build``.
+
+    Args:
+        kind: ``"vector"`` (``shape = [dim]``) or ``"image"`` (``shape = [C, H, W]``).
+        shape: one example's shape.
+        num_classes: the number of class labels (0: unconditional).
 
     Vectors: ``MLP(hidden=256, depth=4, emb_dim=128)`` (about 0.8M parameters for 2-D data).
     Images: a two-level U-Net (32 and 64 channels, two residual blocks per level, attention at the
     lower level when it is at most 16 pixels high), about 1.08M parameters for 8x8 digits with 10
-    classes. The number of classes is the data set's, so class-conditional training (and classifier-free
+    classes. With the data set's number of classes, class-conditional training (and classifier-free
     guidance) is available whenever the data carries labels.
     """
-    if dataset.kind == "vector":
-        (dim,) = dataset.shape
+    if kind == "vector":
+        (dim,) = shape
         return {
             "type": "mlp",
             "dim": int(dim),
             "hidden": 256,
             "depth": 4,
             "emb_dim": 128,
-            "num_classes": int(dataset.num_classes),
+            "num_classes": int(num_classes),
             "dropout": 0.0,
         }
-    if dataset.kind == "image":
-        c, h, w = dataset.shape
+    if kind == "image":
+        c, h, w = shape
         mults = [1, 2] if h % 2 == 0 and w % 2 == 0 else [1]
         low = h // 2 ** (len(mults) - 1)
         return {
@@ -512,10 +517,10 @@ def default_config(dataset: Dataset) -> dict[str, Any]:
             "channel_mults": mults,
             "num_res_blocks": 2,
             "attn_resolutions": [low] if low <= 16 else [],
-            "num_classes": int(dataset.num_classes),
+            "num_classes": int(num_classes),
             "dropout": 0.0,
         }
-    raise ValueError(f"dataset.kind must be 'vector' or 'image', got {dataset.kind!r}")
+    raise ValueError(f"kind must be 'vector' or 'image', got {kind!r}")
 
 
 def num_parameters(net: nn.Module) -> int:

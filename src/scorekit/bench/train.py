@@ -177,7 +177,7 @@ def overhead(out: Path, *, repeats: int, progress: bool = True) -> dict:
     results = {}
     for name, batch, steps, override in (("ring", 512, 500, RING_NET), ("digits", 128, 40, {})):
         ds = data.load(name)
-        net_cfg = {**nets.default_config(ds), **override, "num_classes": 0}
+        net_cfg = {**nets.default_config(ds.kind, ds.shape), **override}
         bare, ours, bare_cpu, ours_cpu = [], [], [], []
         for _ in range(repeats):
             wall, cpu = _bare_steps_per_second(ds, net_cfg, steps=steps, batch=batch)

@@ -55,7 +55,7 @@ class TrainConfig:
     training examples (EDM), capped at ``ema_rampup`` times the examples seen so far (so short runs
     average over their last ~5%); ``0`` keeps the EMA equal to the weights. ``weighting`` defaults to the
     one matching ``param`` (see ``scorekit.train.loss.WEIGHTINGS``). ``net`` overrides keys of
-    ``scorekit.nets.default_config(dataset)``. ``holdout`` keeps that fraction of the data out of
+    ``scorekit.nets.default_config`` for the data set. ``holdout`` keeps that fraction of the data out of
     training (for held-out metrics).
     """
 
@@ -243,7 +243,11 @@ def train(
 
     from scorekit import nets
 
-    net_cfg = state["net"] if state is not None else {**nets.default_config(dataset), **cfg.net}
+    net_cfg = (
+        state["net"]
+        if state is not None
+        else {**nets.default_config(dataset.kind, dataset.shape, dataset.num_classes), **cfg.net}
+    )
     if state is None and not cfg.cond:
         net_cfg["num_classes"] = 0
     torch.manual_seed(mix_seed(cfg.seed, 0x1417))  # same initial weights on every rank
