@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from scorekit.analytic import gaussian, target
-from scorekit.samplers import ADAPTIVE, REGISTRY, nfe, sample
+from scorekit.samplers import ADAPTIVE, REGISTRY, STOCHASTIC, nfe, sample
 from scorekit.schedules import karras
 
 #: Every sampler and the options the contract runs it with (small, so the suite stays fast).
@@ -41,19 +41,6 @@ CONTRACT: dict[str, dict] = {
 }
 
 NAMES = sorted(CONTRACT)
-
-#: Samplers that draw noise (their results depend on the generator).
-STOCHASTIC = {
-    "euler_ancestral",
-    "euler_maruyama",
-    "dpmpp_2m_sde",
-    "dpmpp_3m_sde",
-    "edm_stochastic",
-    "restart",
-    "pc_langevin",
-    "adaptive_sde",
-}
-
 
 def test_registry_and_contract_cover_the_same_names():
     assert set(REGISTRY) == set(CONTRACT)
@@ -293,6 +280,65 @@ def test_sample_options_schedule_callable_progress_and_mismatched_nfe():
         sample(g, (3, 2), nfe=8, sampler="euler", index_offset=-1)
     with pytest.raises(ValueError, match="unknown schedule"):
         sample(g, (3, 2), nfe=8, sampler="euler", schedule="nope")
+
+
+def test_sample_with_explicit_sigmas_and_an_adaptive_sampler_refuses_nfe():
+    g = Counting(target("ring8"))
+    sig = karras(4, 0.1, 5.0)
+    with pytest.raises(ValueError, match="adaptive"):
+        sample(g, (3, 2), nfe=4, sampler="adaptive_ode", sigmas=sig)
+    stats: dict = {}
+    out = sample(g, (3, 2), sampler="adaptive_ode", sigmas=sig, rtol=1e-4, atol=1e-4, stats=stats)
+    assert out.shape == (3, 2) and stats["nfe"] == g.calls > 4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stochastic_flag_matches_the_use_of_the_generator(name):
+    # A sampler marked stochastic must change with the generator; one not marked must not.
+    g = target("ring8", dtype=torch.float32)
+    x = 5.0 * torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    sig = karras(6, 0.05, 5.0)
+    runs = [
+        REGISTRY[name](g, x.clone(), sig, generator=torch.Generator().manual_seed(k), **CONTRACT[name])
+        for k in (1, 2)
+    ]
+    differs = not torch.equal(runs[0], runs[1])
+    assert differs == (name in STOCHASTIC), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_callback_sees_every_step_in_order(name):
+    # The callback contract: one call per step i = 0 .. N-1 with the state x at noise level sigma
+    # (x's shape) and the denoiser output there (x's shape), or None where an adaptive sampler
+    # reports a state between its own steps. sigma is sigmas[i], except that edm_stochastic reports
+    # the churned level sigma_hat = sigma_i (1 + gamma_i) of the state it denoises (gamma_i <=
+    # sqrt(2) - 1), as k-diffusion does.
+    g = target("ring8", dtype=torch.float32)
+    x = 5.0 * torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    sig = karras(5, 0.05, 5.0)
+    seen = []
+    REGISTRY[name](
+        g, x.clone(), sig, generator=torch.Generator().manual_seed(1), callback=seen.append,
+        **CONTRACT[name],
+    )  # fmt: skip
+    assert [d["i"] for d in seen] == list(range(len(sig) - 1)), name
+    got, want = [d["sigma"] for d in seen], sig[:-1].tolist()
+    if name == "edm_stochastic":
+        assert all(w <= g <= math.sqrt(2) * w * (1 + 1e-12) for g, w in zip(got, want, strict=True))
+        assert got != pytest.approx(want)  # the options above do churn
+    else:
+        assert got == pytest.approx(want, rel=1e-12)
+        torch.testing.assert_close(seen[0]["x"], x)  # step 0 sees the start state itself
+    for d in seen:
+        assert set(d) == {"i", "sigma", "x", "denoised"}
+        assert d["x"].shape == x.shape
+        assert d["denoised"] is None or d["denoised"].shape == x.shape
+    # A fixed-step sampler reports D(x, sigma_i) of the state it shows; UniPC reports the output at
+    # its predicted point and the state after the corrector that used it (its Alg. 2-3 order).
+    if name not in ADAPTIVE and name != "unipc":
+        for d in seen:
+            want = g(d["x"], torch.full((3,), d["sigma"]))
+            torch.testing.assert_close(d["denoised"], want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit._util import append_dims, check_finite, check_number
+from scorekit._util import append_dims, check_finite, check_int, check_number
 from scorekit.pfode import ODESolveError, integrate
 from scorekit.samplers.common import GeneratorLike, emit, finish, prepare, randn_like, sampler
 
@@ -125,7 +125,9 @@ def adaptive_sde(
     variance +60% at the default tolerances). Here a rejected interval keeps its Brownian increment
     and the retry takes the Brownian bridge inside it (``_BrownianStack``, RSwM), so the solution
     follows one fixed Brownian path at adaptive resolution.
-    Ends with ``x = D(x, sigmas[-2])``; ``callback`` sees only that last state (``i = 0``).
+    Between consecutive positive entries of ``sigmas`` it solves one such segment (``[sigma_max,
+    sigma_min, 0]``: one segment over the whole range); ``callback`` sees ``x`` at each positive
+    entry (``denoised`` None there) and the final ``D(x, sigmas[-2])``, which ends the solve.
     ``stats`` receives ``nfe`` (``2 * iterations + 1``) and
     ``iterations``; the loop reads ``any(t < 1)`` on the host once per iteration.
 
@@ -135,10 +137,16 @@ def adaptive_sde(
         Euler scheme to integrate stochastic differential equations", arXiv:1210.0933 (2012).
     """
     _positive(rtol=rtol, atol=atol, h_init=h_init, safety=safety, exponent=exponent)
+    check_int("max_iterations", max_iterations)
     s, model = prepare(denoiser, x, sigmas)
     u0, u1 = math.log(s[0]), math.log(s[-2])
     span, batch, it = u0 - u1, x.shape[0], 0
     kw = {"dtype": torch.float64, "device": x.device}
+    # Each row steps exactly onto the times of the interior sigmas (for the callback): ``stops`` are
+    # their times in [0, 1], then 1; ``nxt`` is each row's next stop; ``seen[k]`` its state there.
+    stops = torch.tensor([(u0 - math.log(v)) / span for v in s[1:-2]] + [1.0], **kw) if span else None
+    nxt = torch.zeros(batch, dtype=torch.long, device=x.device)
+    start, seen = x, [x] * (len(s) - 3)
     t, h = torch.zeros(batch, **kw), torch.full((batch,), min(h_init, 1.0), **kw)
     path = _BrownianStack(x)
     x_prev, err = x, torch.zeros(batch, **kw)
@@ -155,7 +163,8 @@ def adaptive_sde(
         if it >= max_iterations:
             raise RuntimeError(f"adaptive_sde did not finish in max_iterations={max_iterations}")
         it += 1
-        h = torch.minimum(h, 1 - t)
+        stop = stops[nxt]
+        h = torch.minimum(h, stop - t)
         dw = path.increment(h, int(depth), generator)  # [B, ...], variance h per entry (t units)
         du = append_dims((h * span).to(x.dtype), x.ndim)
         noise = math.sqrt(2 * span) * dw
@@ -169,10 +178,17 @@ def adaptive_sde(
         path.push(~ok, h, dw, int(depth))  # a rejected interval keeps its Brownian increment
         keep = append_dims(ok, x.ndim)
         x, x_prev = torch.where(keep, x_hi, x), torch.where(keep, x1, x_prev)
-        t = torch.where(ok, torch.where(h >= 1 - t, torch.ones_like(t), t + h), t)
+        landed = ok & (h >= stop - t)
+        t = torch.where(ok, torch.where(landed, stop, t + h), t)
+        for k in range(len(seen)):  # rows that just reached interior stop k keep their state there
+            seen[k] = torch.where(append_dims(landed & (nxt == k), x.ndim), x, seen[k])
+        nxt = nxt + (landed & (nxt < len(seen))).long()
         h = torch.minimum(1 - t, safety * h * err.clamp_min(1e-10) ** (-exponent))
+    emit(callback, 0, s[0], start, None)
+    for k, state in enumerate(seen):
+        emit(callback, k + 1, s[k + 1], state, None)
     d = model(x, s[-2])
-    emit(callback, 0, s[-2], x, d)
+    emit(callback, len(s) - 2, s[-2], x, d)
     if stats is not None:
         stats["nfe"], stats["iterations"] = 2 * it + 1, it
     return finish(d)
