@@ -125,9 +125,10 @@ def adaptive_sde(
     variance +60% at the default tolerances). Here a rejected interval keeps its Brownian increment
     and the retry takes the Brownian bridge inside it (``_BrownianStack``, RSwM), so the solution
     follows one fixed Brownian path at adaptive resolution.
-    Between consecutive positive entries of ``sigmas`` it solves one such segment (``[sigma_max,
-    sigma_min, 0]``: one segment over the whole range); ``callback`` sees ``x`` at each positive
-    entry (``denoised`` None there) and the final ``D(x, sigmas[-2])``, which ends the solve.
+    The solve runs from ``sigmas[0]`` to ``sigmas[-2]``; each row's step is shortened to land
+    exactly on every interior positive entry of ``sigmas`` (none for ``[sigma_max, sigma_min, 0]``),
+    where ``callback`` sees the states (``denoised`` None; reported once the whole batch has passed
+    them), then the final ``x = D(x, sigmas[-2])``.
     ``stats`` receives ``nfe`` (``2 * iterations + 1``) and
     ``iterations``; the loop reads ``any(t < 1)`` on the host once per iteration.
 
