@@ -12,10 +12,12 @@ import torch
 pytest.importorskip("diffusers")
 
 from scorekit.analytic import target
-from scorekit.bench.samplers import SCOREKIT_SAMPLERS, add_arguments, run
+from scorekit.bench.samplers import SCOREKIT_SAMPLERS, Config, add_arguments, run
+from scorekit.bench.samplers.candidates import bespoke_fit
+from scorekit.bench.samplers.fresh import fresh_check
+from scorekit.pfode import pf_ode_reference
 from scorekit.process import DiscreteProcess
-from scorekit.samplers import REGISTRY
-from scorekit.schedules import pf_ode_reference
+from scorekit.samplers.registry import get_sampler
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -45,7 +47,7 @@ def test_quick_bench_writes_tables_and_its_fresh_check_is_reproducible(tmp_path,
     g = torch.Generator().manual_seed(101)
     x_t = sigma_max * torch.randn(64, 2, generator=g, dtype=torch.float64)
     ref = pf_ode_reference(gm, x_t, sigma_max, 0.0)
-    x = REGISTRY[name](gm, x_t, torch.tensor(best["sigmas"], dtype=torch.float64), **opts)
+    x = get_sampler(name)(gm, x_t, torch.tensor(best["sigmas"], dtype=torch.float64), **opts)
     assert math.isclose(
         row["scorekit_error"], float((x - ref).square().mean().sqrt()), rel_tol=1e-6
     )
@@ -59,9 +61,8 @@ def test_bench_rejects_a_negative_fresh_count(tmp_path):
 
 
 def test_bespoke_variant_starts_from_the_best_candidate_on_calibration_noise(tmp_path):
-    # _bespoke_fit picks, among this NFE's teleport rows with a linear sampler, the one with the
+    # bespoke_fit picks, among this NFE's teleport rows with a linear sampler, the one with the
     # lowest error on the calibration noise (recomputed here), fits it, and caches the solver.
-    from scorekit.bench.samplers import _bespoke_fit, _fresh_check
     from scorekit.samplers import BespokeSolver
     from scorekit.samplers.accelerators import GaussianFlow, with_teleport
 
@@ -77,7 +78,8 @@ def test_bespoke_variant_starts_from_the_best_candidate_on_calibration_noise(tmp
         {"target_nfe": 4, "schedule": "teleport+optimized", "sampler": "heun", "sigmas": good},
     ]
     args = _args("--out", str(tmp_path), "--bespoke-rows", "128", "--bespoke-iterations", "20")
-    label, solver = _bespoke_fit(gm, "ring8", 4, rows, flow, smax, args, lambda m: None)
+    config = Config.from_args(args)
+    label, solver = bespoke_fit(gm, "ring8", 4, rows, flow, smax, config, lambda m: None)
     assert label == "ipndm" and solver.nfe == 4 and solver.teleport
     # the same calibration noise as the bench: seed + 1
     g = torch.Generator().manual_seed(1)
@@ -91,7 +93,7 @@ def test_bespoke_variant_starts_from_the_best_candidate_on_calibration_noise(tmp
         solver.calibration_rms[1], float((fitted - ref_c).square().mean().sqrt()), rel_tol=1e-6
     )
     assert solver.calibration_rms[1] <= base_rms
-    again = _bespoke_fit(gm, "ring8", 4, rows, flow, smax, args, lambda m: None)[1]
+    again = bespoke_fit(gm, "ring8", 4, rows, flow, smax, config, lambda m: None)[1]
     assert torch.equal(again.coefficients, solver.coefficients)  # from the cache
     cached = json.loads((tmp_path / "bespoke_solvers.json").read_text())
     assert len(cached) == 1
@@ -101,7 +103,7 @@ def test_bespoke_variant_starts_from_the_best_candidate_on_calibration_noise(tmp
             "sigmas": [smax, *solver.sigmas.tolist()], "bespoke": solver.to_dict()}  # fmt: skip
     summary = {4: {"scorekit": best}}
     fresh_args = _args("--quick", "--fresh", "1", "--fresh-rows", "32", "--out", str(tmp_path))
-    _, (frow,) = _fresh_check(gm, summary, smax, fresh_args, lambda m: None)
+    _, (frow,) = fresh_check("ring8", summary, Config.from_args(fresh_args), lambda m: None)
     g = torch.Generator().manual_seed(101)
     x_f = smax * torch.randn(32, 2, generator=g, dtype=torch.float64)
     ref_f = pf_ode_reference(gm, x_f, smax, 0.0)
