@@ -22,9 +22,9 @@ from scorekit.schedules import karras
 F64 = torch.float64
 RING = target("ring8")
 OBSERVE_X = torch.tensor([[1.0, 0.0]], dtype=F64)
-#: Solvers that weigh the measurement by sigma_y: a very noisy measurement leaves the prior. DPS does
-#: not use sigma_y; DDRM and DDNM take the measurement's noise as the state's noise (docstrings).
-NOISE_AWARE = ["pigdm", "mmps", "diffpir", "tds"]
+#: Solvers that weigh the measurement by sigma_y: a very noisy measurement leaves the prior. DPS, MCG
+#: and RePaint do not use sigma_y; DDRM and DDNM take the measurement's noise as the state's noise.
+NOISE_AWARE = ["pigdm", "mmps", "diffpir", "tds", "dmps", "daps"]
 #: Options that keep the SMC cheap in the generic checks.
 CHEAP = {"tds": {"particles": 4}}
 
@@ -61,7 +61,10 @@ class Counting:
 
 
 def test_registry_is_the_table_of_the_docs():
-    assert set(REGISTRY) == {"dps", "pigdm", "mmps", "ddrm", "ddnm", "diffpir", "tds"}
+    assert set(REGISTRY) == {
+        *("dps", "pigdm", "mmps", "ddrm", "ddnm", "diffpir", "tds"),
+        *("dmps", "daps", "repaint", "mcg"),
+    }
     assert all(REGISTRY[n] is getattr(inverse, n) for n in REGISTRY)
     assert all(f"\n{n} " in inverse.__doc__ for n in REGISTRY)
 
@@ -70,27 +73,27 @@ def test_registry_is_the_table_of_the_docs():
 @pytest.mark.parametrize("options", [{}, {"alt": True}])
 def test_exact_nfe_and_backward_passes(name, options):
     opts = dict(CHEAP.get(name, {}))
-    if options and name == "mmps":
-        opts["cg_iters"] = 1
+    if options:
+        opts.update(
+            {"mmps": {"cg_iters": 1}, "daps": {"ode_steps": 2}, "repaint": {"resample": 3}}.get(
+                name, {}
+            )
+        )
     sig = _sigmas(6)
     den = Counting(RING)
     y = torch.tensor([[0.3], [0.9], [-0.2]], dtype=F64)
     REGISTRY[name](den, y, Matrix(OBSERVE_X), _start(3), sig, sigma_y=0.1, **opts)
-    assert den.calls == nfe(name, sig, **opts) == 6
+    assert den.calls == nfe(name, sig, **opts)
     assert den.backward == vjps(name, sig, **opts)
 
 
 def test_declared_backward_passes():
     sig = _sigmas(10)
-    assert [vjps(n, sig) for n in ("dps", "pigdm", "ddrm", "ddnm", "diffpir", "tds")] == [
-        10,
-        10,
-        0,
-        0,
-        0,
-        9,
-    ]
+    names = ("dps", "pigdm", "ddrm", "ddnm", "diffpir", "tds", "dmps", "daps", "repaint", "mcg")
+    assert [vjps(n, sig) for n in names] == [10, 10, 0, 0, 0, 9, 0, 0, 0, 10]
     assert vjps("mmps", sig) == 40 and vjps("mmps", sig, cg_iters=0) == 10
+    assert [nfe(n, sig) for n in names] == [10] * 7 + [40, 10, 10]
+    assert nfe("repaint", sig, resample=4) == 9 * 4 + 1 and nfe("daps", sig, ode_steps=1) == 10
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -136,7 +139,7 @@ def test_uninformative_operator_gives_the_prior(name):
     floor, ref = _floor(RING, n)
     y = torch.full((n, 1), 0.7, dtype=F64)
     out = REGISTRY[name](
-        RING, y, Matrix(torch.zeros(1, 2, dtype=F64)), _start(n), _sigmas(40), sigma_y=0.1,
+        RING, y, Matrix(torch.zeros(1, 2, dtype=F64)), _start(n), _sigmas(30), sigma_y=0.1,
         generator=torch.Generator().manual_seed(1), **CHEAP.get(name, {}),
     )  # fmt: skip
     assert sliced_wasserstein(out, ref) < 1.6 * floor
@@ -149,7 +152,7 @@ def test_very_noisy_measurement_gives_the_prior(name):
     g = torch.Generator().manual_seed(2)
     y = RING.sample(1, g) @ OBSERVE_X.T + 1e6 * torch.randn(1, 1, generator=g, dtype=F64)
     out = REGISTRY[name](
-        RING, y.expand(n, 1), Matrix(OBSERVE_X), _start(n), _sigmas(40), sigma_y=1e6,
+        RING, y.expand(n, 1), Matrix(OBSERVE_X), _start(n), _sigmas(30), sigma_y=1e6,
         generator=torch.Generator().manual_seed(1), **CHEAP.get(name, {}),
     )  # fmt: skip
     assert sliced_wasserstein(out, ref) < 1.6 * floor
@@ -158,7 +161,8 @@ def test_very_noisy_measurement_gives_the_prior(name):
 @pytest.mark.parametrize("name", list(REGISTRY))
 def test_identity_with_tiny_noise_returns_y(name):
     """``A = I``, ``sigma_y = 1e-4``: the posterior is ``N(y, ~1e-8 I)``. The spectral solvers and TDS end
-    on ``D(x, sigma_min)``, within a few ``sigma_min = 2e-3`` of ``y``; DPS's normalised step keeps it
+    on ``D(x, sigma_min)``, within a few ``sigma_min = 2e-3`` of ``y``, the others within 5 posterior
+    standard deviations (``5e-4``); DPS's normalised step keeps it
     within ``2 zeta (1 + sigma_min^2)`` of ``y`` (its docstring)."""
     y = RING.sample(6, torch.Generator().manual_seed(4))
     out = REGISTRY[name](
@@ -166,12 +170,15 @@ def test_identity_with_tiny_noise_returns_y(name):
         generator=torch.Generator().manual_seed(1), **CHEAP.get(name, {}),
     )  # fmt: skip
     tol = {"dps": 2 * 0.1 * (1 + 2e-3**2) + 1e-3, "ddrm": 1e-2, "ddnm": 1e-2, "tds": 1e-2}
-    assert float((out - y).abs().max()) < tol.get(name, 1e-4)
+    assert float((out - y).abs().max()) < tol.get(name, 5e-4)  # 5 posterior standard deviations
 
 
 @pytest.mark.parametrize(
     ("name", "factor"),
-    [("mmps", 2.0), ("pigdm", 2.5), ("ddrm", 2.5), ("ddnm", 2.5), ("diffpir", 2.5), ("dps", 2.5)],
+    [
+        *(("mmps", 2.0), ("pigdm", 2.5), ("ddrm", 2.5), ("ddnm", 2.5), ("diffpir", 2.5)),
+        *(("dps", 2.5), ("dmps", 2.5), ("daps", 2.5), ("repaint", 2.5), ("mcg", 2.5)),
+    ],
 )
 def test_observe_one_coordinate_matches_the_exact_posterior(name, factor):
     """ring8, observe x with sigma_y = 0.05, y = 0.5 (four modes of unequal weight), 50 steps.
@@ -204,7 +211,7 @@ def test_tds_converges_to_the_exact_posterior_as_particles_grow():
     exact = sum(
         float(post.weights[k]) * 0.5 * math.erfc(-float(m[k] / (2 * v[k]).sqrt())) for k in range(2)
     )
-    n = 2000
+    n = 1000
     se = math.sqrt(exact * (1 - exact) / n)
     errors = {}
     for k in (1, 32):
@@ -273,7 +280,9 @@ def test_named_errors():
     with pytest.raises(ValueError, match="ddrm needs an operator with an SVD; got Compose") as err:
         inverse.ddrm(RING, torch.ones(2, 2), no_svd, _start(2), _sigmas(3), sigma_y=0.1)
     assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match=r"unknown posterior sampler 'dpss'; allowed: \['ddnm'"):
+    with pytest.raises(
+        ValueError, match=r"unknown posterior sampler 'dpss'; allowed: \['daps', 'ddnm'"
+    ):
         nfe("dpss", _sigmas(3))
     with pytest.raises(TypeError, match="mmps has no option 'cg_iter'"):
         nfe("mmps", _sigmas(3), cg_iter=2)

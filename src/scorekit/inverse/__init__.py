@@ -24,6 +24,10 @@ ddrm       N     0                     SVD        spectral variational step (Kaw
 ddnm       N     0                     SVD        range-space correction (DDNM+)
 diffpir    N     0                     linear     proximal data step, partial re-noising
 tds        N     N - 1                 any        SMC, ``particles`` per output row (``B K`` rows/call)
+dmps       N     0                     linear     uninformative-prior likelihood, closed form
+daps       N K   0                     linear     K = ``ode_steps``; exact Gaussian x0 | x, y draw
+repaint    *     0                     SVD        * (N - 1) U + 1, U = ``resample``; noiseless
+mcg        N     N                     SVD        DPS step + RePaint replacement; noiseless
 =========  ====  ====================  =========  =====================================================
 """
 
@@ -34,6 +38,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
+from scorekit.inverse.annealed import daps, dmps
 from scorekit.inverse.diffpir import diffpir
 from scorekit.inverse.guided import dps, mmps, pigdm
 from scorekit.inverse.operators import (
@@ -48,6 +53,7 @@ from scorekit.inverse.operators import (
     Saturate,
     as_matrix,
 )
+from scorekit.inverse.replace import mcg, repaint
 from scorekit.inverse.smc import tds
 from scorekit.inverse.spectral import ddnm, ddrm
 from scorekit.samplers.common import check_sigmas
@@ -64,13 +70,17 @@ __all__ = [
     "Operator",
     "Saturate",
     "as_matrix",
+    "daps",
     "ddnm",
     "ddrm",
     "diffpir",
+    "dmps",
     "dps",
+    "mcg",
     "mmps",
     "nfe",
     "pigdm",
+    "repaint",
     "tds",
     "vjps",
 ]
@@ -84,6 +94,10 @@ REGISTRY: dict[str, Callable] = {
     "ddnm": ddnm,
     "diffpir": diffpir,
     "tds": tds,
+    "dmps": dmps,
+    "daps": daps,
+    "repaint": repaint,
+    "mcg": mcg,
 }
 
 #: name -> (NFE, VJP) as functions of the number of steps N and the solver's options.
@@ -95,6 +109,10 @@ _COSTS: dict[str, tuple[Callable, Callable]] = {
     "ddnm": (lambda n, o: n, lambda n, o: 0),
     "diffpir": (lambda n, o: n, lambda n, o: 0),
     "tds": (lambda n, o: n, lambda n, o: n - 1),
+    "dmps": (lambda n, o: n, lambda n, o: 0),
+    "daps": (lambda n, o: n * o.get("ode_steps", 4), lambda n, o: 0),
+    "repaint": (lambda n, o: (n - 1) * o.get("resample", 1) + 1, lambda n, o: 0),
+    "mcg": (lambda n, o: n, lambda n, o: n),
 }
 
 

@@ -24,7 +24,15 @@ from torch import Tensor
 from scorekit._util import append_dims
 from scorekit.inverse.operators import Operator
 
-__all__ = ["cg", "check_option", "check_problem", "ddim_step", "gram_solve", "vjp"]
+__all__ = [
+    "cg",
+    "check_option",
+    "check_problem",
+    "ddim_step",
+    "gram_solve",
+    "spectral_measurement",
+    "vjp",
+]
 
 
 def check_problem(
@@ -134,3 +142,18 @@ def vjp(out: Tensor, x: Tensor, v: Tensor, *, retain: bool = True) -> Tensor:
     """``(d out / d x)^T v`` by one backward pass (``x`` requires grad, ``out`` depends on it)."""
     (g,) = torch.autograd.grad(out, x, grad_outputs=v, retain_graph=retain)
     return g
+
+
+def spectral_measurement(op: Operator, y: Tensor, sy: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The measurement in the operator's spectral basis: ``yb = (U^T y) / s`` ``[B, d]`` (0 off the
+    observed set), per-coordinate noise ``sigma_y / s`` ``[d]`` (inf off it) and the observed-set mask
+    ``[d]`` (``s_j > 1e-10 max s``), so that ``yb_j = (V^T x0)_j + (sigma_y / s_j) n_j`` there."""
+    s, d = op.singular_values.to(y), op.in_dim
+    full = torch.zeros(d, dtype=y.dtype, device=y.device)
+    full[: len(s)] = s
+    observed = full > 1e-10 * float(full.max().clamp(min=1e-300))
+    inv = torch.where(observed, 1.0 / torch.where(observed, full, 1.0), 0.0)
+    ub = torch.zeros(y.shape[0], d, dtype=y.dtype, device=y.device)
+    ub[:, : len(s)] = op.svd_ut(y)
+    sb = torch.where(observed, sy * inv, math.inf)
+    return ub * inv, sb, observed

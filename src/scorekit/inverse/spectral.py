@@ -16,25 +16,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit.inverse.common import check_option, check_problem
+from scorekit.inverse.common import check_option, check_problem, spectral_measurement
 from scorekit.inverse.operators import Operator
 from scorekit.samplers.common import GeneratorLike, emit, finish, prepare, randn_like, steps
 
 __all__ = ["ddnm", "ddrm"]
-
-
-def _spectral(op: Operator, y: Tensor, sy: float, d: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``yb`` ``[B, d]`` (0 off the observed set), per-coordinate noise ``sigma_y / s`` ``[d]`` (inf
-    off it) and the observed-set mask ``[d]``, from the SVD."""
-    s = op.singular_values.to(y)
-    full = torch.zeros(d, dtype=y.dtype, device=y.device)
-    full[: len(s)] = s
-    observed = full > 1e-10 * float(full.max().clamp(min=1e-300))
-    inv = torch.where(observed, 1.0 / torch.where(observed, full, 1.0), 0.0)
-    ub = torch.zeros(y.shape[0], d, dtype=y.dtype, device=y.device)
-    ub[:, : len(s)] = op.svd_ut(y)
-    sb = torch.where(observed, sy * inv, math.inf)
-    return ub * inv, sb, observed
 
 
 def ddrm(
@@ -71,7 +57,7 @@ def ddrm(
     check_option("eta", eta, 0.0, 1.0)
     check_option("eta_b", eta_b, 0.0, 1.0)
     s, model = prepare(denoiser, x, sigmas)
-    yb, sb, observed = _spectral(operator, y, sy, operator.in_dim)
+    yb, sb, observed = spectral_measurement(operator, y, sy)
     for i in steps(len(s) - 1, progress):
         s0, s1 = s[i], s[i + 1]
         d = model(x, s0)
@@ -120,7 +106,7 @@ def ddnm(
     sy = check_problem("ddnm", y, operator, x, sigma_y, svd=True)
     check_option("eta", eta, 0.0, 1.0)
     s, model = prepare(denoiser, x, sigmas)
-    yb, sb, observed = _spectral(operator, y, sy, operator.in_dim)
+    yb, sb, observed = spectral_measurement(operator, y, sy)
     for i in steps(len(s) - 1, progress):
         s0, s1 = s[i], s[i + 1]
         d = model(x, s0)
