@@ -151,12 +151,21 @@ def _gmm16(g: torch.Generator) -> ClassMixture:
     return ClassMixture(GaussianMixture(means, var, w / w.sum()), torch.arange(k) % 4)
 
 
+def _pair(g: torch.Generator) -> ClassMixture:
+    # Two overlapping 1-D Gaussians N(-0.6, 0.5^2) (class 0) and N(0.6, 0.5^2) (class 1): the
+    # smallest target where CFG's bias against the tilted target is large and easy to measure.
+    means = torch.tensor([[-0.6], [0.6]], dtype=torch.float64)
+    gm = GaussianMixture(means, torch.full((2, 1), 0.25, dtype=torch.float64))
+    return ClassMixture(gm, [0, 1])
+
+
 #: Built-in class-conditional targets: name -> builder from a seeded generator.
-CLASS_TARGETS = {"ring6": _ring, "gmm16": _gmm16}
+CLASS_TARGETS = {"pair1d": _pair, "ring6": _ring, "gmm16": _gmm16}
 
 
 def class_target(name: str, *, seed: int = 0) -> ClassMixture:
-    """A built-in class-conditional target (``ring6``: 2-D, 3 classes; ``gmm16``: 16-D, 4 classes)."""
+    """A built-in class-conditional target: ``pair1d`` (1-D, 2 classes), ``ring6`` (2-D, 3 classes),
+    ``gmm16`` (16-D, 4 classes)."""
     if name not in CLASS_TARGETS:
         raise ValueError(f"unknown class target {name!r}; allowed: {sorted(CLASS_TARGETS)}")
     return CLASS_TARGETS[name](torch.Generator().manual_seed(seed))

@@ -110,7 +110,8 @@ def fk_smc(
     (``|grad log p_sigma(x|y) - grad log p_sigma(x)|^2 = |D_c - D_u|^2 / sigma^4``). Log-weights are
     float64; when a group's effective sample size ``(sum W)^2 / sum W^2`` falls below
     ``ess_threshold * P`` it is resampled (systematic) and its weights reset. After the last step
-    every group is resampled once more, so the returned rows are equally weighted. As ``P`` grows the
+    every group whose weights are not uniform is resampled once more, so the returned rows are
+    equally weighted. As ``P`` grows the
     particles target ``p_w`` up to the time discretisation and the start ``x ~ N(0, sigma_0^2 I)`` (the
     tilt is negligible at a large ``sigma_0``).
 
@@ -154,8 +155,11 @@ def fk_smc(
         info["nfe"] += 2
         d = d_u + w * (d_c - d_u)
         emit(callback, i, s0, x, d)
-        gap = (d_c - d_u).flatten(1).double().square().sum(1)
-        log_w = log_w + (0.5 * w * (w - 1) * (s0 * s0 - s1 * s1) / s0**4) * gap.view_as(log_w)
+        gap = (d_c - d_u).flatten(1).double().square().sum(1).view_as(log_w)
+        # trapezoid in u = sigma^2: g(x_i) weighs half of the interval before it and half after
+        # (all of it for the first and the last step)
+        du = (s[i - 1] ** 2 - s0 * s0 if i > 0 else 0.0) + (s0 * s0 - s1 * s1) * (1 + (s1 == 0))
+        log_w = log_w + (0.25 * w * (w - 1) * du / s0**4) * gap
         _check_weights(log_w, i, s0)
         x, d, log_w = _resample(x, d, log_w, thr, generator, i, info)
         if s1 == 0:
@@ -163,5 +167,6 @@ def fk_smc(
         else:
             r = 1.0 - (s1 * s1) / (s0 * s0)
             x = torch.lerp(x, d, r) + s1 * math.sqrt(r) * randn_like(x, generator)
-    x, _, _ = _resample(x, x, log_w, 1.0 + 1e-9, generator, len(s) - 1, info)
+    # the returned rows are equally weighted: resample every group whose weights are not uniform
+    x, _, _ = _resample(x, x, log_w, 1.0 - 1e-9, generator, len(s) - 1, info)
     return finish(x)
