@@ -1,23 +1,31 @@
-"""``scorekit bench samplers --quick``: the files it writes, and its fresh-noise re-check recomputed here."""
+"""``scorekit bench samplers``: the files it writes, its fresh-noise re-check and bespoke start
+recomputed here, its step counts and settings, and its one-line answer without diffusers.
+
+Only the tests that drive diffusers need it (``peer``, skipped without it); the rest always run.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
-
 from scorekit.analytic import target
 from scorekit.bench.samplers import SCOREKIT_SAMPLERS, Config, add_arguments, run
-from scorekit.bench.samplers.candidates import bespoke_fit
+from scorekit.bench.samplers.candidates import bespoke_fit, steps_within
 from scorekit.bench.samplers.fresh import fresh_check
 from scorekit.pfode import pf_ode_reference
 from scorekit.process import DiscreteProcess
-from scorekit.samplers.registry import get_sampler
+from scorekit.samplers import BespokeSolver
+from scorekit.samplers.accelerators import GaussianFlow, with_teleport
+from scorekit.samplers.registry import get_sampler, nfe
+from scorekit.schedules import karras
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -26,7 +34,9 @@ def _args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
+@pytest.mark.peer
 def test_quick_bench_writes_tables_and_its_fresh_check_is_reproducible(tmp_path, capsys):
+    pytest.importorskip("diffusers")
     out = tmp_path / "b"
     args = _args("--quick", "--targets", "ring8", "--nfe", "10", "--fresh", "1",
                  "--fresh-rows", "64", "--out", str(out))  # fmt: skip
@@ -60,15 +70,7 @@ def test_bench_rejects_a_negative_fresh_count(tmp_path):
         run(_args("--quick", "--fresh", "-1", "--out", str(tmp_path)))
 
 
-def test_bespoke_variant_starts_from_the_best_candidate_on_calibration_noise(tmp_path):
-    # bespoke_fit picks, among this NFE's teleport rows with a linear sampler, the one with the
-    # lowest error on the calibration noise (recomputed here), fits it, and caches the solver.
-    from scorekit.samplers import BespokeSolver
-    from scorekit.samplers.accelerators import GaussianFlow, with_teleport
-
-    gm = target("ring8")
-    flow = GaussianFlow.from_mixture(gm)
-    smax = DiscreteProcess.linear().sigma_max
+def _bespoke_rows(smax: float) -> tuple[list[dict], list[float]]:
     good = [smax, 8.0, 1.5, 0.3, 0.05, 0.0]
     bad = [smax, 40.0, 30.0, 20.0, 10.0, 0.0]
     rows = [
@@ -77,6 +79,16 @@ def test_bespoke_variant_starts_from_the_best_candidate_on_calibration_noise(tmp
         {"target_nfe": 4, "schedule": "karras", "sampler": "euler", "sigmas": good},
         {"target_nfe": 4, "schedule": "teleport+optimized", "sampler": "heun", "sigmas": good},
     ]
+    return rows, good
+
+
+def test_bespoke_variant_starts_from_the_best_candidate_on_calibration_noise(tmp_path):
+    # bespoke_fit picks, among this NFE's teleport rows with a linear sampler, the one with the
+    # lowest error on the calibration noise (recomputed here), fits it, and caches the solver.
+    gm = target("ring8")
+    flow = GaussianFlow.from_mixture(gm)
+    smax = DiscreteProcess.linear().sigma_max
+    rows, good = _bespoke_rows(smax)
     args = _args("--out", str(tmp_path), "--bespoke-rows", "128", "--bespoke-iterations", "20")
     config = Config.from_args(args)
     label, solver = bespoke_fit(gm, "ring8", 4, rows, flow, smax, config, lambda m: None)
@@ -98,7 +110,18 @@ def test_bespoke_variant_starts_from_the_best_candidate_on_calibration_noise(tmp
     cached = json.loads((tmp_path / "bespoke_solvers.json").read_text())
     assert len(cached) == 1
 
-    # the fresh check re-runs a bespoke winner from its stored coefficients
+
+@pytest.mark.peer
+def test_fresh_check_reruns_a_bespoke_winner_from_its_coefficients(tmp_path):
+    pytest.importorskip("diffusers")
+    gm = target("ring8")
+    flow = GaussianFlow.from_mixture(gm)
+    smax = DiscreteProcess.linear().sigma_max
+    rows, _ = _bespoke_rows(smax)
+    config = Config.from_args(
+        _args("--out", str(tmp_path), "--bespoke-rows", "128", "--bespoke-iterations", "5")
+    )
+    _, solver = bespoke_fit(gm, "ring8", 4, rows, flow, smax, config, lambda m: None)
     best = {"config": "ipndm/teleport+bespoke", "sampler": "ipndm", "schedule": "teleport+bespoke",
             "sigmas": [smax, *solver.sigmas.tolist()], "bespoke": solver.to_dict()}  # fmt: skip
     summary = {4: {"scorekit": best}}
@@ -110,3 +133,38 @@ def test_bespoke_variant_starts_from_the_best_candidate_on_calibration_noise(tmp
     want = float((BespokeSolver.from_dict(best["bespoke"])(gm, x_f, gaussian=flow) - ref_f)
                  .square().mean().sqrt())  # fmt: skip
     assert math.isclose(frow["scorekit_error"], want, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize(("label", "name", "opts"), SCOREKIT_SAMPLERS)
+def test_steps_within_gives_the_largest_nfe_not_above_the_budget(label, name, opts):
+    # heun and friends make 2n - 1 or 3n - 2 calls: the bench takes the most steps that fit.
+    for budget in range(4, 25):
+        n = steps_within(name, opts, budget)
+        assert nfe(name, karras(n, 0.5, 1.0), **opts) <= budget
+        assert nfe(name, karras(n + 1, 0.5, 1.0), **opts) > budget
+
+
+def test_config_is_built_once_and_quick_shrinks_the_search(tmp_path):
+    args = _args("--quick", "--nfe", "10", "5", "--optimize-top", "3", "--out", str(tmp_path))
+    config = Config.from_args(args)
+    assert config.nfe == config.bespoke_nfe == (5, 10)
+    assert config.optimize_top == 1 and config.iterations == 4 and config.no_teleport
+    assert config.batches["ring8"] == 100 and config.select_only == {}
+    assert args.optimize_top == 3 and not args.no_teleport  # the parsed arguments are left alone
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.seed = 1  # type: ignore[misc]
+    assert json.loads(json.dumps(config.to_dict()))["out"] == str(tmp_path)
+
+
+def test_without_diffusers_the_command_names_the_extra_in_one_line(tmp_path):
+    # A fresh interpreter in which ``import diffusers`` fails: the package still imports, its
+    # options parse, and the command answers with the extra to install instead of a traceback.
+    code = (
+        "import sys; sys.modules['diffusers'] = None\n"
+        "from scorekit.cli import main\n"
+        f"sys.exit(main(['bench', 'samplers', '--quick', '--out', {str(tmp_path / 'b')!r}]))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "pip install 'scorekit[test]'" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "b").exists()
