@@ -34,13 +34,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from scorekit import data, nets
 from scorekit._util import atomic_write, atomic_write_json, mix_seed
-from scorekit.denoiser import build_denoiser
-from scorekit.process import get_process
+from scorekit.denoiser import NetDenoiser, build_denoiser
+from scorekit.process import Process, get_process
 from scorekit.train import checkpoint as ckpt
-from scorekit.train.distributed import setup, shard
+from scorekit.train.distributed import Dist, setup, shard
 from scorekit.train.ema import EMA, ema_beta
 from scorekit.train.loss import WEIGHTINGS, default_weighting, denoising_loss, drop_labels
+from scorekit.train.plots import save_loss_curve
 from scorekit.train.preview import save_preview
 
 __all__ = ["DataOrder", "TrainConfig", "TrainResult", "train"]
@@ -180,9 +182,7 @@ def _dataset_info(ds, sigma_data: float) -> dict[str, Any]:
     }
 
 
-def _load_data(cfg: TrainConfig):
-    from scorekit import data
-
+def _load_data(cfg: TrainConfig) -> data.Dataset:
     ds = data.load(cfg.data, seed=cfg.seed)
     if cfg.holdout > 0:
         ds, _ = data.split(ds, holdout=cfg.holdout, seed=cfg.seed)
@@ -216,16 +216,77 @@ def train(
         progress: show a tqdm progress bar (rank 0 only).
 
     Under ``torchrun`` the process group is joined here; rank 0 writes all files.
+
+    The steps, in order: ``_saved_run`` (the checkpoint to resume and its configuration),
+    ``_setup`` (data, network, optimiser, EMA, data order at step 0), ``_resume`` (their state at the
+    checkpoint's step), ``_start`` (DDP wrapper, ``config.json``, the log cut back to that step), then
+    ``_loop``: ``_train_step`` each step, ``_report`` every ``log_every``, ``_save_checkpoint`` every
+    ``ckpt_every``, a preview picture every ``sample_every``.
     """
-    run_dir = Path(cfg.out)
-    folder = ckpt.latest(run_dir) if resume else None
-    tensors, state = ckpt.load(folder) if folder is not None else ({}, None)
+    cfg, tensors, state = _saved_run(cfg, resume)
+    run = _setup(cfg, dataset, state)
     if state is not None:
-        saved = TrainConfig.from_dict(state["config"])
-        for key in ("steps", "minutes", "device", "ckpt_every", "sample_every", "log_every", "out"):
-            setattr(saved, key, getattr(cfg, key))
-        cfg = saved
-    cfg.validate()
+        _resume(run, tensors, state)
+    _start(run)
+    return _loop(run, progress)
+
+
+@dataclass
+class _Run:
+    """What a training run holds between steps: built by ``_setup``, moved on by ``_train_step``."""
+
+    cfg: TrainConfig
+    dist: Dist
+    x_all: Tensor  # [N, ...] the training data in model units, on the device
+    labels_all: Tensor | None  # [N] class labels when cfg.cond
+    info: dict[
+        str, Any
+    ]  # the data's description (shape, normalisation, sigma_data), saved with the run
+    net_cfg: dict[str, Any]
+    net: nn.Module  # the raw network being trained
+    denoiser: NetDenoiser  # net wrapped by the parameterisation
+    process: Process
+    weighting: str
+    opt: torch.optim.Optimizer
+    ema: EMA
+    order: DataOrder
+    step: int = 0
+    elapsed: float = 0.0  # training seconds over all sessions (checkpoints and pictures excluded)
+    model: nn.Module | None = (
+        None  # what the loss calls: the denoiser, DDP-wrapped when distributed
+    )
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def sigma_data(self) -> float:
+        return self.info["sigma_data"]
+
+
+def _saved_run(cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, dict, dict | None]:
+    """``(cfg, tensors, state)``: with ``resume`` and a complete checkpoint, its tensors, its state and
+    its configuration with the run length and I/O settings of ``cfg``; else ``(cfg, {}, None)``."""
+    folder = ckpt.latest(cfg.out) if resume else None
+    if folder is None:
+        cfg.validate()
+        return cfg, {}, None
+    tensors, state = ckpt.load(folder)
+    saved = TrainConfig.from_dict(state["config"])
+    for key in ("steps", "minutes", "device", "ckpt_every", "sample_every", "log_every", "out"):
+        setattr(saved, key, getattr(cfg, key))
+    saved.validate()
+    return saved, tensors, state
+
+
+def _setup(cfg: TrainConfig, dataset, state: dict | None) -> _Run:
+    """Join the process group; load the data; build the network (same initial weights on every
+    rank), its denoiser, AdamW, the EMA and the data order at step 0; seed the global RNG per rank."""
     dist = setup(cfg.device)
     device = dist.device
     if dataset is None:
@@ -236,184 +297,207 @@ def train(
         if not dataset.num_classes or dataset.labels is None:
             raise ValueError(f"--cond needs a labelled data set; {dataset.name!r} has no labels")
         labels_all = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.long).to(device)
-    sigma_data = float(x_all.std()) if state is None else state["data"]["sigma_data"]
-    info = _dataset_info(dataset, sigma_data) if state is None else state["data"]
-    if state is not None and list(dataset.shape) != info["shape"]:
-        raise ValueError(f"data shape {list(dataset.shape)} differs from the run's {info['shape']}")
-
-    from scorekit import nets
-
-    net_cfg = (
-        state["net"]
-        if state is not None
-        else {**nets.default_config(dataset.kind, dataset.shape, dataset.num_classes), **cfg.net}
-    )
-    if state is None and not cfg.cond:
-        net_cfg["num_classes"] = 0
+    if state is None:
+        info = _dataset_info(dataset, float(x_all.std()))
+        net_cfg = {
+            **nets.default_config(dataset.kind, dataset.shape, dataset.num_classes),
+            **cfg.net,
+        }
+        if not cfg.cond:
+            net_cfg["num_classes"] = 0
+    else:
+        info, net_cfg = state["data"], state["net"]
+        if list(dataset.shape) != info["shape"]:
+            raise ValueError(
+                f"data shape {list(dataset.shape)} differs from the run's {info['shape']}"
+            )
     torch.manual_seed(mix_seed(cfg.seed, 0x1417))  # same initial weights on every rank
     net = nets.build(net_cfg).to(device)
-    denoiser = build_denoiser(net, process=cfg.process, param=cfg.param, sigma_data=sigma_data)
-    process = get_process(cfg.process)
-    weighting = cfg.weighting or default_weighting(cfg.param)
+    denoiser = build_denoiser(
+        net, process=cfg.process, param=cfg.param, sigma_data=info["sigma_data"]
+    )
     opt = torch.optim.AdamW(
         net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
     )
-    ema = EMA(net)
-    order = DataOrder(len(x_all), cfg.seed)
-    step, elapsed = 0, 0.0
-    torch.manual_seed(mix_seed(cfg.seed, dist.rank, 0xD209))
-    if state is not None:
-        net.load_state_dict(tensors["model"])
-        ema.module.load_state_dict(tensors["ema"])
-        ckpt.optimizer_from_tensors(opt, tensors["optim"], state["optim_groups"])
-        o = state["data_order"]
-        if o["n"] != len(x_all):
-            raise ValueError(f"the data set has {len(x_all)} examples, the run had {o['n']}")
-        order = DataOrder(o["n"], o["seed"], epoch=o["epoch"], pos=o["pos"])
-        step, elapsed = int(state["step"]), float(state["elapsed"])
-        if dist.main:
-            _set_rng_state(state["rng"], device)
-        else:
-            torch.manual_seed(mix_seed(cfg.seed, dist.rank, step, 0xD209))
-    model = denoiser
-    if dist.active:
-        model = nn.parallel.DistributedDataParallel(
-            denoiser, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    rows = shard(cfg.batch, dist.rank, dist.world)
+    run = _Run(
+        cfg, dist, x_all, labels_all, info, net_cfg, net, denoiser, get_process(cfg.process),
+        cfg.weighting or default_weighting(cfg.param), opt, EMA(net), DataOrder(len(x_all), cfg.seed),
+    )  # fmt: skip
+    torch.manual_seed(mix_seed(cfg.seed, dist.rank, 0xD209))  # dropout's RNG, one stream per rank
+    return run
 
-    log_path = run_dir / "log.jsonl"
-    if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+
+def _resume(run: _Run, tensors: dict, state: dict) -> None:
+    """Put the checkpoint's weights, EMA, optimiser, data order, step, time and RNG into ``run``."""
+    run.net.load_state_dict(tensors["model"])
+    run.ema.module.load_state_dict(tensors["ema"])
+    ckpt.optimizer_from_tensors(run.opt, tensors["optim"], state["optim_groups"])
+    o = state["data_order"]
+    if o["n"] != len(run.x_all):
+        raise ValueError(f"the data set has {len(run.x_all)} examples, the run had {o['n']}")
+    run.order = DataOrder(o["n"], o["seed"], epoch=o["epoch"], pos=o["pos"])
+    run.step, run.elapsed = int(state["step"]), float(state["elapsed"])
+    if run.dist.main:
+        _set_rng_state(state["rng"], run.device)
+    else:
+        torch.manual_seed(mix_seed(run.cfg.seed, run.dist.rank, run.step, 0xD209))
+
+
+def _start(run: _Run) -> None:
+    """Wrap the denoiser for DDP; write ``config.json`` and cut the log back to the run's step."""
+    run.model = run.denoiser
+    if run.dist.active:
+        device = run.device
+        run.model = nn.parallel.DistributedDataParallel(
+            run.denoiser, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if run.dist.main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(
-            run_dir / "config.json", {"config": cfg.to_dict(), "net": net_cfg, "data": info}
+            run.run_dir / "config.json",
+            {"config": run.cfg.to_dict(), "net": run.net_cfg, "data": run.info},
         )
-        _truncate_log(log_path, step)
-    dist.barrier()
+        _truncate_log(run.run_dir / "log.jsonl", run.step)
+    run.dist.barrier()
 
-    def save_checkpoint() -> None:
-        if not torch.isfinite(loss_sum):  # never checkpoint weights that a NaN/inf loss has reached
-            raise FloatingPointError(f"training loss is not finite before step {step}; lower --lr?")
-        if dist.main:
-            otensors, groups = ckpt.optimizer_to_tensors(opt)
-            run_state = {
-                "step": step,
-                "elapsed": elapsed,
-                "config": cfg.to_dict(),
-                "net": net_cfg,
-                "data": info,
-                "data_order": order.state(),
-                "rng": _rng_state(device),
-                "optim_groups": groups,
-                "scorekit_version": _version(),
-            }
-            groups_t = {
-                "model": net.state_dict(),
-                "ema": ema.module.state_dict(),
-                "optim": otensors,
-            }
-            ckpt.save(run_dir, step, groups_t, run_state, keep=cfg.keep)
-        dist.barrier()
 
-    def out_of_time() -> bool:
-        return cfg.minutes is not None and elapsed >= 60 * cfg.minutes
+@dataclass
+class _LossWindow:
+    """The losses summed since the last log row, and the rows logged in this session."""
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    bar = tqdm(
-        total=cfg.steps,
-        initial=step,
-        disable=not (progress and dist.main),
-        unit="step",
-        dynamic_ncols=True,
-    )
-    log: list[dict[str, float]] = []
-    loss_sum = torch.zeros((), device=device)
-    window_steps, window_t0 = 0, time.perf_counter()
-    total_steps_run, run_t0, cpu_t0 = 0, time.perf_counter(), time.process_time()
-    last_saved = step
-    params = list(net.parameters())
-    shape = tuple(x_all.shape[1:])
+    total: Tensor
+    steps: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+    rows: list[dict[str, float]] = field(default_factory=list)
+
+
+def _loop(run: _Run, progress: bool) -> TrainResult:
+    """Step until ``cfg.steps`` or ``cfg.minutes``; log, checkpoint and picture on their schedules."""
+    cfg, dist = run.cfg, run.dist
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=not (progress and dist.main),
+               unit="step", dynamic_ncols=True)  # fmt: skip
+    window = _LossWindow(torch.zeros((), device=run.device))
+    steps_run, run_t0, cpu_t0 = 0, time.perf_counter(), time.process_time()
+    last_saved = run.step
     t_prev = time.perf_counter()
-    stop = out_of_time() if not dist.active else dist.any(out_of_time())
-    while not stop and (cfg.steps is None or step < cfg.steps):
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-        for group in opt.param_groups:
-            group["lr"] = lr
-        # Every draw of this step comes from (seed, step): identical on every rank and after resume.
-        idx = order.take(cfg.batch).to(device)
-        g = torch.Generator(device).manual_seed(mix_seed(cfg.seed, step))
-        sigma = process.training_sigma(cfg.batch, generator=g, device=device)
-        noise = torch.randn((cfg.batch, *shape), generator=g, device=device)
-        cond = {}
-        if labels_all is not None:
-            u = torch.rand(cfg.batch, generator=g, device=device)
-            cond["class_labels"] = drop_labels(labels_all[idx], cfg.label_dropout, u)[rows]
-        with autocast:
-            loss = denoising_loss(
-                model,
-                x_all[idx][rows],
-                sigma[rows],
-                noise[rows],
-                weighting=weighting,
-                sigma_data=sigma_data,
-                **cond,
-            ).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        step += 1
-        ema.update(
-            net, ema_beta(cfg.ema, batch=cfg.batch, nimg=step * cfg.batch, rampup=cfg.ema_rampup)
-        )
-        loss_sum += loss.detach()
-        window_steps += 1
-        total_steps_run += 1
+    stop = _out_of_time(run) if not dist.active else dist.any(_out_of_time(run))
+    while not stop and (cfg.steps is None or run.step < cfg.steps):
+        loss, lr = _train_step(run)
+        window.total += loss
+        window.steps += 1
+        steps_run += 1
         now = time.perf_counter()
-        elapsed += now - t_prev
+        run.elapsed += now - t_prev
         t_prev = now
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            mean_loss = float(dist.all_mean(loss_sum)) / window_steps
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(
-                    f"training loss is {mean_loss} at step {step}; lower --lr?"
-                )
-            rate = window_steps / max(now - window_t0, 1e-9)
-            row = {"step": step, "loss": mean_loss, "lr": lr, "it_s": rate, "time": elapsed}
-            log.append(row)
-            if dist.main:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                bar.set_postfix(loss=f"{mean_loss:.4f}", it_s=f"{rate:.1f}")
-            loss_sum.zero_()
-            window_steps, window_t0 = 0, time.perf_counter()
+        if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+            _report(run, window, lr, now, bar)
         if cfg.minutes is not None:
             # Ranks must agree on the last step: every 10 steps they stop together if any is out of time.
-            stop = out_of_time() if not dist.active else step % 10 == 0 and dist.any(out_of_time())
-        if step % cfg.ckpt_every == 0:
-            save_checkpoint()
-            last_saved = step
+            stop = _out_of_time(run) if not dist.active else (
+                run.step % 10 == 0 and dist.any(_out_of_time(run))
+            )  # fmt: skip
+        if run.step % cfg.ckpt_every == 0:
+            _save_checkpoint(run, window.total)
+            last_saved = run.step
             t_prev = time.perf_counter()  # checkpoint time is not training time
-        if cfg.sample_every and step % cfg.sample_every == 0 and dist.main:
+        if cfg.sample_every and run.step % cfg.sample_every == 0 and dist.main:
             save_preview(
-                ema.module, info, run_dir / "samples" / f"step_{step:09d}.png",
+                run.ema.module, run.info, run.run_dir / "samples" / f"step_{run.step:09d}.png",
                 process=cfg.process, param=cfg.param, n=cfg.sample_n, nfe=cfg.sample_nfe,
-                sampler=cfg.sample_sampler, device=device,
+                sampler=cfg.sample_sampler, device=run.device,
             )  # fmt: skip
             t_prev = time.perf_counter()
     bar.close()
-    rate = total_steps_run / max(time.perf_counter() - run_t0, 1e-9)
-    cpu_rate = total_steps_run / max(time.process_time() - cpu_t0, 1e-9)
-    if step != last_saved:
-        save_checkpoint()
+    rate = steps_run / max(time.perf_counter() - run_t0, 1e-9)
+    cpu_rate = steps_run / max(time.process_time() - cpu_t0, 1e-9)
+    if run.step != last_saved:
+        _save_checkpoint(run, window.total)
     if dist.main:
-        _plot_losses(log_path, run_dir / "loss.png")
+        _plot_losses(run.run_dir / "log.jsonl", run.run_dir / "loss.png")
     ema_denoiser = build_denoiser(
-        ema.module, process=cfg.process, param=cfg.param, sigma_data=sigma_data
+        run.ema.module, process=cfg.process, param=cfg.param, sigma_data=run.sigma_data
     )
-    return TrainResult(step, run_dir, log, rate, ema_denoiser.eval(), net, cpu_rate)
+    return TrainResult(
+        run.step, run.run_dir, window.rows, rate, ema_denoiser.eval(), run.net, cpu_rate
+    )
+
+
+def _out_of_time(run: _Run) -> bool:
+    return run.cfg.minutes is not None and run.elapsed >= 60 * run.cfg.minutes
+
+
+def _train_step(run: _Run) -> tuple[Tensor, float]:
+    """One optimiser step on this rank's rows of the global batch; returns the (detached) mean loss
+    and the learning rate used. Every random draw comes from ``(seed, step)``: identical on every rank
+    and after a resume."""
+    cfg, device = run.cfg, run.device
+    lr = cfg.lr * min(1.0, (run.step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+    for group in run.opt.param_groups:
+        group["lr"] = lr
+    rows = shard(cfg.batch, run.dist.rank, run.dist.world)
+    idx = run.order.take(cfg.batch).to(device)
+    g = torch.Generator(device).manual_seed(mix_seed(cfg.seed, run.step))
+    sigma = run.process.training_sigma(cfg.batch, generator=g, device=device)
+    noise = torch.randn((cfg.batch, *run.x_all.shape[1:]), generator=g, device=device)
+    cond = {}
+    if run.labels_all is not None:
+        u = torch.rand(cfg.batch, generator=g, device=device)
+        cond["class_labels"] = drop_labels(run.labels_all[idx], cfg.label_dropout, u)[rows]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = denoising_loss(
+            run.model, run.x_all[idx][rows], sigma[rows], noise[rows], weighting=run.weighting,
+            sigma_data=run.sigma_data, **cond,
+        ).mean()  # fmt: skip
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_(list(run.net.parameters()), cfg.grad_clip)
+    run.opt.step()
+    run.step += 1
+    beta = ema_beta(cfg.ema, batch=cfg.batch, nimg=run.step * cfg.batch, rampup=cfg.ema_rampup)
+    run.ema.update(run.net, beta)
+    return loss.detach(), lr
+
+
+def _report(run: _Run, window: _LossWindow, lr: float, now: float, bar) -> None:
+    """Log the window's mean loss (over ranks), learning rate, steps/s and training time; reset it."""
+    mean_loss = float(run.dist.all_mean(window.total)) / window.steps
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"training loss is {mean_loss} at step {run.step}; lower --lr?")
+    rate = window.steps / max(now - window.t0, 1e-9)
+    row = {"step": run.step, "loss": mean_loss, "lr": lr, "it_s": rate, "time": run.elapsed}
+    window.rows.append(row)
+    if run.dist.main:
+        with open(run.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{mean_loss:.4f}", it_s=f"{rate:.1f}")
+    window.total.zero_()
+    window.steps, window.t0 = 0, time.perf_counter()
+
+
+def _save_checkpoint(run: _Run, loss_total: Tensor) -> None:
+    """Save weights, EMA, optimiser and everything resume needs (rank 0), unless the loss summed
+    since the last log row is not finite: weights a NaN/inf loss has reached are never saved."""
+    if not torch.isfinite(loss_total):
+        raise FloatingPointError(f"training loss is not finite before step {run.step}; lower --lr?")
+    if run.dist.main:
+        otensors, groups = ckpt.optimizer_to_tensors(run.opt)
+        state = {
+            "step": run.step,
+            "elapsed": run.elapsed,
+            "config": run.cfg.to_dict(),
+            "net": run.net_cfg,
+            "data": run.info,
+            "data_order": run.order.state(),
+            "rng": _rng_state(run.device),
+            "optim_groups": groups,
+            "scorekit_version": _version(),
+        }
+        tensors = {"model": run.net.state_dict(), "ema": run.ema.module.state_dict(),
+                   "optim": otensors}  # fmt: skip
+        ckpt.save(run.run_dir, run.step, tensors, state, keep=run.cfg.keep)
+    run.dist.barrier()
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -432,8 +516,6 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def _plot_losses(log_path: Path, png: Path) -> None:
-    from scorekit.train.plots import save_loss_curve
-
     if not log_path.exists():
         return
     rows = [json.loads(ln) for ln in log_path.read_text().splitlines() if ln.strip()]
