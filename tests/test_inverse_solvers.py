@@ -37,10 +37,16 @@ def _start(n: int, d: int = 2, seed: int = 5, sigma_max: float = 80.0):
     return sigma_max * torch.randn(n, d, dtype=F64, generator=torch.Generator().manual_seed(seed))
 
 
-def _floor(dist, n: int, pairs: int = 4) -> float:
-    """Mean sliced W2 between independent exact sample sets of size ``n`` (the floor), and a reference set."""
-    sets = [dist.sample(n, torch.Generator().manual_seed(100 + i)) for i in range(pairs + 1)]
-    return sum(sliced_wasserstein(sets[0], s) for s in sets[1:]) / pairs, sets[0]
+_FLOORS: dict = {}
+
+
+def _floor(dist, n: int, key: str, pairs: int = 4) -> float:
+    """Mean sliced W2 between independent exact sample sets of size ``n`` (the floor), and a reference set
+    (computed once per ``key``: the tests share them)."""
+    if key not in _FLOORS:
+        sets = [dist.sample(n, torch.Generator().manual_seed(100 + i)) for i in range(pairs + 1)]
+        _FLOORS[key] = sum(sliced_wasserstein(sets[0], s) for s in sets[1:]) / pairs, sets[0]
+    return _FLOORS[key]
 
 
 class Counting:
@@ -136,7 +142,7 @@ def test_per_sample_determinism_and_batch_independence(name):
 def test_uninformative_operator_gives_the_prior(name):
     """``A = 0``: every solver must sample the prior (sliced W2 near the exact-vs-exact floor)."""
     n = 1000
-    floor, ref = _floor(RING, n)
+    floor, ref = _floor(RING, n, "prior")
     y = torch.full((n, 1), 0.7, dtype=F64)
     out = REGISTRY[name](
         RING, y, Matrix(torch.zeros(1, 2, dtype=F64)), _start(n), _sigmas(30), sigma_y=0.1,
@@ -148,7 +154,7 @@ def test_uninformative_operator_gives_the_prior(name):
 @pytest.mark.parametrize("name", NOISE_AWARE)
 def test_very_noisy_measurement_gives_the_prior(name):
     n = 1000
-    floor, ref = _floor(RING, n)
+    floor, ref = _floor(RING, n, "prior")
     g = torch.Generator().manual_seed(2)
     y = RING.sample(1, g) @ OBSERVE_X.T + 1e6 * torch.randn(1, 1, generator=g, dtype=F64)
     out = REGISTRY[name](
@@ -188,7 +194,7 @@ def test_observe_one_coordinate_matches_the_exact_posterior(name, factor):
     noise and still fail a biased sampler (DPS with zeta = 1 scores about 13x here)."""
     n = 1000
     y0 = torch.tensor([0.5], dtype=F64)
-    floor, ref = _floor(RING.posterior(OBSERVE_X, y0, 0.05), n)
+    floor, ref = _floor(RING.posterior(OBSERVE_X, y0, 0.05), n, "observe-x")
     out = REGISTRY[name](
         RING, y0.expand(n, 1), Matrix(OBSERVE_X), _start(n), _sigmas(50), sigma_y=0.05,
         generator=torch.Generator().manual_seed(3),
