@@ -114,6 +114,8 @@ class GaussianMixture:
         weights = torch.as_tensor(weights, dtype=means.dtype, device=means.device)
         if weights.shape != (k,):
             raise ValueError(f"weights must have shape [K] = [{k}]; got {tuple(weights.shape)}")
+        if not torch.isfinite(weights).all():
+            raise ValueError(f"weights must be finite; got {weights.tolist()}")
         if (weights < 0).any() or abs(float(weights.sum()) - 1) > 1e-5:
             raise ValueError(
                 f"weights must be >= 0 and sum to 1; got sum {float(weights.sum()):.6g}"

@@ -32,10 +32,13 @@ class ODESolveError(FloatingPointError):
 
     Attributes:
         failures: dict ``row index -> reason`` (non-finite drift, step-size underflow, too many steps).
+        culprits: for a failure of a whole batch's step control, the rows that dominated the error
+            estimate as it failed (empty when not known).
     """
 
     def __init__(self, failures: dict[int, str]):
         self.failures = dict(sorted(failures.items()))
+        self.culprits: list[int] = []
         rows = list(self.failures)
         shown = "; ".join(f"row {i}: {self.failures[i]}" for i in rows[:10])
         more = f" (and {len(rows) - 10} more rows)" if len(rows) > 10 else ""
@@ -56,17 +59,28 @@ def integrate(
     rows: Iterable[int] | None = None,
     norm: Callable[[Tensor], Tensor] | None = None,
     max_steps: int | None = None,
+    clamp: bool = False,
 ):
     """``torchdiffeq.odeint(drift, state, times)`` with failures raised as :class:`ODESolveError`.
 
     ``rows`` are the batch rows being solved (named in the error; default ``0 .. B-1``); ``norm`` is
     the error norm (default torchdiffeq's RMS over everything); ``max_steps`` caps accepted plus
-    rejected steps. Returns the solution at every entry of ``times`` (a tensor or a tuple of them).
+    rejected steps. With ``clamp`` the drift is only ever evaluated at times inside ``times``' range:
+    torchdiffeq's first-step probe and its last step may reach past the end (where, in log sigma
+    and float32, ``exp(t)`` can overflow to ``inf``); there the drift of the nearest end is used.
+    Returns the solution at every entry of ``times`` (a tensor or a tuple of them).
     """
     from torchdiffeq import odeint
 
     if method not in ADAPTIVE_METHODS:
         raise ValueError(f"method must be one of {ADAPTIVE_METHODS}; got {method!r}")
+    if clamp:
+        lo, hi = times.min(), times.max()
+        inner = drift
+
+        def drift(t, y):
+            return inner(t.clamp(lo, hi), y)
+
     options = {}
     if norm is not None:
         options["norm"] = norm

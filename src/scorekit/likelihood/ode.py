@@ -147,9 +147,15 @@ def _divergence_hutchinson(out: Tensor, x: Tensor, probes: Tensor) -> Tensor:
 
 
 def _solve(denoiser, x, rows, *, t0, t1, divergence, probes, rtol, atol, method, max_steps):
-    """Solve rows ``rows`` of the batch jointly; returns (x_end, delta [B, K], nfe)."""
+    """Solve rows ``rows`` of the batch jointly; returns (x_end, delta [B, K], nfe).
+
+    On a solver failure (step underflow, the step budget) the error names the rows that dominated
+    the error estimate in the last steps (``ODESolveError.culprits``), so the caller can tell the
+    rows that fail from the rows that merely shared their steps.
+    """
     d = x[0].numel()
     nfe = 0
+    recent: list[int] = []  # the row with the largest error in each recent norm evaluation
 
     def drift(t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         nonlocal nfe
@@ -158,6 +164,13 @@ def _solve(denoiser, x, rows, *, t0, t1, divergence, probes, rtol, atol, method,
         with torch.enable_grad():
             xg = xt.detach().requires_grad_(True)
             out = denoiser(xg, sigma)
+            if not isinstance(out, Tensor) or out.shape != xg.shape or out.dtype != xg.dtype:
+                got = (f"shape {tuple(out.shape)}, {out.dtype}" if isinstance(out, Tensor)
+                       else type(out).__name__)  # fmt: skip
+                raise ValueError(
+                    f"denoiser must return a tensor of x's shape {tuple(xg.shape)} and dtype "
+                    f"{xg.dtype}; got {got}"
+                )
             nfe += 1
             if divergence == "exact":
                 div_d = _divergence_exact(out, xg)[:, None]
@@ -171,31 +184,49 @@ def _solve(denoiser, x, rows, *, t0, t1, divergence, probes, rtol, atol, method,
             raise ODESolveError({int(rows[i]): why for i in bad.nonzero().flatten()})
         return f, ddelta
 
+    def norm(err: tuple[Tensor, Tensor]) -> Tensor:
+        # torchdiffeq's default for a tuple state (the larger RMS of the two parts), and a note of
+        # the row that contributes most to it.
+        per_row = torch.stack([e.reshape(e.shape[0], -1).square().mean(1) for e in err], 1)
+        recent[:] = [*recent[-7:], int(per_row.max(1).values.argmax())]
+        return torch.stack([e.square().mean().sqrt() for e in err]).max()
+
     k = 1 if divergence == "exact" else probes.shape[0]
     state0 = (x[rows], torch.zeros(len(rows), k, dtype=x.dtype, device=x.device))
     ts = torch.tensor([t0, t1], dtype=x.dtype, device=x.device)
-    xs, deltas = integrate(
-        drift, state0, ts, rtol=rtol, atol=atol, method=method, rows=rows.tolist(),
-        max_steps=max_steps,
-    )  # fmt: skip
+    try:
+        xs, deltas = integrate(
+            drift, state0, ts, rtol=rtol, atol=atol, method=method, rows=rows.tolist(),
+            max_steps=max_steps, norm=norm, clamp=True,
+        )  # fmt: skip
+    except ODESolveError as e:
+        e.culprits = sorted({int(rows[i]) for i in recent})
+        raise
     return xs[-1], deltas[-1], nfe
 
 
 def _solve_or_locate(denoiser, x, rows, **kw):
-    """Solve ``rows`` together; on failure, bisect to name exactly the rows that fail and why."""
+    """Solve ``rows`` together; on a failure of the whole batch, one more solve at most.
+
+    A non-finite drift names its rows itself. A step-size failure is blamed on the rows that
+    dominated the error estimate as it failed; the other rows are solved once more without them: if
+    that succeeds, only the culprits failed; if not, its own culprits are added (and every row of
+    that solve is reported, as none of them can be vouched for).
+    """
     try:
         return _solve(denoiser, x, rows, **kw)
     except ODESolveError as e:
-        if len(rows) == 1 or len(e.failures) < len(rows):
+        culprits = e.culprits
+        if len(rows) == 1 or len(e.failures) < len(rows) or not culprits:
             raise  # already precise (one row, or the drift named its non-finite rows)
-        failures: dict[int, str] = {}
-        half = len(rows) // 2
-        for part in (rows[:half], rows[half:]):
+        reason = e.failures[culprits[0]]
+        rest = torch.tensor([int(r) for r in rows if int(r) not in culprits], device=rows.device)
+        if len(rest):
             try:
-                _solve_or_locate(denoiser, x, part, **kw)
+                _solve(denoiser, x, rest, **kw)
             except ODESolveError as sub:
-                failures.update(sub.failures)
-        raise ODESolveError(failures or e.failures) from e
+                raise ODESolveError({**sub.failures, **dict.fromkeys(culprits, reason)}) from e
+        raise ODESolveError(dict.fromkeys(culprits, reason)) from e
 
 
 def log_likelihood(

@@ -110,6 +110,11 @@ def _checked_model(denoiser: Callable, x: Tensor) -> Model:
             raise ValueError(
                 f"denoiser must return a tensor of x's shape {tuple(shape)}; got {got}"
             )
+        if out.dtype != x.dtype:
+            raise TypeError(
+                f"denoiser must return x's dtype {x.dtype}; got {out.dtype} (cast its output with "
+                ".to(x.dtype), or sample in its dtype)"
+            )
         if first:
             first = False
             check_finite(out, "denoiser output at the first call")
