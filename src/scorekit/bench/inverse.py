@@ -1,0 +1,188 @@
+"""``scorekit bench inverse``: every posterior sampler against the exact posterior, at equal NFE.
+
+Problems (exact Gaussian-mixture priors, exact denoisers, float64; measurement noise ``sigma_y``):
+
+* ``ring8-observe-x``: ``ring8`` (2-D), ``y = x_1 + 0.05 n``;
+* ``gmm64-inpaint``: ``gmm64`` (64-D, 16 full-covariance components), half the coordinates observed
+  (a random half), ``sigma_y = 0.05``;
+* ``gmm64-project16``: ``gmm64``, ``y = P x + 0.05 n`` with ``P`` ``[16, 64]`` Gaussian / 8;
+* ``gmm64-img-down2-blur``: ``gmm64`` as ``1 x 8 x 8`` images, 2x average pooling after a circular
+  Gaussian blur (``sigma = 0.8`` px), 16 outputs, ``sigma_y = 0.05`` (as a dense ``Matrix``, so the
+  SVD solvers apply).
+
+``gmm64`` is built with ``--target-seed`` (default 1; the library's tests use seed 0 and ring8), the
+true ``x0`` and the noise with ``--seed``. For each problem: one measurement ``y``, ``n`` samples of
+the exact posterior ``GaussianMixture.posterior`` as the reference, and the exact-vs-exact floor (mean
+sliced W2 between the reference and 3 more exact sets of ``n``). For every solver and NFE budget
+(``karras`` sigmas, ``sigma_min = 2e-3``, ``sigma_max = 80``, the steps that give that NFE): sliced W2
+of ``n`` samples to the reference (and its ratio to the floor), RMS error of the sample mean against the
+exact posterior mean (per coordinate), the coverage of per-coordinate 90% intervals (the fraction of
+exact posterior samples inside the solver's 5-95% sample quantiles, averaged over coordinates; 0.90 is
+right), the measurement residual RMS ``|y - A x| / sqrt(m)`` (about ``sigma_y`` for exact samples) and
+wall-clock seconds. TDS runs ``--particles`` particles per sample, so its denoiser calls are on
+``K n`` rows: its cost per sample is ``K`` times the NFE column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from scorekit._util import atomic_write_json
+from scorekit.analytic import target
+from scorekit.inverse import REGISTRY, Blur, Compose, Downsample, Mask, Matrix, as_matrix, nfe, vjps
+from scorekit.metrics import sliced_wasserstein
+from scorekit.schedules import karras
+
+__all__ = ["add_arguments", "run"]
+
+F64 = torch.float64
+PROBLEMS = ("ring8-observe-x", "gmm64-inpaint", "gmm64-project16", "gmm64-img-down2-blur")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--out", default="bench_out/inverse", help="output folder (JSON)")
+    a("--n", type=int, default=1000, help="samples per solver and per exact set (default 1000)")
+    a("--nfe", default="20,50,100,200", help="NFE budgets, comma-separated")
+    a("--solvers", default=",".join(REGISTRY), help="solvers, comma-separated")
+    a("--problems", default=",".join(PROBLEMS), help="problems, comma-separated")
+    a("--particles", type=int, default=4, help="TDS particles per sample (default 4)")
+    a("--seed", type=int, default=0, help="seed of x0, the noise and the samplers")
+    a("--target-seed", type=int, default=1, help="seed of the gmm64 mixture (default 1)")
+    a("--device", default="cpu")
+
+
+def _problem(name: str, seed: int, target_seed: int, device) -> dict:
+    """Prior, operator, dense matrix, one measurement ``y`` ``[m]`` and ``sigma_y``."""
+    g = torch.Generator().manual_seed(seed)
+    sy = 0.05
+    if name == "ring8-observe-x":
+        gm, op = target("ring8"), Matrix(torch.tensor([[1.0, 0.0]], dtype=F64))
+    else:
+        gm = target("gmm64", seed=target_seed)
+        if name == "gmm64-inpaint":
+            mask = torch.zeros(64, dtype=F64)
+            mask[torch.randperm(64, generator=g)[:32]] = 1
+            op = Mask(mask)
+        elif name == "gmm64-project16":
+            op = Matrix(torch.randn(16, 64, generator=g, dtype=F64) / 8)
+        elif name == "gmm64-img-down2-blur":
+            shape = [1, 8, 8]
+            blur = Compose(Downsample(2, shape), Blur(shape, sigma=0.8))
+            op = Matrix(as_matrix(blur), shape=shape)
+        else:
+            raise ValueError(f"unknown problem {name!r}; allowed: {list(PROBLEMS)}")
+    A = as_matrix(op)
+    x0 = gm.sample(1, g)
+    y = x0 @ A.T + sy * torch.randn(1, A.shape[0], generator=g, dtype=F64)
+    post = gm.posterior(A, y[0], sy)
+    gm, post = gm.to(device=device), post.to(device=device)
+    return {"name": name, "gm": gm, "op": op, "A": A.to(device), "y": y[0].to(device), "sy": sy,
+            "post": post, "shape": op.in_shape}  # fmt: skip
+
+
+def _reference(p: dict, n: int, seed: int) -> tuple:
+    """``n`` exact posterior samples and the exact-vs-exact floor (mean over 3 more sets)."""
+    sets = [p["post"].sample(n, torch.Generator(p["y"].device).manual_seed(seed + 1000 + i)) for i in range(4)]  # fmt: skip
+    floor = sum(sliced_wasserstein(sets[0], s) for s in sets[1:]) / 3
+    return sets[0], floor, _metrics(p, sets[1], sets[0])
+
+
+def _metrics(p: dict, x: torch.Tensor, ref: torch.Tensor) -> dict:
+    x = x.reshape(x.shape[0], -1)
+    lo, hi = torch.quantile(x, 0.05, dim=0), torch.quantile(x, 0.95, dim=0)
+    inside = ((ref >= lo) & (ref <= hi)).double().mean()
+    resid = (p["y"][None] - x @ p["A"].T).square().mean().sqrt()
+    return {
+        "sw2": sliced_wasserstein(x, ref),
+        "mean_rms": float((x.mean(0) - p["post"].mean).square().mean().sqrt()),
+        "coverage90": float(inside),
+        "residual_rms": float(resid),
+    }
+
+
+def _steps_for(name: str, budget: int, options: dict) -> int | None:
+    """The largest number of steps whose NFE is at most ``budget`` (None if even 1 step is over)."""
+    best = None
+    for n in range(1, budget + 1):
+        if nfe(name, karras(n, 2e-3, 80.0), **options) <= budget:
+            best = n
+        else:
+            break
+    return best
+
+
+def _solve(p: dict, name: str, budget: int, n: int, seed: int, particles: int) -> dict | None:
+    options = {"particles": particles} if name == "tds" else {}
+    steps = _steps_for(name, budget, options)
+    if steps is None:
+        return None
+    dev = p["y"].device
+    sigmas = karras(steps, 2e-3, 80.0, dtype=F64, device=dev)
+    g = torch.Generator(dev).manual_seed(seed)
+    x = 80.0 * torch.randn(n, *p["shape"], generator=g, dtype=F64, device=dev)
+    y = p["y"].expand(n, -1).reshape(n, *p["op"].out_shape)
+    row = {"solver": name, "steps": steps, "nfe": nfe(name, sigmas, **options),
+           "vjp": vjps(name, sigmas, **options), **options}  # fmt: skip
+    t = time.perf_counter()
+    try:
+        out = REGISTRY[name](
+            p["gm"], y, p["op"], x, sigmas, sigma_y=p["sy"], generator=g, **options
+        )
+    except FloatingPointError as err:  # a diverging solver is a result, not a crash
+        return {**row, "error": str(err)}
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return {**row, "seconds": time.perf_counter() - t, "samples": out}
+
+
+def _bench_problem(p: dict, args, budgets: list[int], solvers: list[str]) -> dict:
+    ref, floor, exact_row = _reference(p, args.n, args.seed)
+    print(f"\n{p['name']}: d = {p['A'].shape[1]}, m = {p['A'].shape[0]}, sigma_y = {p['sy']}, "
+          f"floor SW2 = {floor:.4f} (exact vs exact, n = {args.n})")  # fmt: skip
+    print(f"  {'solver':<9}{'NFE':>5}{'VJP':>5}{'SW2/floor':>10}{'mean RMS':>10}{'cover90':>8}"
+          f"{'resid':>8}{'sec':>7}")  # fmt: skip
+    e = exact_row
+    print(f"  {'exact':<9}{'':>5}{'':>5}{e['sw2'] / floor:>10.2f}{e['mean_rms']:>10.4f}"
+          f"{e['coverage90']:>8.3f}{e['residual_rms']:>8.4f}{'':>7}")  # fmt: skip
+    rows = []
+    for budget in budgets:
+        for name in solvers:
+            row = _solve(p, name, budget, args.n, args.seed, args.particles)
+            if row is None:
+                continue
+            if "samples" in row:
+                row.update(_metrics(p, row.pop("samples"), ref))
+            rows.append(row)
+            if "error" in row:
+                print(f"  {name:<9}{row['nfe']:>5}{row['vjp']:>5}  diverged: {row['error']}")
+                continue
+            print(f"  {name:<9}{row['nfe']:>5}{row['vjp']:>5}{row['sw2'] / floor:>10.2f}"
+                  f"{row['mean_rms']:>10.4f}{row['coverage90']:>8.3f}{row['residual_rms']:>8.4f}"
+                  f"{row['seconds']:>7.2f}", flush=True)  # fmt: skip
+    return {"problem": p["name"], "d": p["A"].shape[1], "m": p["A"].shape[0], "sigma_y": p["sy"],
+            "floor_sw2": floor, "exact": exact_row, "rows": rows}  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    budgets = [int(v) for v in args.nfe.split(",")]
+    solvers = [s for s in args.solvers.split(",") if s]
+    for s in solvers:
+        if s not in REGISTRY:
+            raise ValueError(f"unknown solver {s!r}; allowed: {sorted(REGISTRY)}")
+    if args.n < 10 or min(budgets) < 1 or args.particles < 1:
+        raise ValueError("--n must be >= 10, NFE budgets >= 1 and --particles >= 1")
+    torch.manual_seed(args.seed)
+    result = {"config": {k: v for k, v in vars(args).items() if not callable(v)}, "problems": []}
+    for name in args.problems.split(","):
+        p = _problem(name, args.seed, args.target_seed, torch.device(args.device))
+        result["problems"].append(_bench_problem(p, args, budgets, solvers))
+    out = Path(args.out) / "inverse.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
+    print(f"wrote {out}")
+    return 0
