@@ -10,6 +10,7 @@ BENCHES: dict[str, str] = {
     "samplers": "error vs NFE of every sampler x schedule on exact targets, against diffusers",
     "train": "training quality and loop overhead on ring8 and digits",
     "likelihood": "bits/dim, NFE and time of ODE likelihood and ELBO; OOD AUROC",
+    "guidance": "sliced W2 to the exact tilted target vs network evaluations, every guidance rule",
     "inverse": "posterior samplers vs the exact posterior of mixtures: sliced W2, coverage, NFE",
 }
 
