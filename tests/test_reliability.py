@@ -107,3 +107,23 @@ def test_atomic_writes_honour_the_umask(tmp_path, umask):
         os.umask(old)
     got = stat.S_IMODE((tmp_path / "out.bin").stat().st_mode)
     assert got == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        (["0", "1e9", "1"], r"row 3, column 'label': class id 1e\+09 is too large"),
+        ([f"c{i}" for i in range(1001)], "1001 distinct classes; allowed: at most 1000"),
+    ],
+)
+def test_csv_labels_are_bounded(tmp_path, labels, match):
+    from scorekit import data
+
+    rows = "".join(f"{i * 0.1},{lab}\n" for i, lab in enumerate(labels))
+    path = tmp_path / "d.csv"
+    path.write_text("x,label\n" + rows)
+    with pytest.raises(ValueError, match=match):
+        data.load(path)

@@ -59,11 +59,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["BUILTIN", "Dataset", "Normalization", "load", "split"]
+__all__ = ["BUILTIN", "MAX_CLASSES", "Dataset", "Normalization", "load", "split"]
 
 _LAYOUTS = ("vector", "NCHW", "NHW", "NHWC")
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _FILE_EXTENSIONS = (".npy", ".csv")
+
+#: The most classes a data set may have (a bound on what a label column can make us allocate).
+MAX_CLASSES = 1000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -481,12 +484,23 @@ def _load_csv(path: Path) -> Dataset:
         return _vector_dataset(feats, str(path))
     as_num = [_parse_float(c) for c in label_cells]
     if all(v is not None and v >= 0 and float(v).is_integer() for v in as_num):
+        too_big = [(line, v) for line, v in zip(line_numbers, as_num, strict=True) if v >= MAX_CLASSES]
+        if too_big:
+            raise ValueError(
+                f"{path}: row {too_big[0][0]}, column 'label': class id {too_big[0][1]:.6g} is too "
+                f"large; allowed: class ids 0..K-1 with K <= {MAX_CLASSES}, or class names"
+            )
         ints = [int(v) for v in as_num]  # type: ignore[arg-type]
         k = max(ints) + 1
         return _vector_dataset(
             feats, str(path), torch.tensor(ints), k, tuple(str(i) for i in range(k))
         )
     names = sorted(set(label_cells))
+    if len(names) > MAX_CLASSES:
+        raise ValueError(
+            f"{path}: column 'label' has {len(names)} distinct classes; allowed: at most "
+            f"{MAX_CLASSES} (is a feature column named 'label'?)"
+        )
     index = {n: i for i, n in enumerate(names)}
     labels = torch.tensor([index[c] for c in label_cells])
     return _vector_dataset(feats, str(path), labels, len(names), tuple(names))
