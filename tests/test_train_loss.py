@@ -1,6 +1,7 @@
 """Losses: each weighting equals the plain MSE of its parameterisation's own output (computed here from
-the papers' formulas, not from scorekit's scalings), flow matching equals DSM with the flow weighting,
-and the loss is minimised by the exact posterior mean."""
+the papers' formulas, not from scorekit's scalings) for the process pairings the docs list and only
+those, flow matching equals DSM with the flow weighting, and the loss is minimised by the exact
+posterior mean."""
 
 from __future__ import annotations
 
@@ -9,8 +10,17 @@ import math
 import pytest
 import torch
 
-from scorekit.denoiser import EDMPrecond, EpsPred, FlowPred, NetDenoiser, VPred, X0Pred
-from scorekit.process import RectifiedFlow, VPLinear
+from scorekit.denoiser import (
+    PARAMETERIZATIONS,
+    EDMPrecond,
+    EpsPred,
+    FlowPred,
+    NetDenoiser,
+    VPred,
+    X0Pred,
+    get_parameterization,
+)
+from scorekit.process import PROCESSES, RectifiedFlow, VPLinear, get_process
 from scorekit.train import (
     WEIGHTINGS,
     default_weighting,
@@ -19,6 +29,7 @@ from scorekit.train import (
     flow_matching_loss,
     get_weighting,
 )
+from test_denoiser import DISCRETE, REFERENCE, _oracle_target  # each paper's alpha, s and targets
 
 
 @pytest.fixture(autouse=True)
@@ -175,3 +186,67 @@ def test_errors():
     with pytest.raises(ValueError, match="parameterization 'velocity'"):
         default_weighting("velocity")
     assert default_weighting("score") == "eps"
+
+
+# -- the documented weight table (loss.WEIGHTINGS, docs/extending.md) -------------------------------
+
+VP_TYPE = {"vp", "vp_cosine", "ddpm", "ddpm_scaled_linear"}  # alpha^2 + s^2 = 1
+SD = 0.7
+#: What the docs say, written out here: parameterisation -> (the weight w(sigma) its default weighting
+#: applies, the processes under which w |D - x0|^2 is the plain MSE of the network's output).
+#: "s^2": the score default is s(t)^2 times the score MSE (Song et al. 2021, eq. 7).
+DOCUMENTED = {
+    "eps": (lambda s: 1 / s**2, "all"),
+    "x0": (lambda s: torch.ones_like(s), "all"),
+    "v": (lambda s: (1 + s**2) / s**2, VP_TYPE),
+    "edm": (lambda s: (s**2 + SD**2) / (s * SD) ** 2, "all"),
+    "flow": (lambda s: ((1 + s) / s) ** 2, {"flow"}),
+    "score": (lambda s: 1 / s**2, "s^2"),
+}
+
+
+def test_documented_table_covers_every_parameterization():
+    assert set(DOCUMENTED) == set(PARAMETERIZATIONS)
+
+
+@pytest.mark.parametrize("pname", sorted(PARAMETERIZATIONS))
+@pytest.mark.parametrize("name", sorted(PROCESSES))
+def test_loss_weight_is_what_the_docs_say_for_every_process(name, pname):
+    # The network returns its target plus a known error delta, the target written from each paper's
+    # definition in the process's own frame (test_denoiser's oracle, EDM Table 1 for edm). The default
+    # loss must be w_doc(sigma) |D - x0|^2, and equal the network's own MSE |delta|^2 exactly for the
+    # pairs the docs list (s^2 |delta|^2 for score), and differ from it for the others.
+    process = get_process(name)
+    if name in DISCRETE:
+        t = torch.tensor([10.0, 100.0, 400.0, 800.0])
+    else:
+        t = process.t_min + (process.t_max - process.t_min) * torch.tensor([0.1, 0.3, 0.6, 0.9])
+    alpha_fn, s_fn = REFERENCE[name]
+    a, s = alpha_fn(t), s_fn(t)
+    sigma = s / a
+    g = torch.Generator().manual_seed(11)
+    x0, eps, delta = torch.randn(3, 4, 5, generator=g)
+    x = x0 + sigma[:, None] * eps
+    if pname == "edm":
+        param = EDMPrecond(SD)
+        c_skip = SD**2 / (sigma**2 + SD**2)
+        c_out = sigma * SD / torch.sqrt(sigma**2 + SD**2)
+        target = (x0 - c_skip[:, None] * x) / c_out[:, None]
+    else:
+        param = get_parameterization(pname, process=process)
+        try:
+            target = _oracle_target(pname, name, t, x0, eps)
+        except NotImplementedError:  # flow on a discrete table: only "differs" is claimed below
+            target = param.target(x, sigma, x0)
+    den = NetDenoiser(lambda x_in, c_noise: target + delta, param)
+    loss = denoising_loss(den, x0, sigma, eps, weighting=default_weighting(pname), sigma_data=SD)
+    w_doc, plain_for = DOCUMENTED[pname]
+    err = (den(x, sigma) - x0).square().mean(1)
+    torch.testing.assert_close(loss, w_doc(sigma) * err, rtol=1e-9, atol=0)
+    mse = delta.square().mean(1)
+    if plain_for == "all" or name in plain_for:
+        torch.testing.assert_close(loss, mse, rtol=1e-6, atol=0)
+    elif plain_for == "s^2":
+        torch.testing.assert_close(loss, s**2 * mse, rtol=1e-6, atol=0)
+    else:
+        assert not torch.allclose(loss, mse, rtol=1e-2, atol=0), (name, pname, loss / mse)

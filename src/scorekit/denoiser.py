@@ -7,7 +7,8 @@ Every parameterisation is one affine map (EDM, Table 1)::
 where ``F`` is the raw network. Each adapter is a ``Parameterization`` with one pure method,
 ``scalings(sigma) -> (c_skip, c_out, c_in, c_noise)``; the training target of the raw network,
 ``F* = (x0 - c_skip x) / c_out``, follows from the same numbers, so the forward map and its inverse can
-never drift apart. For a process ``x_t = alpha x0 + s eps`` the network sees ``x_t = alpha x``
+never drift apart. Loss weights are not the adapters' business: they are functions of sigma named in
+``scorekit.train.loss.WEIGHTINGS`` (whose table says for which process each equals ``|F - F*|^2``). For a process ``x_t = alpha x0 + s eps`` the network sees ``x_t = alpha x``
 (``c_in = alpha``) and ``c_noise = t``; the outputs are
 
     eps:   F = eps                          D = x - sigma F
@@ -69,10 +70,6 @@ class Parameterization(ABC):
         """The raw output that makes the denoiser return ``x0`` exactly: ``(x0 - c_skip x) / c_out``."""
         c_skip, c_out, _, _ = self.scalings(sigma)
         return (x0 - append_dims(c_skip, x.ndim) * x) / append_dims(c_out, x.ndim)
-
-    def loss_weight(self, sigma: Tensor) -> Tensor:
-        """``1 / c_out**2``: the weight that turns ``|D - x0|^2`` into ``|F - F*|^2`` (the network's own loss)."""
-        return 1.0 / self.scalings(sigma)[1] ** 2
 
 
 class _ProcessParam(Parameterization):

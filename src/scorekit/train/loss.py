@@ -6,8 +6,10 @@ process's training distribution and noise ``n ~ N(0, I)``::
     L(x0) = w(sigma) * mean_i (D(x0 + sigma n, sigma)_i - x0_i)**2          (per example, shape [B])
 
 The minimiser over all functions is Tweedie's ``D = E[x0 | x]`` for any positive weighting ``w``;
-the weighting only decides which noise levels the finite network is best at. Each classical
-parameterisation's plain MSE is one choice of ``w`` (derivations in ``WEIGHTINGS``).
+the weighting only decides which noise levels the finite network is best at. ``w`` is a function of
+sigma named in ``WEIGHTINGS`` (the only place loss weights are defined); each parameterisation has a
+default (``default_weighting``), which is the plain MSE of its network's output for the process
+pairings listed there.
 
 References:
     Vincent, "A Connection Between Score Matching and Denoising Autoencoders", Neural Computation 2011.
@@ -61,10 +63,28 @@ def _flow(sigma: Tensor, sigma_data: float) -> Tensor:
     return ((1 + sigma) / sigma) ** 2
 
 
-#: Weighting name -> ``w(sigma, sigma_data)``. Each makes ``w |D - x0|^2`` equal the plain MSE of the
-#: network's own output for that parameterisation (``1 / c_out**2`` of ``scorekit.denoiser``):
-#: ``eps`` 1/sigma^2; ``x0`` 1; ``v`` (1 + sigma^2)/sigma^2 = SNR + 1 (VP); ``edm``
-#: (sigma^2 + sd^2)/(sigma sd)^2; ``flow`` ((1 + sigma)/sigma)^2 = 1/t^2 (linear interpolant).
+#: Weighting name -> ``w(sigma, sigma_data)``: the one source of the loss weight. Each is a function of
+#: sigma (and the data's std ``sd``) alone, the same under every process; ``default_weighting(param)``
+#: names the one training uses for a parameterisation unless ``--weighting`` says otherwise. What
+#: ``w |D - x0|^2`` equals, with ``F`` the network's output and ``F*`` its target
+#: (``Parameterization.target``; ``c_out`` of ``scorekit.denoiser``, ``|D - x0| = |c_out| |F - F*|``):
+#:
+#: - ``eps``, 1 / sigma^2 (default for ``eps`` and ``score``): the ``eps`` MSE under every process
+#:   (``c_out = -sigma``); for ``score``, ``s(t)^2 |F - F*|^2`` (Song et al. 2021, eq. 7, lambda = s^2),
+#:   not the plain score MSE.
+#: - ``x0``, 1 (default for ``x0``): the ``x0`` MSE under every process (``c_out = 1``).
+#: - ``v``, (1 + sigma^2) / sigma^2 = SNR + 1 (default for ``v``): the ``v`` MSE under the
+#:   variance-preserving processes only (``vp``, ``vp_cosine``, ``ddpm``, ``ddpm_scaled_linear``:
+#:   alpha^2 + s^2 = 1); under ``ve``, ``edm`` and ``flow`` the ``v`` MSE would be
+#:   alpha^2 (1 + sigma^2)^2 / sigma^2.
+#: - ``edm``, (sigma^2 + sd^2) / (sigma sd)^2 (default for ``edm``): the MSE of EDM's preconditioned
+#:   network under every process (its ``c_out`` ignores the process; EDM eq. 8).
+#: - ``flow``, ((1 + sigma) / sigma)^2 = 1 / t^2 (default for ``flow``): the velocity MSE under the
+#:   linear interpolant (the ``flow`` process, t = sigma / (1 + sigma)) only; under another process the
+#:   velocity MSE would be (s' alpha - s alpha')^2 / s^2.
+#:
+#: Where a pair is not listed the loss is still a valid DSM objective with the same minimiser
+#: (``E[x0 | x]``); only the weight across noise levels differs from the network's own MSE.
 WEIGHTINGS: dict[str, Callable[[Tensor, float], Tensor]] = {
     "eps": _eps,
     "x0": _x0,
@@ -154,10 +174,11 @@ def flow_matching_loss(
 
 
 def default_weighting(param: str) -> str:
-    """The weighting that makes the loss the plain MSE of a parameterisation's own output.
+    """The weighting training uses for parameterisation ``param`` (see the table at ``WEIGHTINGS``).
 
-    For a score network this is ``eps``: Song et al. (ICLR 2021, eq. 7) weight the score-matching
-    loss by ``lambda = s(t)**2``, which turns ``|F - score|^2`` into the eps-MSE.
+    Its own name, except ``score -> eps``: Song et al. (ICLR 2021, eq. 7) weight the score-matching
+    loss by ``lambda = s(t)**2``, which turns ``|F - score|^2`` into the eps-MSE. It is the plain MSE of
+    the network's output for the pairs the table lists (e.g. ``v`` only under VP-type processes).
     """
     if param == "score":
         return "eps"
