@@ -110,7 +110,7 @@ _COSTS: dict[str, tuple[Callable, Callable]] = {
     "diffpir": (lambda n, o: n, lambda n, o: 0),
     "tds": (lambda n, o: n, lambda n, o: n - 1),
     "dmps": (lambda n, o: n, lambda n, o: 0),
-    "daps": (lambda n, o: n * o.get("ode_steps", 4), lambda n, o: 0),
+    "daps": (lambda n, o: n * o.get("ode_steps", 1), lambda n, o: 0),
     "repaint": (lambda n, o: (n - 1) * o.get("resample", 1) + 1, lambda n, o: 0),
     "mcg": (lambda n, o: n, lambda n, o: n),
 }
