@@ -14,7 +14,19 @@ import torch
 
 from scorekit import inverse
 from scorekit.analytic import GaussianMixture, target
-from scorekit.inverse import REGISTRY, Compose, Identity, Matrix, Saturate, nfe, vjps
+from scorekit.inverse import (
+    REGISTRY,
+    Blur,
+    Compose,
+    Downsample,
+    Identity,
+    Mask,
+    Matrix,
+    Saturate,
+    as_matrix,
+    nfe,
+    vjps,
+)
 from scorekit.metrics import sliced_wasserstein
 from scorekit.samplers.common import row_generators
 from scorekit.schedules import karras
@@ -326,3 +338,35 @@ def test_gaussian_prior_posterior_moments(name):
     se = (post.covariance.diagonal() / n).sqrt()
     assert ((out.mean(0) - post.mean).abs() < 4 * se).all()
     assert torch.allclose(torch.cov(out.T), post.covariance, atol=0.08)
+
+
+@pytest.mark.parametrize("name", ["dps", "pigdm", "mmps", "diffpir", "tds", "dmps", "daps"])
+def test_image_operators_match_their_dense_matrix(name):
+    """On ``[B, 1, 4, 4]`` images, a blur-then-downsample given as operators (FFT, pooling, CG) and as
+    one dense ``Matrix`` (its SVD) give the same samples from the same generators."""
+    gm = GaussianMixture(torch.zeros(2, 16, dtype=F64), torch.stack([torch.full((16,), 0.5), torch.full((16,), 2.0)]).to(F64))  # fmt: skip
+    ops = Compose(Downsample(2, [1, 4, 4]), Blur([1, 4, 4], sigma=0.7))
+    dense = Matrix(as_matrix(ops), shape=[1, 4, 4])
+    x0 = gm.sample(3, torch.Generator().manual_seed(0)).reshape(3, 1, 4, 4)
+    y = ops.forward(x0)
+    x = 80 * torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1), dtype=F64)
+    kw = {"sigma_y": 0.1, **CHEAP.get(name, {})}
+    a = REGISTRY[name](gm, y, ops, x, _sigmas(8), generator=row_generators(3, range(3)), **kw)
+    b = REGISTRY[name](
+        gm, y.flatten(1), dense, x, _sigmas(8), generator=row_generators(3, range(3)), **kw
+    )
+    assert a.shape == (3, 1, 4, 4)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ddrm", "ddnm", "repaint", "mcg"])
+def test_image_mask_keeps_the_observed_pixels(name):
+    """Inpainting ``[B, 1, 4, 4]`` images with a noiseless measurement: the observed pixels of the
+    result are the measurement (these solvers set them from ``y`` at the last step)."""
+    gm = GaussianMixture(torch.zeros(1, 16, dtype=F64), torch.ones(1, 16, dtype=F64))
+    mask = torch.ones(1, 4, 4)
+    mask[:, :, 2:] = 0
+    op = Mask(mask)
+    y = op.forward(gm.sample(3, torch.Generator().manual_seed(0)).reshape(3, 1, 4, 4))
+    out = REGISTRY[name](gm, y, op, _start(3, 16).reshape(3, 1, 4, 4), _sigmas(8), sigma_y=0.0)
+    assert torch.allclose(op.forward(out), y, atol=1e-12)
