@@ -266,10 +266,40 @@ def test_adaptive_guidance_reports_the_evaluations_it_made():
     a = REGISTRY["heun"](adaptive_guidance(c2, u2, 3.0, threshold=1.0), x, sig)
     b = REGISTRY["heun"](cfg(TARGET.cond(0), TARGET.uncond, 3.0), x, sig)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    # threshold -1: every row stops after its first call
+    # threshold -1: cos is never below it, so no row ever stops (the rule waits for divergence)
     c3, u3 = Counting(TARGET.cond(0)), Counting(TARGET.uncond)
     REGISTRY["euler"](adaptive_guidance(c3, u3, 3.0, threshold=-1.0), x, sig)
-    assert u3.calls == 1 and c3.calls == 25
+    assert u3.calls == c3.calls == 25
+
+
+def test_adaptive_guidance_stops_each_row_where_its_cosine_trace_says():
+    # One row at a time with euler (one call per step): follow the CFG trajectory, record
+    # cos(x - D_c, x - D_u) per call, and find the first call at which it is >= threshold after
+    # having been below; the rule must call uncond exactly up to and including that call.
+    from scorekit.samplers import REGISTRY
+
+    sig = torch.cat([torch.logspace(math.log10(20), -2, 30, dtype=torch.float64), torch.zeros(1)])
+    gamma_bar = 0.9995
+    stops = []
+    for row in range(4):
+        x = 20.0 * _points(n=4, seed=6, scale=1.0)[row : row + 1]
+        trace = []
+
+        def cb(info, trace=trace):
+            xx, s = info["x"], torch.full((1,), info["sigma"], dtype=torch.float64)
+            a, b = (xx - TARGET.cond(0)(xx, s)).flatten(), (xx - TARGET.uncond(xx, s)).flatten()
+            trace.append(float(a @ b / (a.norm() * b.norm())))
+
+        REGISTRY["euler"](cfg(TARGET.cond(0), TARGET.uncond, 3.0), x, sig, callback=cb)
+        below = [i for i, g in enumerate(trace) if g < gamma_bar]
+        stop = next(
+            (i for i, g in enumerate(trace) if below and i > below[0] and g >= gamma_bar), None
+        )
+        u = Counting(TARGET.uncond)
+        REGISTRY["euler"](adaptive_guidance(TARGET.cond(0), u, 3.0, threshold=gamma_bar), x, sig)
+        assert u.calls == (len(trace) if stop is None else stop + 1), (row, trace, u.calls)
+        stops.append(stop)
+    assert any(s is not None and s < 25 for s in stops), stops  # the saving happens
 
 
 def test_adaptive_guidance_rows_are_independent_of_the_batch():

@@ -14,20 +14,21 @@ Cost is counted in **network evaluations** (calls of ``cond``, ``uncond`` or ano
 call of the returned denoiser; a sampler making ``n`` denoiser calls costs ``n`` times that.
 ``N = len(sigmas) - 1``.
 
-======================  ==========================================  ===============================
-rule                    what                                        network evaluations
-======================  ==========================================  ===============================
-cfg                     ``D_u + w (D_c - D_u)``, rescale, interval  2 per call; 1 outside interval
-autoguidance            cfg with a weaker model of the same cond    2 per call (1 weak)
-dynamic_threshold       clamp the output at a per-row percentile     the wrapped denoiser's
-apg                     parallel/orthogonal split, r, momentum      2 per call
-tcfg                    unconditional eps projected on top SV       2 per call
-adaptive_guidance       drops uncond once cos(eps_c, eps_u) >= t    2 per call, then 1 (counted)
-classifier_guidance     ``D_u + w sigma^2 grad log p(y | x)``       1 + classifier fwd/bwd per call
-cads                    annealed noise on the condition embedding   1 per call
-fk_smc (sampler)        FK-weighted SMC, exact tilted target         2 N
-cfg_pc (sampler)        DDIM(cond) + C Langevin on tilted density   (N - 1)(1 + 2C) + 2
-======================  ==========================================  ===============================
+======================  ============================================  ===============================
+rule                    what                                          network evaluations
+======================  ============================================  ===============================
+cfg                     ``D_u + w (D_c - D_u)``, rescale, interval    2 per call; 1 outside interval
+autoguidance            cfg with a weaker model of the same cond      2 per call (1 weak)
+dynamic_threshold       clamp the output at a per-row percentile      the wrapped denoiser's
+apg                     parallel/orthogonal split, r, momentum        2 per call
+tcfg                    unconditional eps projected on top SV         2 per call
+adaptive_guidance       stop uncond when cos(eps_c, eps_u) is back    2 per call, then 1 (counted)
+                        above t after dipping below it
+classifier_guidance     ``D_u + w sigma^2 grad log p(y | x)``         1 + classifier fwd/bwd per call
+cads                    annealed noise on the condition embedding     1 per call
+fk_smc (sampler)        FK-weighted SMC on the tilted target         2 N
+cfg_pc (sampler)        DDIM(cond) + C Langevin on tilted density     (N - 1)(1 + 2C) + 2
+======================  ============================================  ===============================
 
 The exact ground truth these are tested against is in ``scorekit.guidance.exact``:
 ``ClassMixture`` (exact conditional and unconditional denoisers, the exact noisy classifier and
