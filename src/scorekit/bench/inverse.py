@@ -184,5 +184,28 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) / "inverse.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result)
-    print(f"wrote {out}")
+    plot(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    """Error-vs-NFE PNG: sliced W2 / floor per solver, one panel per problem (log-log)."""
+    from matplotlib.figure import Figure
+
+    problems = result["problems"]
+    fig = Figure(figsize=(4.2 * len(problems), 3.6))
+    for j, prob in enumerate(problems):
+        ax = fig.add_subplot(1, len(problems), j + 1)
+        names = sorted({r["solver"] for r in prob["rows"]})
+        for name in names:
+            pts = [(r["nfe"], r["sw2"] / prob["floor_sw2"]) for r in prob["rows"]
+                   if r["solver"] == name and "sw2" in r]  # fmt: skip
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=name)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set(xscale="log", yscale="log", title=prob["problem"], xlabel="NFE")
+        if j == 0:
+            ax.set_ylabel("sliced W2 / exact-vs-exact floor")
+    fig.axes[-1].legend(fontsize=7, loc="upper right")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
