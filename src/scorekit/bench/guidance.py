@@ -18,7 +18,8 @@ Rules and samplers (``N = --steps`` karras steps, sigma in [0.002, 80]):
 momentum -0.5) / ``tcfg`` / ``adaptive`` (threshold 0.999) / ``classifier`` (exact noisy classifier)
 with ``dpmpp_2m``; ``cfg_ddpm`` (CFG with DDPM ancestral steps, the reference process of
 ``fk_smc``); ``fk_smc`` (one population of ``--n`` particles, and groups of 64); ``cfg_pc`` with 1 and
-4 Langevin corrector steps.
+4 Langevin corrector steps. Then, at ``--convergence-scale``, ``fk_smc`` with 50 and 200 steps and
+1, 64 and ``--n`` particles per population, and ``cfg_pc`` (25 steps) with 0, 1, 4, 16 correctors.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--scales", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     a("--targets", nargs="+", default=["ring6", "gmm16"])
     a("--quick", action="store_true", help="ring6 only, 512 samples, scales 1 and 4")
+    a("--convergence-scale", type=float, default=4.0, help="scale of the convergence sweeps")
     a("--seed", type=int, default=0)
 
 
@@ -119,6 +121,36 @@ def _measure(t, name: str, w: float, n: int, steps: int, seed: int, exact) -> di
     }
 
 
+def _convergence(t, w: float, args, exact) -> list[dict]:
+    """``fk_smc`` against steps and particles, ``cfg_pc`` against corrector steps, at one scale."""
+    rows = []
+    sweeps = [("fk_smc", st, p, 0) for st in (50, 200) for p in (1, 64, args.n)]
+    sweeps += [("cfg_pc", 25, 0, c) for c in (0, 1, 4, 16)]
+    for rule, steps, p, c in sweeps:
+        cu, uu = _Counting(t.cond(0)), _Counting(t.uncond)
+        sig = karras(steps, 0.002, 80.0, dtype=torch.float64)
+        g = torch.Generator().manual_seed(args.seed)
+        x = 80.0 * torch.randn(args.n, t.dim, generator=g, dtype=torch.float64)
+        start = time.perf_counter()
+        if rule == "fk_smc":
+            out = fk_smc(cu, uu, x, sig, scale=w, particles=p, generator=g)
+        else:
+            out = cfg_pc(cu, uu, x, sig, scale=w, n_corrector=c, generator=g)
+        rows.append(
+            {
+                "rule": rule,
+                "steps": steps,
+                "particles": p,
+                "n_corrector": c,
+                "scale": w,
+                "sw2": sliced_wasserstein(out, exact),
+                "nfe_per_sample": (cu.rows + uu.rows) / args.n,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+    return rows
+
+
 def _target(name: str, args) -> dict:
     t = class_target(name)
     rows, floors = [], {}
@@ -128,7 +160,12 @@ def _target(name: str, args) -> dict:
         floors[w] = sum(sliced_wasserstein(exact, o) for o in others) / len(others)
         for rule in _rules(t, w):
             rows.append(_measure(t, rule, w, args.n, args.steps, args.seed, exact))
-    return {"target": name, "dim": t.dim, "floor": floors, "rows": rows}
+        if w == args.convergence_scale:
+            conv = _convergence(t, w, args, exact)
+    res = {"target": name, "dim": t.dim, "floor": floors, "rows": rows}
+    if args.convergence_scale in args.scales:
+        res["convergence"] = conv
+    return res
 
 
 def _print(res: dict, scales) -> None:
@@ -143,6 +180,19 @@ def _print(res: dict, scales) -> None:
         print(f"  {rule:<13}{line}")
 
 
+def _print_convergence(res: dict) -> None:
+    rows = res["convergence"]
+    w = rows[0]["scale"]
+    print(f"  convergence at w={w:g} (floor {res['floor'][w]:.4f}):")
+    for r in rows:
+        what = (
+            f"fk_smc  steps={r['steps']:<4} particles={r['particles']:<5}"
+            if r["rule"] == "fk_smc"
+            else f"cfg_pc  steps={r['steps']:<4} correctors={r['n_corrector']:<4}"
+        )
+        print(f"    {what}  sw2 {r['sw2']:.4f}  nfe/sample {r['nfe_per_sample']:.0f}")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.n, args.scales, args.targets = 512, [1.0, 4.0], ["ring6"]
@@ -155,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
     for name in args.targets:
         res = _target(name, args)
         _print(res, args.scales)
+        if "convergence" in res:
+            _print_convergence(res)
         result["targets"].append(res)
     out = Path(args.out) / "guidance.json"
     out.parent.mkdir(parents=True, exist_ok=True)

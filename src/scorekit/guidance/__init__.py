@@ -26,7 +26,7 @@ adaptive_guidance       stop uncond when cos(eps_c, eps_u) is back    2 per call
                         above t after dipping below it
 classifier_guidance     ``D_u + w sigma^2 grad log p(y | x)``         1 + classifier fwd/bwd per call
 cads                    annealed noise on the condition embedding     1 per call
-fk_smc (sampler)        FK-weighted SMC on the tilted target         2 N
+fk_smc (sampler)        FK-weighted SMC on the tilted target          2 N
 cfg_pc (sampler)        DDIM(cond) + C Langevin on tilted density     (N - 1)(1 + 2C) + 2
 ======================  ============================================  ===============================
 
