@@ -332,6 +332,10 @@ def test_classifier_guidance_with_the_exact_classifier_is_the_exact_conditional_
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     with torch.no_grad():  # the gradient is taken even when the sampler runs without grad
         torch.testing.assert_close(classifier_guidance(u, TARGET.classifier(1), 2.5)(x, sig), want)
+    with torch.inference_mode():
+        xi, si = x.clone(), sig.clone()
+        got = classifier_guidance(u, TARGET.classifier(1), 2.5)(xi, si)
+    torch.testing.assert_close(got, want)
 
 
 # -- CADS ----------------------------------------------------------------------------------------

@@ -42,9 +42,10 @@ def classifier_guidance(
     def guided(x: Tensor, sigma: Tensor | float) -> Tensor:
         sigma = as_sigma(sigma, x)
         d = call("denoiser", denoiser, x, sigma)
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            lp = log_prob(xg, sigma)
+        # the gradient is taken even when sampling runs under no_grad or inference_mode
+        with torch.inference_mode(False), torch.enable_grad():
+            xg = x.detach().clone().requires_grad_(True)
+            lp = log_prob(xg, sigma.clone())
             if not isinstance(lp, Tensor) or lp.shape != (x.shape[0],):
                 got = tuple(lp.shape) if isinstance(lp, Tensor) else type(lp).__name__
                 raise ValueError(
