@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit.inverse.common import check_option, check_problem, vjp
+from scorekit.inverse.common import check_option, check_problem, gram_solve, vjp
 from scorekit.inverse.operators import Operator
 from scorekit.samplers.common import GeneratorLike, emit, finish, prepare, randn_like, steps
 
@@ -51,9 +51,11 @@ def tds(
     ``x[b]``, the others at fresh ``sigma_0`` noise from that row's generator). With ``d = D(x, sigma)``
     and the twisting function
 
-        log pt_i(y | x) = -|y - A(d)|^2 / (2 (sigma_y^2 + r_i^2)),    r_i^2 = data_var s^2/(data_var + s^2)
+        log pt_i(y | x) = -(y - A d)^T (sigma_y^2 I + r_i^2 A A^T)^{-1} (y - A d) / 2,
+        r_i^2 = data_var s^2 / (data_var + s^2)
 
-    (``A`` may be non-linear), a step from ``s0`` to ``s1`` proposes from the DDPM transition shifted by
+    (PiGDM's likelihood; the Gram solve by SVD or CG; for a non-linear ``A`` the isotropic
+    ``-|y - A(d)|^2 / (2 (sigma_y^2 + r_i^2))``), a step from ``s0`` to ``s1`` proposes from the DDPM transition shifted by
     the twist's gradient ``g = grad_x log pt(y | x)``:
 
         mu  = d + (s1/s0)^2 (x - d),        v = s1^2 (1 - (s1/s0)^2)           (model transition p)
@@ -90,8 +92,11 @@ def tds(
         with torch.enable_grad():
             xg = xp.detach().requires_grad_(not last)
             d = model(xg, s0)
-            r = (yp - operator.forward(d)).flatten(1)
-            lt = -0.5 * r.square().sum(1) / var
+            r = yp - operator.forward(d)
+            if operator.linear:  # N(y; A d, sigma_y^2 I + r^2 A A^T)
+                lt = -0.5 * (r * gram_solve(operator, r, var - sy * sy, sy * sy)).flatten(1).sum(1)
+            else:
+                lt = -0.5 * r.flatten(1).square().sum(1) / var
             g = None if last else vjp(lt.sum(), xg, torch.ones_like(lt.sum()), retain=False)
         d, lt = d.detach(), lt.detach().reshape(b, k)
         emit(callback, i, s0, xp, d)
