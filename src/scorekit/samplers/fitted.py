@@ -323,7 +323,8 @@ def optimized(
     x_ref = pf_ode_reference(
         denoiser, x_t, sigma_max, 0.0, rtol=reference_rtol, atol=reference_rtol
     )
-    family = _Family(n, math.log(sigma_max), math.log(sigma_max / sigma_min), free_sigma_min)
+    log_max = math.log(sigma_max)
+    family = _Family(n, log_max, log_max - math.log(sigma_min), free_sigma_min)
 
     def objective(unpack, p: Tensor) -> Tensor:
         out = fn(denoiser, x_t.clone(), unpack(p).to(device), **opts)
