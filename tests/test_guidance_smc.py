@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from scorekit.analytic import gaussian
 from scorekit.guidance import (
     cfg,
     cfg_pc,
     class_target,
     classifier_guidance,
     effective_sample_size,
+    fk_product,
     fk_smc,
     systematic_resample,
 )
@@ -221,3 +223,32 @@ def test_classifier_guidance_with_the_exact_classifier_samples_the_exact_conditi
         sliced_wasserstein(t.uncond.sample(m, torch.Generator().manual_seed(9)), exact[0])
         > 5 * floor
     )
+
+
+def test_fk_product_moves_a_product_of_experts_and_an_annealed_density_towards_the_exact_answer():
+    # Exact answers: N(-0.5, 0.5) x N(1.0, 0.25) is N(0.5, 1/6); N(0.3, 0.5)^2 is N(0.3, 0.25).
+    # The unweighted process (P = 1) is biased; the FK weights remove most of the bias at 200
+    # steps (measured: product variance 0.102 -> 0.149, annealed variance 0.149 -> 0.213).
+    one = torch.tensor([[1.0]], dtype=torch.float64)
+    g1 = gaussian(torch.tensor([-0.5], dtype=torch.float64), 0.5 * one)
+    g2 = gaussian(torch.tensor([1.0], dtype=torch.float64), 0.25 * one)
+    g0 = gaussian(torch.tensor([0.3], dtype=torch.float64), 0.5 * one)
+    sig = karras(200, 0.002, 80.0, dtype=torch.float64)
+    m = 4096
+    for experts, betas, mean, var in (([g1, g2], [1.0, 1.0], 0.5, 1 / 6), ([g0], [2.0], 0.3, 0.25)):
+        x = _start(m) / math.sqrt(sum(betas))
+        err = {}
+        for p in (1, m):
+            c = [Counting(e) for e in experts]
+            out = fk_product(
+                c, betas, x, sig, particles=p, generator=torch.Generator().manual_seed(0)
+            )
+            assert all(k.calls == 200 for k in c)
+            err[p] = (abs(float(out.mean()) - mean), abs(float(out.var()) - var))
+        assert err[m][1] < 0.5 * err[1][1], err
+        # the mean: within the Monte Carlo error of one weighted population (ESS of a few hundred)
+        assert err[m][0] < max(0.5 * err[1][0], 0.06), err
+    with pytest.raises(ValueError, match=r"^betas must have a positive sum"):
+        fk_product([g1, g2], [1.0, -1.0], _start(4), sig)
+    with pytest.raises(ValueError, match=r"^denoisers and betas must be non-empty"):
+        fk_product([g1], [1.0, 1.0], _start(4), sig)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from scorekit.samplers.common import (
     steps,
 )
 
-__all__ = ["effective_sample_size", "fk_smc", "systematic_resample"]
+__all__ = ["effective_sample_size", "fk_product", "fk_smc", "systematic_resample"]
 
 
 def effective_sample_size(log_w: Tensor) -> Tensor:
@@ -147,9 +147,80 @@ def fk_smc(
     check_denoiser("cond", cond)
     check_denoiser("uncond", uncond)
     w = check_scale(scale)
+    return fk_product(
+        [cond, uncond],
+        [w, 1.0 - w],
+        x,
+        sigmas,
+        generator=generator,
+        callback=callback,
+        progress=progress,
+        particles=particles,
+        ess_threshold=ess_threshold,
+        stats=stats,
+    )
+
+
+def fk_product(
+    denoisers: Sequence[Denoiser],
+    betas: Sequence[float],
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: GeneratorLike = None,
+    callback: Callable | None = None,
+    progress: bool = False,
+    particles: int | None = None,
+    ess_threshold: float = 0.5,
+    stats: dict | None = None,
+) -> Tensor:
+    """SMC with Feynman-Kac weights for ``q(x) ∝ prod_k p_k(x)^beta_k``: products of experts,
+    annealing ``p^beta`` (one denoiser) and CFG's tilted target (``fk_smc``).
+
+    With ``S = sum_k beta_k > 0``, ``Dbar = sum_k beta_k D_k / S`` and ``a_k = (D_k - x) / sigma^2``
+    (each expert's score), the path ``q_sigma ∝ prod_k p_{k,sigma}^beta_k`` has score ``sum_k beta_k
+    a_k = S (Dbar - x) / sigma^2``. Particles move by the reverse-diffusion step of that score,
+
+        x <- x + r S (Dbar - x) + sigma_{i+1} sqrt(r) z,     r = 1 - sigma_{i+1}^2 / sigma_i^2
+
+    (the DDPM step; the last step to sigma = 0 is ``x + S (Dbar - x)``). Each ``p_{k,sigma}`` solves
+    the heat equation in ``u = sigma^2``, so the Laplacians cancel in ``q``'s Feynman-Kac potential
+    and the log-weight grows at rate (in ``-u``)
+
+        g = (|sum_k beta_k a_k|^2 - sum_k beta_k |a_k|^2) / 2
+          = ((S^2 - S) |Dbar - x|^2 - sum_k beta_k |D_k - Dbar|^2) / (2 sigma^4)
+
+    integrated by the trapezoid rule in ``u`` along each particle's path. Resampling, groups,
+    generators and errors are as in ``fk_smc``. For ``S != 1`` the path starts near
+    ``N(0, sigma_0^2 / S)``: pass ``x = sigma_0 z / sqrt(S)``.
+
+    Args:
+        denoisers: ``K >= 1`` denoisers ``D_k(x [B, ...], sigma [B]) -> [B, ...]``.
+        betas: ``K`` finite exponents with a positive sum (negative ones allowed, as CFG's ``1 - w``).
+        x, sigmas, generator, callback, progress, particles, ess_threshold, stats: as ``fk_smc``.
+
+    Cost: ``K N`` network evaluations for ``N = len(sigmas) - 1`` steps.
+
+    References:
+        Skreta et al., "Feynman-Kac Correctors in Diffusion: Annealing, Guidance, and Product of
+        Experts", ICML 2025.
+    """
+    if len(denoisers) < 1 or len(denoisers) != len(betas):
+        raise ValueError(
+            f"denoisers and betas must be non-empty and of equal length; got {len(denoisers)} "
+            f"denoisers and {len(betas)} betas"
+        )
+    for k, d in enumerate(denoisers):
+        check_denoiser(f"denoisers[{k}]", d)
+    bs = [check_number(f"betas[{k}]", b) for k, b in enumerate(betas)]
+    total = sum(bs)
+    if not total > 0:
+        raise ValueError(f"betas must have a positive sum; got {bs} (sum {total:g})")
     thr = check_number("ess_threshold", ess_threshold, low=0, high=1)
-    s, model_c = prepare(cond, x, sigmas)
-    _, model_u = prepare(uncond, x, sigmas)
+    s, models = None, []
+    for d in denoisers:
+        s, model = prepare(d, x, sigmas)
+        models.append(model)
     b = x.shape[0]
     p = b if particles is None else check_int("particles", particles, least=1)
     if b % p:
@@ -159,15 +230,12 @@ def fk_smc(
     info.update(ess=[], resampled=[], nfe=0)
     for i in steps(len(s) - 1, progress):
         s0, s1 = s[i], s[i + 1]
-        d_c, d_u = model_c(x, s0), model_u(x, s0)
-        info["nfe"] += 2
-        d = d_u + w * (d_c - d_u)
+        outs = [m(x, s0) for m in models]
+        info["nfe"] += len(outs)
+        d_bar = sum(bk * dk for bk, dk in zip(bs, outs, strict=True)) / total
+        d = d_bar if total == 1 else x + total * (d_bar - x)  # x + sigma^2 * (q's score)
         emit(callback, i, s0, x, d)
-        gap = (d_c - d_u).flatten(1).double().square().sum(1).view_as(log_w)
-        # trapezoid in u = sigma^2: g(x_i) weighs half of the interval before it and half after
-        # (all of it for the first and the last step)
-        du = (s[i - 1] ** 2 - s0 * s0 if i > 0 else 0.0) + (s0 * s0 - s1 * s1) * (1 + (s1 == 0))
-        log_w = log_w + (0.25 * w * (w - 1) * du / s0**4) * gap
+        log_w = log_w + _increment(outs, bs, d_bar, x, s, i).view_as(log_w)
         _check_weights(log_w, i, s0)
         x, d, log_w = _resample(x, d, log_w, thr, generator, i, info)
         if s1 == 0:
@@ -178,3 +246,16 @@ def fk_smc(
     # the returned rows are equally weighted: resample every group whose weights are not uniform
     x, _, _ = _resample(x, x, log_w, 1.0 - 1e-9, generator, len(s) - 1, info)
     return finish(x)
+
+
+def _increment(outs, bs, d_bar, x, s, i) -> Tensor:
+    """``g(x_i) * du`` in float64 ``[B]``: the trapezoid rule in ``u = sigma^2`` gives ``g(x_i)`` half
+    of the interval before it and half of the one after (all of it for the first and last step)."""
+    s0, s1 = s[i], s[i + 1]
+    total = sum(bs)
+    sq = [(dk - d_bar).flatten(1).double().square().sum(1) for dk in outs]
+    two_g = -sum(bk * q for bk, q in zip(bs, sq, strict=True))
+    if total != 1:
+        two_g = two_g + (total * total - total) * (d_bar - x).flatten(1).double().square().sum(1)
+    du = (s[i - 1] ** 2 - s0 * s0 if i > 0 else 0.0) + (s0 * s0 - s1 * s1) * (1 + (s1 == 0))
+    return (0.25 * du / s0**4) * two_g
