@@ -19,6 +19,7 @@ from scorekit.guidance import (
     class_target,
     classifier_guidance,
     dynamic_threshold,
+    reward_guidance,
     tcfg,
 )
 
@@ -336,6 +337,33 @@ def test_classifier_guidance_with_the_exact_classifier_is_the_exact_conditional_
         xi, si = x.clone(), sig.clone()
         got = classifier_guidance(u, TARGET.classifier(1), 2.5)(xi, si)
     torch.testing.assert_close(got, want)
+
+
+# -- reward guidance -----------------------------------------------------------------------------
+
+
+def test_reward_guidance_differentiates_through_the_denoiser():
+    # Gaussian N(m, C): D(x) = m + C (C + s^2 I)^-1 (x - m), so for r(x0) = <c, x0>
+    # grad_x r(D(x)) = (C + s^2 I)^-1 C c, and D_g = D + w s^2 (C + s^2 I)^-1 C c.
+    from scorekit.analytic import gaussian
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    cov = a @ a.T + 0.5 * torch.eye(3, dtype=torch.float64)
+    m = torch.tensor([0.2, -1.0, 0.5], dtype=torch.float64)
+    c = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)
+    den = gaussian(m, cov)
+    x, sig = _points(n=4, d=3), torch.tensor([0.1, 0.5, 1.0, 3.0], dtype=torch.float64)
+    got = reward_guidance(den, lambda x0: x0 @ c, 1.7)(x, sig)
+    for i in range(4):
+        s2 = float(sig[i]) ** 2
+        shift = torch.linalg.solve(cov + s2 * torch.eye(3, dtype=torch.float64), cov @ c)
+        torch.testing.assert_close(got[i], den(x, sig)[i] + 1.7 * s2 * shift, rtol=1e-9, atol=1e-9)
+    with torch.inference_mode():
+        again = reward_guidance(den, lambda x0: x0 @ c, 1.7)(x.clone(), sig.clone())
+    torch.testing.assert_close(again, got)
+    with pytest.raises(ValueError, match=r"^reward must return a tensor of shape \[B\]"):
+        reward_guidance(den, lambda x0: x0, 1.0)(x, sig)
 
 
 # -- CADS ----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from scorekit.guidance import (
     class_target,
     classifier_guidance,
     dynamic_threshold,
+    reward_guidance,
     tcfg,
 )
 from scorekit.samplers import ADAPTIVE, REGISTRY, nfe
@@ -64,6 +65,10 @@ def _rules(c, u, stats):
         "tcfg": (tcfg(c, u, 3.0), (1, 1)),
         "adaptive_guidance": (adaptive_guidance(c, u, 3.0, threshold=0.99, stats=stats), (1, None)),
         "classifier_guidance": (classifier_guidance(u, T.classifier(0), 2.0), (0, 1)),
+        "reward_guidance": (
+            reward_guidance(c, lambda x0: -x0.square().flatten(1).sum(1), 0.5),
+            (1, 0),
+        ),
         "cads": (
             cads(c, emb, sigma_lo=0.2, sigma_hi=5.0, generator=row_generators(0, range(4))),
             (1, 0),

@@ -26,6 +26,7 @@ adaptive_guidance       stop uncond when cos(eps_c, eps_u) is back    2 per call
                         above t after dipping below it
 classifier_guidance     ``D_u + w sigma^2 grad log p(y | x)``         1 + classifier fwd/bwd per call
 cads                    annealed noise on the condition embedding     1 per call
+reward_guidance         ``D + w sigma^2 grad_x r(D(x, sigma))``       1 + a backward pass per call
 fk_smc (sampler)        FK-weighted SMC on the tilted target          2 N
 fk_product (sampler)    FK SMC for prod_k p_k^beta_k (experts, p^b)   K N
 cfg_pc (sampler)        DDIM(cond) + C Langevin on tilted density     (N - 1)(1 + 2C) + 2
@@ -45,6 +46,7 @@ from scorekit.guidance.classifier import classifier_guidance
 from scorekit.guidance.exact import ClassMixture, class_target
 from scorekit.guidance.pc import cfg_pc
 from scorekit.guidance.projected import apg, tcfg
+from scorekit.guidance.reward import reward_guidance
 from scorekit.guidance.smc import effective_sample_size, fk_product, fk_smc, systematic_resample
 
 __all__ = [
@@ -61,6 +63,7 @@ __all__ = [
     "effective_sample_size",
     "fk_product",
     "fk_smc",
+    "reward_guidance",
     "systematic_resample",
     "tcfg",
 ]
