@@ -459,11 +459,106 @@ NETS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "unet": UNet}
 _POSITIONAL = {"mlp": "dim", "unet": "in_channels"}
 
 
+#: Bounds ``(least, most)`` on every size in a network config (each entry of a list-valued one),
+#: checked by ``build`` before anything is allocated: a config read from a checkpoint's state file
+#: or given as ``--net`` is a one-line error, not a multi-terabyte allocation.
+LIMITS: dict[str, tuple[int, int]] = {
+    "dim": (1, 1 << 20), "hidden": (1, 1 << 14), "depth": (1, 256), "emb_dim": (1, 1 << 14),
+    "num_classes": (0, 100_000), "in_channels": (1, 1024), "image_size": (1, 4096),
+    "base_channels": (1, 4096), "channel_mults": (1, 64), "num_res_blocks": (1, 64),
+    "attn_resolutions": (1, 4096),
+}  # fmt: skip
+#: Most entries of a list-valued size (``channel_mults``: levels; ``image_size``: 2).
+_MAX_ENTRIES = 8
+#: Most parameters ``build`` makes (4 GiB of float32 weights; the CPU defaults have about 1M).
+MAX_PARAMETERS = 1_000_000_000
+
+
+def _check_sizes(kwargs: dict[str, Any]) -> None:
+    """A one-line ValueError unless every size in ``kwargs`` is an integer within ``LIMITS``."""
+    for name, (least, most) in LIMITS.items():
+        value = kwargs.get(name)
+        if value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if len(values) > _MAX_ENTRIES:
+            raise ValueError(
+                f"config[{name!r}] has {len(values)} entries; at most {_MAX_ENTRIES} allowed"
+            )
+        for v in values:
+            check_int(f"config[{name!r}]", v, least=least, most=most)
+
+
+def _linear(cin: int, cout: int) -> int:
+    return cin * cout + cout
+
+
+def _conv(cin: int, cout: int, k: int) -> int:
+    return cin * cout * k * k + cout
+
+
+def _res_size(cin: int, cout: int, emb: int) -> int:
+    skip = _conv(cin, cout, 1) if cin != cout else 0
+    return 2 * cin + _conv(cin, cout, 3) + _linear(emb, 2 * cout) + _conv(cout, cout, 3) + skip
+
+
+def _attn_size(ch: int) -> int:
+    return 2 * ch + _conv(ch, 3 * ch, 1) + _conv(ch, ch, 1)
+
+
+def _embedding_size(noise_dim: int, emb: int, num_classes: int) -> int:
+    table = (num_classes + 1) * emb if num_classes else 0
+    return _linear(noise_dim, emb) + _linear(emb, emb) + table
+
+
+def _mlp_size(dim: int, *, hidden: int = 256, depth: int = 4, emb_dim: int = 128,
+              num_classes: int = 0, dropout: float = 0.0) -> int:  # fmt: skip
+    """``MLP(dim, ...)``'s parameter count, without building it (keep in step with ``MLP``)."""
+    block = 2 * hidden + 2 * _linear(hidden, hidden) + _linear(emb_dim, 2 * hidden)
+    ends = _linear(dim, hidden) + 2 * hidden + _linear(hidden, dim)
+    return _embedding_size(emb_dim, emb_dim, num_classes) + depth * block + ends
+
+
+def _unet_size(in_channels: int, *, image_size: int | Sequence[int] = 8, base_channels: int = 32,
+               channel_mults: Sequence[int] = (1, 2), num_res_blocks: int = 2,
+               attn_resolutions: Sequence[int] = (4,), num_classes: int = 0,
+               dropout: float = 0.0, emb_dim: int | None = None) -> int:  # fmt: skip
+    """``UNet(in_channels, ...)``'s parameter count, without building it (keep in step with ``UNet``)."""
+    e = 4 * base_channels if emb_dim is None else emb_dim
+    height = image_size if isinstance(image_size, int) else image_size[0]
+    levels = [height // 2**i for i in range(len(channel_mults))]
+    n = _embedding_size(2 * ((base_channels + 1) // 2), e, num_classes)
+    n += _conv(in_channels, base_channels, 3)
+    skips, ch = [base_channels], base_channels
+    for i, mult in enumerate(channel_mults):
+        for _ in range(num_res_blocks):
+            n += _res_size(ch, base_channels * mult, e)
+            ch = base_channels * mult
+            n += _attn_size(ch) if levels[i] in attn_resolutions else 0
+            skips.append(ch)
+        if i < len(channel_mults) - 1:
+            n += _conv(ch, ch, 3)
+            skips.append(ch)
+    n += 2 * _res_size(ch, ch, e) + _attn_size(ch)
+    for i, mult in reversed(list(enumerate(channel_mults))):
+        for j in range(num_res_blocks + 1):
+            n += _res_size(ch + skips.pop(), base_channels * mult, e)
+            ch = base_channels * mult
+            n += _attn_size(ch) if levels[i] in attn_resolutions else 0
+            n += _conv(ch, ch, 3) if i > 0 and j == num_res_blocks else 0
+    return n + 2 * ch + _conv(ch, in_channels, 3)
+
+
+_SIZES: dict[str, Callable[..., int]] = {"mlp": _mlp_size, "unet": _unet_size}
+
+
 def build(config: dict[str, Any]) -> nn.Module:
     """Build a raw network from a JSON-able config, e.g. ``{"type": "mlp", "dim": 2, "hidden": 256}``.
 
     ``type`` picks the class from ``NETS``; every other key is passed as a keyword argument, so a
     misspelt key is a ``TypeError`` naming it. Lists (from JSON) are accepted where tuples are expected.
+    The sizes are checked against ``LIMITS`` and the parameter count against ``MAX_PARAMETERS``
+    before anything is allocated (a config may come from a checkpoint someone else wrote).
     """
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
@@ -474,7 +569,14 @@ def build(config: dict[str, Any]) -> nn.Module:
     first = _POSITIONAL[kind]
     if first not in kwargs:
         raise ValueError(f"config for {kind!r} needs the key {first!r}; got keys {sorted(config)}")
+    _check_sizes(kwargs)
     try:
+        count = _SIZES[kind](**kwargs)
+        if count > MAX_PARAMETERS:
+            raise ValueError(
+                f"config for {kind!r} makes a network of {count:,} parameters; at most "
+                f"{MAX_PARAMETERS:,} allowed (about {4 * count / 2**30:,.0f} GiB of float32 weights)"
+            )
         return NETS[kind](kwargs.pop(first), **kwargs)
     except TypeError as err:
         raise TypeError(f"bad config for {kind!r}: {err}") from None

@@ -70,6 +70,8 @@ def load_run(
 
     Raises:
         FileNotFoundError: if ``run_dir`` has no complete checkpoint.
+        scorekit.train.checkpoint.CheckpointError: (a ValueError) if the checkpoint's files, network
+            config (bounded by ``scorekit.nets.LIMITS``) or weights are not what they should be.
     """
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
@@ -79,24 +81,39 @@ def load_run(
             f"no complete checkpoint in {str(run_dir)!r} (is it a training run?)"
         )
     tensors, state = ckpt.load(folder)
-    net = nets.build(state["net"])
-    net.load_state_dict(tensors[weights])
-    config = state["config"]
-    info = dict(state["data"])
+    try:
+        denoiser, info = _rebuild(state, tensors[weights])
+    except RuntimeError as e:  # torch's load_state_dict: shapes or names that do not fit
+        raise ckpt.CheckpointError(
+            f"checkpoint {folder}: its {weights} weights do not fit its network config: "
+            f"{_first_line(e)}"
+        ) from None
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ckpt.CheckpointError(f"checkpoint {folder}: {_first_line(e)}") from None
+    return denoiser.to(device).eval().requires_grad_(False), info
+
+
+def _rebuild(state: dict[str, Any], weights: dict[str, Tensor]):
+    """``(denoiser, info)`` from a checkpoint's state and one group of its weights."""
+    config, info = state["config"], dict(state["data"])
+    net = nets.build(state["net"])  # bounded: scorekit.nets.LIMITS and MAX_PARAMETERS
+    net.load_state_dict(weights)
     info["num_classes"] = int(state["net"].get("num_classes", 0) or 0)
     lo, hi = sigma_range(config["process"])
-    info.update(
-        process=config["process"],
-        param=config["param"],
-        sigma_min=lo,
-        sigma_max=hi,
-        step=int(state["step"]),
-        config=config,
-    )
+    info.update(process=config["process"], param=config["param"], sigma_min=lo, sigma_max=hi,
+                step=int(state["step"]), config=config)  # fmt: skip
     denoiser = build_denoiser(
         net, process=config["process"], param=config["param"], sigma_data=info["sigma_data"]
     )
-    return denoiser.to(device).eval().requires_grad_(False), info
+    return denoiser, info
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception as one line: a missing key is named as such, torch's lists are cut to the first."""
+    if isinstance(e, KeyError):
+        return f"state.json or the tensors lack {e}"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:2])[:300] if lines else type(e).__name__
 
 
 def sigma_range(process: str) -> tuple[float, float]:

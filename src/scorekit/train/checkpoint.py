@@ -15,12 +15,15 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
@@ -44,6 +47,13 @@ __all__ = [
 SLEEP_ENV = "SCOREKIT_TEST_CKPT_SLEEP"
 _DIR = "checkpoints"
 _MANIFEST = "manifest.json"
+#: Largest checkpoint file loading reads (the Adam state of ``nets.MAX_PARAMETERS`` parameters
+#: fits); a manifest or file claiming more is refused before anything is read.
+MAX_FILE_BYTES = 16 << 30
+_MAX_MANIFEST_BYTES = 1 << 20
+_MAX_FILES = 16
+#: The names a manifest may list: plain names inside the checkpoint folder, never a path.
+_FILE_NAME = re.compile(r"state\.json|[A-Za-z0-9_][A-Za-z0-9_-]{0,63}\.safetensors")
 
 
 class CheckpointError(ValueError):
@@ -100,17 +110,83 @@ def _complete_steps(run_dir: Path) -> list[int]:
 
 
 def _read_verified(folder: Path) -> dict[str, bytes]:
+    """The files listed in ``folder``'s manifest, each checked against its size and SHA-256.
+
+    A manifest is data someone else may have written: its names must be plain file names inside
+    ``folder`` (no ``/``, no ``..``, no dot-files; ``state.json`` and ``NAME.safetensors`` only), each
+    a regular file (not a link, FIFO or device), of the size the manifest gives, at most
+    ``MAX_FILE_BYTES``; all of that is checked before a byte is read.
+    """
     try:
-        manifest = json.loads((folder / _MANIFEST).read_text())
+        manifest = json.loads(_read_regular(folder / _MANIFEST, None, _MAX_MANIFEST_BYTES))
         out = {}
-        for fname, meta in manifest["files"].items():
-            data = (folder / fname).read_bytes()
-            if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
-                raise CheckpointError(f"{folder / fname} does not match its manifest")
+        for fname, (size, digest) in _manifest_files(folder, manifest).items():
+            data = _read_regular(folder / fname, size, MAX_FILE_BYTES)
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise CheckpointError(f"{folder / fname} does not match its manifest (SHA-256)")
             out[fname] = data
         return out
-    except (OSError, KeyError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"incomplete checkpoint {folder}: {e}") from e
+
+
+def _manifest_files(folder: Path, manifest: Any) -> dict[str, tuple[int, str]]:
+    """``{name: (bytes, sha256)}`` from a manifest, or a one-line CheckpointError naming what is wrong."""
+    where = folder / _MANIFEST
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or "state.json" not in files or len(files) > _MAX_FILES:
+        raise CheckpointError(
+            f"{where}: expected a 'files' table naming state.json (at most {_MAX_FILES} files)"
+        )
+    out = {}
+    for fname, meta in files.items():
+        if not _FILE_NAME.fullmatch(fname):
+            raise CheckpointError(
+                f"{where} names the file {fname!r}; allowed: state.json or NAME.safetensors, a "
+                "plain name inside the checkpoint folder"
+            )
+        size = meta.get("bytes") if isinstance(meta, dict) else None
+        digest = meta.get("sha256") if isinstance(meta, dict) else None
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_FILE_BYTES:
+            raise CheckpointError(
+                f"{where}: {fname} has size {size!r}; allowed: 0 to {MAX_FILE_BYTES} bytes"
+            )
+        if not isinstance(digest, str) or not re.fullmatch("[0-9a-f]{64}", digest):
+            raise CheckpointError(f"{where}: {fname} has no valid sha256 (64 hex digits)")
+        out[fname] = (size, digest)
+    return out
+
+
+def _read_regular(path: Path, size: int | None, limit: int) -> bytes:
+    """The bytes of ``path``, which must be a regular file (not a link, FIFO or device) of ``size``
+    bytes (any if ``None``) and at most ``limit``, all checked before reading."""
+    kind = _kind(os.lstat(path).st_mode)
+    if kind == "regular file":
+        # O_NOFOLLOW and O_NONBLOCK: a name swapped for a link or FIFO after lstat fails or returns
+        # at once instead of escaping the folder or blocking; fstat then checks what was opened.
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        with open(os.open(path, flags | getattr(os, "O_BINARY", 0)), "rb") as f:
+            st = os.fstat(f.fileno())
+            kind = _kind(st.st_mode)
+            if kind == "regular file":
+                if st.st_size > limit or (size is not None and st.st_size != size):
+                    want = f"{size} (its manifest)" if size is not None else f"at most {limit}"
+                    raise CheckpointError(f"{path} has {st.st_size} bytes; expected {want}")
+                data = f.read(st.st_size + 1)
+                if len(data) != st.st_size:
+                    raise CheckpointError(f"{path} changed size while it was read")
+                return data
+    raise CheckpointError(f"{path} is a {kind}; a checkpoint holds only regular files")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISLNK, "symbolic link"),
+                       (stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO")):  # fmt: skip
+        if test(mode):
+            return name
+    return "device or socket"
 
 
 def latest(run_dir: str | os.PathLike) -> Path | None:
@@ -127,10 +203,29 @@ def latest(run_dir: str | os.PathLike) -> Path | None:
 
 
 def load(folder: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
-    """Read a checkpoint folder: ``(tensor groups, state)``. Verifies sizes and hashes; runs no code."""
-    blobs = _read_verified(Path(folder))
-    state = json.loads(blobs.pop("state.json"))
-    tensors = {fname.removesuffix(".safetensors"): st_load(data) for fname, data in blobs.items()}
+    """Read a checkpoint folder: ``(tensor groups, state)``. Verifies sizes and hashes; runs no code.
+
+    Raises:
+        CheckpointError: (a ValueError) naming the file and what is wrong with it.
+    """
+    folder = Path(folder)
+    blobs = _read_verified(folder)
+    try:
+        state = json.loads(blobs.pop("state.json"))
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{folder / 'state.json'} is not valid JSON: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{folder / 'state.json'} holds {type(state).__name__}, not an object"
+        )
+    tensors = {}
+    for fname, data in blobs.items():
+        try:
+            tensors[fname.removesuffix(".safetensors")] = st_load(data)
+        except SafetensorError as e:
+            raise CheckpointError(
+                f"{folder / fname} is not a valid safetensors file: {e}"
+            ) from None
     return tensors, state
 
 
