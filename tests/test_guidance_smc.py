@@ -22,6 +22,7 @@ from scorekit.guidance import (
     effective_sample_size,
     fk_product,
     fk_smc,
+    svdd,
     systematic_resample,
 )
 from scorekit.metrics import sliced_wasserstein
@@ -252,3 +253,60 @@ def test_fk_product_moves_a_product_of_experts_and_an_annealed_density_towards_t
         fk_product([g1, g2], [1.0, -1.0], _start(4), sig)
     with pytest.raises(ValueError, match=r"^denoisers and betas must be non-empty"):
         fk_product([g1], [1.0, 1.0], _start(4), sig)
+
+
+def test_svdd_one_candidate_is_ddpm_and_its_cost_is_counted():
+    t = class_target("ring6")
+    sig = karras(10, 0.01, 20.0, dtype=torch.float64)
+    x = _start(5, d=2, sigma_max=20.0)
+    c = Counting(t.uncond)
+    got = svdd(c, lambda x0: x0[:, 0], x, sig, candidates=1, generator=row_generators(1, range(5)))
+    want = REGISTRY["euler_ancestral"](t.uncond, x, sig, generator=row_generators(1, range(5)))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert c.calls == 10
+    calls = []
+    c = Counting(t.uncond)
+
+    def reward(x0):
+        calls.append(x0.shape[0])
+        return x0[:, 0]
+
+    svdd(c, reward, x, sig, candidates=3, alpha=0.5, generator=row_generators(1, range(5)))
+    assert c.calls == 1 + 3 * 9 and sum(calls) == 3 * 9 * 5
+    # per-row generators: row i does not depend on the batch
+    full = svdd(
+        t.uncond, reward, x, sig, candidates=3, alpha=0.5, generator=row_generators(2, range(5))
+    )
+    one = svdd(
+        t.uncond, reward, x[2:3], sig, candidates=3, alpha=0.5, generator=row_generators(2, [2])
+    )
+    torch.testing.assert_close(one[0], full[2], rtol=1e-12, atol=1e-12)
+
+
+def test_svdd_moves_towards_the_exact_reward_tilted_mixture():
+    # p(x) exp(r(x) / alpha) with r(x) = x on the pair1d mixture is again a mixture: each component
+    # N(m_k, v_k) becomes N(m_k + v_k / alpha, v_k) with weight ∝ w_k exp(m_k / alpha + v_k / (2 alpha^2)).
+    from scorekit.analytic import GaussianMixture
+
+    p, alpha, m = PAIR.uncond, 1.0, 2048
+    logw = p.weights.log() + p.means[:, 0] / alpha + p.covs[:, 0] / (2 * alpha**2)
+    tilt = GaussianMixture(p.means + p.covs / alpha, p.covs, torch.softmax(logw, 0))
+    exact = tilt.sample(m, torch.Generator().manual_seed(1))
+    sig = karras(30, 0.002, 80.0, dtype=torch.float64)
+    x = _start(m)
+    base = REGISTRY["euler_ancestral"](p, x, sig, generator=torch.Generator().manual_seed(4))
+    dist = {1: sliced_wasserstein(base, exact)}
+    for k in (2, 16):
+        out = svdd(
+            p,
+            lambda x0: x0[:, 0],
+            x,
+            sig,
+            candidates=k,
+            alpha=alpha,
+            generator=torch.Generator().manual_seed(4),
+        )
+        dist[k] = sliced_wasserstein(out, exact)
+    # measured: 0.58, 0.35, 0.19 (floor 0.03): closer with more candidates, not exact (SVDD values
+    # a candidate by r(D(x)), an approximation of the soft value)
+    assert dist[1] > 1.5 * dist[2] > 1.5 * dist[16], dist

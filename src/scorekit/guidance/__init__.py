@@ -30,6 +30,7 @@ reward_guidance         ``D + w sigma^2 grad_x r(D(x, sigma))``       1 + a back
 fk_smc (sampler)        FK-weighted SMC on the tilted target          2 N
 fk_product (sampler)    FK SMC for prod_k p_k^beta_k (experts, p^b)   K N
 cfg_pc (sampler)        DDIM(cond) + C Langevin on tilted density     (N - 1)(1 + 2C) + 2
+svdd (sampler)          M DDPM candidates per step, kept by value     1 + M (N - 1)
 ======================  ============================================  ===============================
 
 The exact ground truth these are tested against is in ``scorekit.guidance.exact``:
@@ -48,6 +49,7 @@ from scorekit.guidance.pc import cfg_pc
 from scorekit.guidance.projected import apg, tcfg
 from scorekit.guidance.reward import reward_guidance
 from scorekit.guidance.smc import effective_sample_size, fk_product, fk_smc, systematic_resample
+from scorekit.guidance.svdd import svdd
 
 __all__ = [
     "ClassMixture",
@@ -64,6 +66,7 @@ __all__ = [
     "fk_product",
     "fk_smc",
     "reward_guidance",
+    "svdd",
     "systematic_resample",
     "tcfg",
 ]
