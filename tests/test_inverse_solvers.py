@@ -370,3 +370,22 @@ def test_image_mask_keeps_the_observed_pixels(name):
     y = op.forward(gm.sample(3, torch.Generator().manual_seed(0)).reshape(3, 1, 4, 4))
     out = REGISTRY[name](gm, y, op, _start(3, 16).reshape(3, 1, 4, 4), _sigmas(8), sigma_y=0.0)
     assert torch.allclose(op.forward(out), y, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_a_divergence_is_reported_with_its_step(name):
+    """A denoiser that turns NaN below sigma = 1: the error names the step whose result went bad
+    (the first step ``j`` taken from ``sigmas[j] < 1``), and nothing is returned."""
+    sig = _sigmas(8)
+    j = next(i for i, v in enumerate(sig.tolist()) if v < 1)
+
+    def breaks(x, sigma):
+        out = RING(x, sigma)
+        return torch.where(sigma[:, None] < 1, torch.nan, out)
+
+    y = torch.full((2, 1), 0.5, dtype=F64)
+    with pytest.raises(FloatingPointError, match=rf"{name}: the state after step {j} \(") as err:
+        REGISTRY[name](
+            breaks, y, Matrix(OBSERVE_X), _start(2), sig, sigma_y=0.1, **CHEAP.get(name, {})
+        )
+    assert "\n" not in str(err.value)

@@ -12,9 +12,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit.inverse.common import check_option, check_problem, ddim_step, gram_solve
+from scorekit.inverse.common import (
+    check_option,
+    check_problem,
+    ddim_step,
+    finish_watched,
+    gram_solve,
+    watch,
+)
 from scorekit.inverse.operators import Operator
-from scorekit.samplers.common import GeneratorLike, emit, finish, prepare, randn_like, steps
+from scorekit.samplers.common import GeneratorLike, emit, prepare, randn_like, steps
 
 __all__ = ["daps", "dmps"]
 
@@ -49,14 +56,16 @@ def dmps(
     sy = check_problem("dmps", y, operator, x, sigma_y)
     check_option("eta", eta, 0.0, 1.0)
     s, model = prepare(denoiser, x, sigmas)
+    first = None
     for i in steps(len(s) - 1, progress):
+        first = watch(x, i, first)
         s0, s1 = s[i], s[i + 1]
         d = model(x, s0)
         emit(callback, i, s0, x, d)
         g = operator.adjoint(gram_solve(operator, y - operator.forward(x), s0 * s0, sy * sy))
         noise = randn_like(x, generator) if eta > 0 and s1 > 0 else None
         x = ddim_step(d + s0 * s0 * g, x, s0, s1, eta, noise)
-    return finish(x)
+    return finish_watched(x, first, s, "dmps")
 
 
 def daps(
@@ -100,7 +109,9 @@ def daps(
         raise ValueError(f"ode_steps must be a positive int; got {ode_steps!r}")
     check_option("data_var", data_var, 1e-12)
     s, model = prepare(denoiser, x, sigmas)
+    first = None
     for i in steps(len(s) - 1, progress):
+        first = watch(x, i, first)
         s0, s1 = s[i], s[i + 1]
         u = x
         for j in range(ode_steps):  # Euler in sigma from s0 to 0 on a uniform grid
@@ -115,4 +126,4 @@ def daps(
         v = gram_solve(operator, y - operator.forward(u) - sy * m, r2, sy * sy)
         x0 = u + r2 * operator.adjoint(v)
         x = x0 + s1 * randn_like(x, generator) if s1 > 0 else x0
-    return finish(x)
+    return finish_watched(x, first, s, "daps")

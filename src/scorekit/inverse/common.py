@@ -23,15 +23,18 @@ from torch import Tensor
 
 from scorekit._util import append_dims
 from scorekit.inverse.operators import Operator
+from scorekit.samplers.common import finish
 
 __all__ = [
     "cg",
     "check_option",
     "check_problem",
     "ddim_step",
+    "finish_watched",
     "gram_solve",
     "spectral_measurement",
     "vjp",
+    "watch",
 ]
 
 
@@ -157,3 +160,24 @@ def spectral_measurement(op: Operator, y: Tensor, sy: float) -> tuple[Tensor, Te
     ub[:, : len(s)] = op.svd_ut(y)
     sb = torch.where(observed, sy * inv, math.inf)
     return ub * inv, sb, observed
+
+
+def watch(x: Tensor, i: int, first: Tensor | None) -> Tensor:
+    """The first step ``i`` at which the state ``x`` (entering step ``i``) held NaN or inf, as a 0-d
+    tensor on ``x``'s device (-1: none yet); no host synchronisation, so it can run every step."""
+    if first is None:
+        first = torch.full((), -1, dtype=torch.long, device=x.device)
+    bad = ~torch.isfinite(x).all()
+    return torch.where((first < 0) & bad, torch.full_like(first, i), first)
+
+
+def finish_watched(x: Tensor, first: Tensor | None, sigmas: list[float], solver: str) -> Tensor:
+    """``finish(x)``, but first raise naming the step where the state stopped being finite (one sync)."""
+    if first is not None and int(first) >= 0:
+        i = int(first)
+        where = "the starting state x" if i == 0 else f"the state after step {i - 1}"
+        raise FloatingPointError(
+            f"{solver}: {where} (at sigma = {sigmas[i]:.4g}) holds NaN or inf; a step diverged "
+            "(allowed: finite states; try more steps or a smaller step-size option)"
+        )
+    return finish(x)

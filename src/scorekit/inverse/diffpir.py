@@ -8,9 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit.inverse.common import check_option, check_problem, gram_solve
+from scorekit.inverse.common import check_option, check_problem, finish_watched, gram_solve, watch
 from scorekit.inverse.operators import Operator
-from scorekit.samplers.common import GeneratorLike, emit, finish, prepare, randn_like, steps
+from scorekit.samplers.common import GeneratorLike, emit, prepare, randn_like, steps
 
 __all__ = ["diffpir"]
 
@@ -51,7 +51,9 @@ def diffpir(
     check_option("lam", lam, 0.0)
     check_option("zeta", zeta, 0.0, 1.0)
     s, model = prepare(denoiser, x, sigmas)
+    first = None
     for i in steps(len(s) - 1, progress):
+        first = watch(x, i, first)
         s0, s1 = s[i], s[i + 1]
         d = model(x, s0)
         emit(callback, i, s0, x, d)
@@ -62,4 +64,4 @@ def diffpir(
             break
         noise = randn_like(x, generator) if zeta > 0 else torch.zeros_like(x)
         x = z + s1 * (math.sqrt(1 - zeta) * (x - z) / s0 + math.sqrt(zeta) * noise)
-    return finish(x)
+    return finish_watched(x, first, s, "diffpir")

@@ -23,11 +23,13 @@ from scorekit.inverse.common import (
     check_option,
     check_problem,
     ddim_step,
+    finish_watched,
     gram_solve,
     vjp,
+    watch,
 )
 from scorekit.inverse.operators import Operator
-from scorekit.samplers.common import GeneratorLike, emit, finish, prepare, randn_like, steps
+from scorekit.samplers.common import GeneratorLike, emit, prepare, randn_like, steps
 
 __all__ = ["dps", "mmps", "pigdm"]
 
@@ -74,7 +76,9 @@ def dps(
     check_option("eta", eta, 0.0, 1.0)
     s, model = prepare(denoiser, x, sigmas)
     tiny = torch.finfo(x.dtype).tiny
+    first = None
     for i in steps(len(s) - 1, progress):
+        first = watch(x, i, first)
         s0, s1 = s[i], s[i + 1]
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
@@ -86,7 +90,7 @@ def dps(
         emit(callback, i, s0, x, d)
         x = ddim_step(d, x, s0, s1, eta, _noise(x, s1, eta, generator))
         x = x - (zeta * (1 + s0 * s0)) * grad
-    return finish(x)
+    return finish_watched(x, first, s, "dps")
 
 
 def pigdm(
@@ -122,7 +126,9 @@ def pigdm(
     check_option("eta", eta, 0.0, 1.0)
     check_option("data_var", data_var, 1e-12)
     s, model = prepare(denoiser, x, sigmas)
+    first = None
     for i in steps(len(s) - 1, progress):
+        first = watch(x, i, first)
         s0, s1 = s[i], s[i + 1]
         r2 = data_var * s0 * s0 / (data_var + s0 * s0)
         with torch.enable_grad():
@@ -133,7 +139,7 @@ def pigdm(
         d = d.detach()
         emit(callback, i, s0, x, d)
         x = ddim_step(d + s0 * s0 * g, x, s0, s1, eta, _noise(x, s1, eta, generator))
-    return finish(x)
+    return finish_watched(x, first, s, "pigdm")
 
 
 def mmps(
@@ -172,7 +178,9 @@ def mmps(
     if isinstance(cg_iters, bool) or not isinstance(cg_iters, int) or cg_iters < 0:
         raise ValueError(f"cg_iters must be an int >= 0; got {cg_iters!r}")
     s, model = prepare(denoiser, x, sigmas)
+    first = None
     for i in steps(len(s) - 1, progress):
+        first = watch(x, i, first)
         s0, s1 = s[i], s[i + 1]
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
@@ -186,4 +194,4 @@ def mmps(
         d = d.detach()
         emit(callback, i, s0, x, d)
         x = ddim_step(d + s0 * s0 * g, x, s0, s1, eta, _noise(x, s1, eta, generator))
-    return finish(x)
+    return finish_watched(x, first, s, "mmps")

@@ -18,11 +18,13 @@ from scorekit.inverse.common import (
     check_option,
     check_problem,
     ddim_step,
+    finish_watched,
     spectral_measurement,
     vjp,
+    watch,
 )
 from scorekit.inverse.operators import Operator
-from scorekit.samplers.common import GeneratorLike, emit, finish, prepare, randn_like, steps
+from scorekit.samplers.common import GeneratorLike, emit, prepare, randn_like, steps
 
 __all__ = ["mcg", "repaint"]
 
@@ -67,7 +69,9 @@ def repaint(
         raise ValueError(f"resample must be a positive int; got {resample!r}")
     s, model = prepare(denoiser, x, sigmas)
     yb, _, observed = spectral_measurement(operator, y, 0.0)
+    first = None
     for i in steps(len(s) - 1, progress):
+        first = watch(x, i, first)
         s0, s1 = s[i], s[i + 1]
         for u in range(resample if s1 > 0 else 1):
             d = model(x, s0)
@@ -80,7 +84,7 @@ def repaint(
             )
             if u < resample - 1 and s1 > 0:
                 x = x + math.sqrt(s0 * s0 - s1 * s1) * randn_like(x, generator)
-    return finish(x)
+    return finish_watched(x, first, s, "repaint")
 
 
 def mcg(
@@ -116,7 +120,9 @@ def mcg(
     s, model = prepare(denoiser, x, sigmas)
     yb, _, observed = spectral_measurement(operator, y, 0.0)
     tiny = torch.finfo(x.dtype).tiny
+    first = None
     for i in steps(len(s) - 1, progress):
+        first = watch(x, i, first)
         s0, s1 = s[i], s[i + 1]
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
@@ -129,4 +135,4 @@ def mcg(
         x = ddim_step(d, x, s0, s1, 1.0, randn_like(x, generator) if s1 > 0 else None)
         x = x - (zeta * (1 + s0 * s0)) * grad
         x = _replace(operator, x, yb, observed, s1, randn_like(x, generator) if s1 > 0 else None)
-    return finish(x)
+    return finish_watched(x, first, s, "mcg")

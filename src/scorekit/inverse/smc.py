@@ -7,9 +7,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit.inverse.common import check_option, check_problem, gram_solve, vjp
+from scorekit.inverse.common import (
+    check_option,
+    check_problem,
+    finish_watched,
+    gram_solve,
+    vjp,
+    watch,
+)
 from scorekit.inverse.operators import Operator
-from scorekit.samplers.common import GeneratorLike, emit, finish, prepare, randn_like, steps
+from scorekit.samplers.common import GeneratorLike, emit, prepare, randn_like, steps
 
 __all__ = ["tds"]
 
@@ -85,7 +92,9 @@ def tds(
     yp = y.repeat_interleave(k, 0)
     logw = torch.zeros(b, k, dtype=x.dtype, device=x.device)
     carry = torch.zeros_like(logw)  # log p/q of the last move minus the last twist
+    first = None
     for i in steps(len(s) - 1, progress):
+        first = watch(xp, i, first)
         s0, s1 = s[i], s[i + 1]
         var = sy * sy + (data_var * s0 * s0 / (data_var + s0 * s0) if s1 > 0 else 0.0)
         last = s1 == 0
@@ -105,7 +114,9 @@ def tds(
             cdf = torch.softmax(logw, dim=1).cumsum(1)
             u = _uniforms(b, x, generator)[:, None] * cdf[:, -1:]
             pick = torch.searchsorted(cdf, u).clamp(max=k - 1)[:, 0]  # one particle, by weight
-            return finish(d.reshape(b, k, *shape)[torch.arange(b, device=x.device), pick])
+            return finish_watched(
+                d.reshape(b, k, *shape)[torch.arange(b, device=x.device), pick], first, s, "tds"
+            )
         anc = _systematic(logw, _uniforms(b, x, generator))
         rows = (torch.arange(b, device=x.device)[:, None] * k + anc).flatten()
         xp, d, g, lt = xp[rows], d[rows], g[rows], lt.flatten()[rows].reshape(b, k)

@@ -16,9 +16,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit.inverse.common import check_option, check_problem, spectral_measurement
+from scorekit.inverse.common import (
+    check_option,
+    check_problem,
+    finish_watched,
+    spectral_measurement,
+    watch,
+)
 from scorekit.inverse.operators import Operator
-from scorekit.samplers.common import GeneratorLike, emit, finish, prepare, randn_like, steps
+from scorekit.samplers.common import GeneratorLike, emit, prepare, randn_like, steps
 
 __all__ = ["ddnm", "ddrm"]
 
@@ -58,7 +64,9 @@ def ddrm(
     check_option("eta_b", eta_b, 0.0, 1.0)
     s, model = prepare(denoiser, x, sigmas)
     yb, sb, observed = spectral_measurement(operator, y, sy)
+    first = None
     for i in steps(len(s) - 1, progress):
+        first = watch(x, i, first)
         s0, s1 = s[i], s[i + 1]
         d = model(x, s0)
         emit(callback, i, s0, x, d)
@@ -71,7 +79,7 @@ def ddrm(
         clean = (1 - eta_b) * xb0 + eta_b * yb + fresh * z
         out = torch.where(s1 < sb, noisy, clean)
         x = operator.svd_v(torch.where(observed, out, null))
-    return finish(x)
+    return finish_watched(x, first, s, "ddrm")
 
 
 def ddnm(
@@ -107,7 +115,9 @@ def ddnm(
     check_option("eta", eta, 0.0, 1.0)
     s, model = prepare(denoiser, x, sigmas)
     yb, sb, observed = spectral_measurement(operator, y, sy)
+    first = None
     for i in steps(len(s) - 1, progress):
+        first = watch(x, i, first)
         s0, s1 = s[i], s[i + 1]
         d = model(x, s0)
         emit(callback, i, s0, x, d)
@@ -118,4 +128,4 @@ def ddnm(
         gamma = (s1 * s1 - (lam * torch.where(observed, sb, 0.0)) ** 2).clamp(min=0).sqrt()
         eps = math.sqrt(1 - eta * eta) * (xb - xb0) / s0 + eta * z
         x = operator.svd_v(xb0c + gamma * eps)
-    return finish(x)
+    return finish_watched(x, first, s, "ddnm")
