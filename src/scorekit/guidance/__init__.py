@@ -27,6 +27,9 @@ adaptive_guidance       stop uncond when cos(eps_c, eps_u) is back    2 per call
 classifier_guidance     ``D_u + w sigma^2 grad log p(y | x)``         1 + classifier fwd/bwd per call
 cads                    annealed noise on the condition embedding     1 per call
 reward_guidance         ``D + w sigma^2 grad_x r(D(x, sigma))``       1 + a backward pass per call
+minority_guidance       climb |D(x) - D(D(x) + s z, s)|^2             2 + a backward pass per call
+eps_scaling             exposure bias: eps / lambda(sigma)            the wrapped denoiser's
+time_shift              exposure bias: D at the sample's own sigma    the wrapped denoiser's
 fk_smc (sampler)        FK-weighted SMC on the tilted target          2 N
 fk_product (sampler)    FK SMC for prod_k p_k^beta_k (experts, p^b)   K N
 cfg_pc (sampler)        DDIM(cond) + C Langevin on tilted density     (N - 1)(1 + 2C) + 2
@@ -45,6 +48,8 @@ from scorekit.guidance.cads import cads
 from scorekit.guidance.cfg import autoguidance, cfg, dynamic_threshold
 from scorekit.guidance.classifier import classifier_guidance
 from scorekit.guidance.exact import ClassMixture, class_target
+from scorekit.guidance.exposure import eps_scaling, time_shift
+from scorekit.guidance.minority import minority_guidance
 from scorekit.guidance.pc import cfg_pc
 from scorekit.guidance.projected import apg, tcfg
 from scorekit.guidance.reward import reward_guidance
@@ -63,10 +68,13 @@ __all__ = [
     "classifier_guidance",
     "dynamic_threshold",
     "effective_sample_size",
+    "eps_scaling",
     "fk_product",
     "fk_smc",
+    "minority_guidance",
     "reward_guidance",
     "svdd",
     "systematic_resample",
     "tcfg",
+    "time_shift",
 ]
