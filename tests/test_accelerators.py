@@ -1,5 +1,5 @@
 """Accelerators against exact maths: the teleport of a Gaussian is its exact PF-ODE flow; epsilon
-scaling and time shift by hand."""
+scaling and time shift (now in scorekit.guidance.exposure) by hand."""
 
 from __future__ import annotations
 
@@ -8,14 +8,9 @@ import torch
 
 from scorekit import schedules as S
 from scorekit.analytic import gaussian, target
+from scorekit.guidance import eps_scaling, time_shift
 from scorekit.samplers import REGISTRY, nfe
-from scorekit.samplers.accelerators import (
-    GaussianFlow,
-    eps_scaling,
-    teleport,
-    time_shift,
-    with_teleport,
-)
+from scorekit.samplers.accelerators import GaussianFlow, teleport, with_teleport
 
 
 def _random_gaussian(d: int, seed: int = 0):

@@ -30,6 +30,7 @@ SUBMODULES = (
     "runs",
     "samplers",
     "schedules",
+    "threads",
     "train",
 )
 
