@@ -23,7 +23,7 @@ mmps       N     N (cg_iters + 1)      linear     Tweedie covariance ``sigma^2 d
 ddrm       N     0                     SVD        spectral variational step (Kawar et al. 2022)
 ddnm       N     0                     SVD        range-space correction (DDNM+)
 diffpir    N     0                     linear     proximal data step, partial re-noising
-tds        N     N - 1                 any        SMC, ``particles`` per output row (``B K`` rows/call)
+tds        N     N - 1                 any        SMC twisted by PiGDM's likelihood, ``particles``/row
 dmps       N     0                     linear     uninformative-prior likelihood, closed form
 daps       N K   0                     linear     K = ``ode_steps``; exact Gaussian x0 | x, y draw
 repaint    *     0                     SVD        * (N - 1) U + 1, U = ``resample``; noiseless
