@@ -103,17 +103,19 @@ def fk_smc(
 
     which alone samples CFG's biased distribution. In ``u = sigma^2`` the heat equation gives
     ``d_u log p = (Lap log p + |grad log p|^2) / 2`` for both ``p(x|y)`` and ``p(x)``; the Laplacians
-    cancel in ``q``'s Feynman-Kac potential and the weight of a particle grows by
+    cancel in ``q``'s Feynman-Kac potential and the log-weight of a particle grows at the rate
+    (per unit of ``-u``)
 
-        log W += (w (w - 1) / 2) |D_c - D_u|^2 (sigma_i^2 - sigma_{i+1}^2) / sigma_i^4
+        g = (w (w - 1) / 2) |D_c - D_u|^2 / sigma^4
 
-    (``|grad log p_sigma(x|y) - grad log p_sigma(x)|^2 = |D_c - D_u|^2 / sigma^4``). Log-weights are
-    float64; when a group's effective sample size ``(sum W)^2 / sum W^2`` falls below
-    ``ess_threshold * P`` it is resampled (systematic) and its weights reset. After the last step
-    every group whose weights are not uniform is resampled once more, so the returned rows are
-    equally weighted. As ``P`` grows the
-    particles target ``p_w`` up to the time discretisation and the start ``x ~ N(0, sigma_0^2 I)`` (the
-    tilt is negligible at a large ``sigma_0``).
+    (``|grad log p_sigma(x|y) - grad log p_sigma(x)|^2 = |D_c - D_u|^2 / sigma^4``), integrated along
+    each particle's path by the trapezoid rule in ``u`` (``fk_product``, of which this is the case
+    ``betas = (w, 1 - w)``). Log-weights are float64; when a group's effective sample size
+    ``(sum W)^2 / sum W^2`` falls below ``ess_threshold * P`` it is resampled (systematic) and its
+    weights reset. After the last step every group whose weights are not uniform is resampled once
+    more, so the returned rows are equally weighted. As ``P`` grows the particles target ``p_w`` up
+    to the time discretisation and the start ``x ~ N(0, sigma_0^2 I)`` (the tilt is negligible at a
+    large ``sigma_0``).
 
     Measured (``tests/test_guidance_smc.py``, ``scorekit bench guidance``): on the 1-D ``pair1d``
     target at ``w = 4`` with 200 karras steps, sliced W2 to exact tilted samples falls from about 11x
