@@ -70,7 +70,7 @@ def cads(
 
     def annealed(x: Tensor, sigma: Tensor | float) -> Tensor:
         sigma = as_sigma(sigma, x)
-        c = embedding.to(x.dtype)
+        c = embedding.to(device=x.device, dtype=x.dtype)
         if c.shape[0] not in (1, x.shape[0]):
             raise ValueError(
                 f"embedding must have shape [B, ...] or [1, ...] with B = {x.shape[0]}; "

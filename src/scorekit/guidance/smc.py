@@ -47,9 +47,11 @@ def systematic_resample(log_w: Tensor, u: Tensor) -> Tensor:
 def _uniforms(groups: int, p: int, generator: GeneratorLike, device) -> Tensor:
     """One uniform per particle group: from the group's first row generator when given per row."""
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.rand(groups, generator=generator, dtype=torch.float64, device=device)
+        where = device if generator is None else generator.device
+        return torch.rand(groups, generator=generator, dtype=torch.float64, device=where).to(device)
+    firsts = [generator[g * p] for g in range(groups)]
     return torch.cat(
-        [torch.rand(1, generator=generator[g * p], dtype=torch.float64) for g in range(groups)]
+        [torch.rand(1, generator=gen, dtype=torch.float64, device=gen.device) for gen in firsts]
     ).to(device)
 
 

@@ -18,10 +18,11 @@ __all__ = ["svdd"]
 def _row_uniforms(b: int, generator: GeneratorLike, device) -> Tensor:
     """One uniform per row, from the row's own generator when given per row."""
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.rand(b, generator=generator, dtype=torch.float64).to(device)
-    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generator]).to(
-        device
-    )
+        where = device if generator is None else generator.device
+        return torch.rand(b, generator=generator, dtype=torch.float64, device=where).to(device)
+    return torch.cat(
+        [torch.rand(1, generator=g, dtype=torch.float64, device=g.device) for g in generator]
+    ).to(device)
 
 
 def svdd(
