@@ -54,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=int, default=0, help="seed of x0, the noise and the samplers")
     a("--target-seed", type=int, default=1, help="seed of the gmm64 mixture (default 1)")
     a("--device", default="cpu")
+    a("--no-plot", action="store_true", help="skip the PNG (and the matplotlib import)")
 
 
 def _problem(name: str, seed: int, target_seed: int, device) -> dict:
@@ -184,8 +185,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) / "inverse.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, result)
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    if not args.no_plot:
+        plot(result, out.with_suffix(".png"))
+    print(f"wrote {out}" + ("" if args.no_plot else f" and {out.with_suffix('.png')}"))
     return 0
 
 

@@ -1,0 +1,34 @@
+"""``scorekit bench inverse`` runs end to end on a tiny configuration (the numbers are the bench's job)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from scorekit.bench import inverse as bench
+
+
+def _args(tmp_path, **kw):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    argv = ["--out", str(tmp_path), "--n", "40", "--nfe", "6,10", "--problems", "ring8-observe-x"]
+    argv.append("--no-plot")  # matplotlib's import alone can take seconds on a busy machine
+    return parser.parse_args(argv + [f"--{k}={v}" for k, v in kw.items()])
+
+
+def test_bench_writes_one_row_per_solver_and_budget(tmp_path):
+    assert bench.run(_args(tmp_path, solvers="ddrm,daps,tds", particles=2)) == 0
+    result = json.loads((tmp_path / "inverse.json").read_text())
+    (prob,) = result["problems"]
+    assert [(r["solver"], r["nfe"]) for r in prob["rows"]] == [
+        ("ddrm", 6), ("daps", 6), ("tds", 6), ("ddrm", 10), ("daps", 10), ("tds", 10),
+    ]  # fmt: skip
+    assert all(0 <= r["coverage90"] <= 1 and r["sw2"] > 0 for r in prob["rows"])
+    assert not (tmp_path / "inverse.png").exists()
+
+
+def test_bench_rejects_an_unknown_solver(tmp_path):
+    with pytest.raises(ValueError, match="unknown solver 'nope'; allowed"):
+        bench.run(_args(tmp_path, solvers="nope"))
