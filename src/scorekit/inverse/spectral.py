@@ -54,7 +54,7 @@ def ddrm(
 
     ``eta = 0.85``, ``eta_b = 1`` are the paper's defaults. The second line treats the measurement
     noise as the source of the state's noise, so with a very noisy measurement all samples of one
-    ``y`` share a component (``A = 0`` gives the prior sampler exactly). ``NFE = N``.
+    ``y`` share a component (with ``A = 0`` it is the unconditional DDIM sampler). ``NFE = N``.
 
     References:
         Kawar, Elad, Ermon & Song, "Denoising Diffusion Restoration Models", NeurIPS 2022, eqs. 7-8.
