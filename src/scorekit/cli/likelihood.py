@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from scorekit._util import atomic_write
-from scorekit.cli import add_run_dir
+from scorekit.cli import add_run_dir, check_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="built-in name (e.g. digits) or a .npy/.csv file or image folder",
     )
-    a("--out", required=True, metavar="FILE.csv", help="per-example results (written atomically)")
+    a("--out", required=True, metavar="FILE.csv",
+      help="per-example results (written atomically; its folder must exist)")  # fmt: skip
     a("--divergence", choices=("exact", "hutchinson"), default="hutchinson",
       help="divergence of the ODE drift: exact (d backward passes per step) or Hutchinson (default)")  # fmt: skip
     a("--probes", type=int, default=4, help="Hutchinson probes per example (default 4)")
@@ -60,7 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
     w.writerow(header)
@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from scorekit.likelihood.discrete import log_det_normalization
     from scorekit.runs import load_levels, load_run
 
+    out = check_output(args.out, suffixes=(".csv",))  # before any work, like every check below
     if args.no_ode and not args.elbo:
         raise ValueError("--no-ode leaves nothing to compute; add --elbo")
     for name in ("probes", "batch", "n_sigma"):
@@ -115,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
     cols: dict[str, list[float]] = {"ode_nats": [], "ode_stderr": [], "elbo_nats": [],
                                     "elbo_stderr": []}  # fmt: skip
     nfes, t_ode, t_elbo = [], 0.0, 0.0
-    for start in tqdm(range(0, n, args.batch), desc="likelihood", unit="batch", leave=False):
+    # disable=None: a bar on a terminal only, so a log or a one-line error stays clean
+    batches = range(0, n, args.batch)
+    for start in tqdm(batches, desc="likelihood", unit="batch", leave=False, disable=None):
         chunk = raw[start : start + args.batch]
         if args.dequantize:
             chunk = dequantize(chunk, generator=torch.Generator().manual_seed(args.seed + start))
@@ -155,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             header.append(f"{key}_bits_per_dim")
             table.append(bits_per_dim(vals, dim=d, log_det_jacobian=log_det).tolist())
     rows = [list(r) for r in zip(*table, strict=True)]
-    _write_csv(Path(args.out), header, rows)
+    _write_csv(out, header, rows)
 
     what = "log P(levels) lower bound" if args.dequantize else "log-density"
     print(f"scorekit likelihood: {n} examples of {args.data} under {args.run} "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 
 import numpy as np
@@ -53,21 +52,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scorekit._util import atomic_write
+    from scorekit._util import atomic_write, check_int
+    from scorekit.cli import check_output, check_sampling
     from scorekit.runs import decode, generate, load_run, picture
+    from scorekit.samplers import ADAPTIVE
     from scorekit.train.distributed import setup, teardown
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    suffix = os.path.splitext(args.out)[1].lower()
-    if suffix not in (".npy", ".png"):
-        raise ValueError(f"--out must end in .npy or .png, got {args.out!r}")
-    if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
-    adaptive = args.sampler.startswith("adaptive")
-    nfe = None if adaptive and args.nfe is None else (args.nfe or 20)
+    # Everything the user gave is checked before the run is loaded and the samples are drawn.
+    suffix = check_output(args.out, suffixes=(".npy", ".png")).suffix.lower()
+    check_int("--n", args.n)
+    check_int("--batch", args.batch)
+    adaptive = args.sampler in ADAPTIVE
+    nfe = args.nfe if args.nfe is not None else (None if adaptive else 20)
+    check_sampling(args.sampler, nfe, args.schedule)
     dist = setup(args.device)
     try:
         denoiser, info = load_run(args.run, weights=args.weights, device=dist.device)
