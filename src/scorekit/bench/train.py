@@ -56,8 +56,9 @@ def _load() -> str:
 
 
 def ring(
-    out: Path, *, steps: int, nfe: int, sampler: str, n: int = 10_000, progress: bool = True
-) -> dict:
+    out: Path, *, steps: int, nfe: int, sampler: str, n: int = 10_000, progress: bool = True,
+    threads=None,
+) -> dict:  # fmt: skip
     """Train on ``ring`` for ``steps`` steps; SW2 of 10,000 samples at ``nfe`` against the exact floor."""
     from scorekit.analytic import target
     from scorekit.metrics import sliced_wasserstein
@@ -70,7 +71,7 @@ def ring(
         net=RING_NET, ckpt_every=10**9, log_every=20,
     )  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()
-    res = train(cfg, progress=progress)
+    res = train(cfg, progress=progress, threads=threads)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     denoiser, info = load_run(cfg.out)
     x = generate(denoiser, info, n, batch=10_000, progress=False, nfe=nfe,
@@ -101,6 +102,7 @@ def digits(
     net: dict | None = None,
     batch: int = DIGITS_BATCH,
     progress: bool = True,
+    threads=None,
 ) -> dict:
     """Train on 80% of digits for ``minutes`` (or ``steps``); FD-digits, floor and confidence at ``nfe``."""
     from scorekit import data
@@ -116,7 +118,7 @@ def digits(
         lr=2e-3, holdout=0.2, ckpt_every=500, log_every=10, net=DIGITS_NET if net is None else net,
     )  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()
-    res = train(cfg, progress=progress, dataset=tr)
+    res = train(cfg, progress=progress, dataset=tr, threads=threads)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     denoiser, info = load_run(cfg.out)
     x = generate(denoiser, info, len(tr.x), batch=500, progress=False, nfe=nfe,

@@ -31,15 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--digits-net", type=json.loads, help=argparse.SUPPRESS)  # tests: a smaller U-Net
     a("--nfe", type=int, default=10, help="denoiser calls per sample (default 10)")
     a("--sampler", default="ipndm", help="sampler (default ipndm, a 4th-order multistep method)")
+    a("--threads", default="auto", help="torch CPU threads: auto (default: all cores, dropping to "
+      "half while another process competes for them; see scorekit.threads) or a whole number")  # fmt: skip
     a("--no-progress", action="store_true")
     a("--debug", action="store_true", help="show tracebacks")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from scorekit._util import atomic_write, atomic_write_json
     from scorekit.bench.train import digits, ring
+    from scorekit.threads import parse_threads, start_threads
+
+    threads = parse_threads(args.threads)  # a bad value fails before any work
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -47,14 +50,16 @@ def run(args: argparse.Namespace) -> int:
     ring_steps = args.ring_steps or (400 if args.quick else 2000)
     minutes = args.digits_minutes or (0.5 if args.quick else 3.0)
     progress = not args.no_progress
-    # One thread: on this 2-core machine two threads per process made training 4-15x slower than one
-    # as soon as another process wanted a core (the threads spin waiting for each other): measured
-    # 6.8 s/step against 0.1 s/step for the digits U-Net. One thread never degrades that way.
-    torch.set_num_threads(1)
-    print(f"scorekit demo: report folder {out}/ (1 CPU thread)")
+    # Threads: two threads per process made training 4-15x slower than one on a 2-core machine as
+    # soon as another process wanted a core, and faster when none did; ``auto`` (scorekit.threads)
+    # starts by the load and adapts each training to its measured step times.
+    n = start_threads(threads)
+    print(f"scorekit demo: report folder {out}/ ({n} CPU thread{'s' if n > 1 else ''} at start, "
+          f"--threads {threads})")  # fmt: skip
 
     print(f"[1/2] ring of 8 Gaussians: training {ring_steps} steps ...", flush=True)
-    r = ring(out, steps=ring_steps, nfe=args.nfe, sampler=args.sampler, progress=progress)
+    r = ring(out, steps=ring_steps, nfe=args.nfe, sampler=args.sampler, progress=progress,
+             threads=threads)  # fmt: skip
     shutil.copyfile(out / "ring_run" / "loss.png", out / "ring_loss.png")
     print(
         f"      sliced W2 to exact samples {r['sw2']:.4f} (floor {r['sw2_floor']:.4f}, "
@@ -65,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"[2/2] digits: training a U-Net for {minutes:g} min ...", flush=True)
     d = digits(
         out, minutes=minutes, steps=args.digits_steps, nfe=args.nfe, sampler=args.sampler,
-        net=args.digits_net, progress=progress,
+        net=args.digits_net, progress=progress, threads=threads,
     )  # fmt: skip
     shutil.copyfile(out / "digits_run" / "loss.png", out / "digits_loss.png")
     print(

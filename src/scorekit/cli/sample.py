@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--device", default="cpu")
     a("--out", required=True, metavar="FILE", help="output .npy (samples in data units) or .png")
     a("--no-progress", action="store_true")
-    a("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
+    a("--threads", default="auto", help="torch CPU threads per process: auto (default: all cores, "
+      "or half if other work holds a core at start; see scorekit.threads) or a whole number")  # fmt: skip
     a("--debug", action="store_true", help="show tracebacks")
 
 
@@ -55,13 +56,11 @@ def run(args: argparse.Namespace) -> int:
     from scorekit._util import atomic_write, check_int
     from scorekit.cli import check_output, check_sampling
     from scorekit.runs import decode, generate, load_run, picture
+    from scorekit.threads import start_threads
     from scorekit.samplers import ADAPTIVE
     from scorekit.train.distributed import setup, teardown
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    start_threads(args.threads)  # a bad value is a one-line error before any work
     # Everything the user gave is checked before the run is loaded and the samples are drawn.
     suffix = check_output(args.out, suffixes=(".npy", ".png")).suffix.lower()
     check_int("--n", args.n)

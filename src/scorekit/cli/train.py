@@ -74,7 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=int, help="seed of data order, noise and initial weights (default 0)")
     a("--device", help="cpu or cuda (default cpu)")
     a("--no-progress", action="store_true", help="no progress bar")
-    a("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
+    a("--threads", default="auto", help="torch CPU threads per process: auto (default: all cores, "
+      "dropping to half while another process competes for them; see scorekit.threads) or a "
+      "whole number to pin (bitwise-reproducible training)")  # fmt: skip
     a("--debug", action="store_true", help="show tracebacks")
 
 
@@ -95,14 +97,12 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from scorekit.threads import parse_threads
     from scorekit.train import checkpoint as ckpt
     from scorekit.train.distributed import teardown
     from scorekit.train.loop import train
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    threads = parse_threads(args.threads)
     cfg, given = config_from_args(args)
     resuming = args.resume and ckpt.latest(args.out) is not None
     if resuming:
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.data is None:
         raise ValueError("--data is required (unless --resume finds a checkpoint in --out)")
     try:
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+        result = train(cfg, resume=args.resume, progress=not args.no_progress, threads=threads)
     finally:
         teardown()
     last = result.log[-1]["loss"] if result.log else float("nan")

@@ -38,6 +38,7 @@ from scorekit import data, nets
 from scorekit._util import atomic_write, atomic_write_json, mix_seed
 from scorekit.denoiser import NetDenoiser, build_denoiser
 from scorekit.process import Process, get_process
+from scorekit.threads import start_policy
 from scorekit.train import checkpoint as ckpt
 from scorekit.train.distributed import Dist, setup, shard
 from scorekit.train.ema import EMA, ema_beta
@@ -203,7 +204,12 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def train(
-    cfg: TrainConfig, *, resume: bool = False, dataset=None, progress: bool = True
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    dataset=None,
+    progress: bool = True,
+    threads=None,
 ) -> TrainResult:
     """Train a denoiser as ``cfg`` says, writing everything to ``cfg.out``; see the module docstring.
 
@@ -214,6 +220,8 @@ def train(
         resume: continue from the newest complete checkpoint in ``cfg.out`` (start afresh if none).
         dataset: a ``scorekit.data.Dataset`` to use instead of ``scorekit.data.load(cfg.data)``.
         progress: show a tqdm progress bar (rank 0 only).
+        threads: torch CPU threads: ``None`` keeps the current count, an integer pins it, ``"auto"``
+            (or a ``scorekit.threads.ThreadPolicy``) adapts it to measured step times.
 
     Under ``torchrun`` the process group is joined here; rank 0 writes all files.
 
@@ -228,7 +236,7 @@ def train(
     if state is not None:
         _resume(run, tensors, state)
     _start(run)
-    return _loop(run, progress)
+    return _loop(run, progress, threads)
 
 
 @dataclass
@@ -371,7 +379,7 @@ class _LossWindow:
     rows: list[dict[str, float]] = field(default_factory=list)
 
 
-def _loop(run: _Run, progress: bool) -> TrainResult:
+def _loop(run: _Run, progress: bool, threads=None) -> TrainResult:
     """Step until ``cfg.steps`` or ``cfg.minutes``; log, checkpoint and picture on their schedules."""
     cfg, dist = run.cfg, run.dist
     bar = tqdm(total=cfg.steps, initial=run.step, disable=not (progress and dist.main),
@@ -379,6 +387,7 @@ def _loop(run: _Run, progress: bool) -> TrainResult:
     window = _LossWindow(torch.zeros((), device=run.device))
     steps_run, run_t0, cpu_t0 = 0, time.perf_counter(), time.process_time()
     last_saved = run.step
+    pace = start_policy(threads)  # the torch thread count; may change with measured step times
     t_prev = time.perf_counter()
     stop = _out_of_time(run) if not dist.active else dist.any(_out_of_time(run))
     while not stop and (cfg.steps is None or run.step < cfg.steps):
@@ -387,6 +396,7 @@ def _loop(run: _Run, progress: bool) -> TrainResult:
         window.steps += 1
         steps_run += 1
         now = time.perf_counter()
+        pace.step(now - t_prev)
         run.elapsed += now - t_prev
         t_prev = now
         bar.update(1)
