@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from scorekit._util import atomic_write, check_int
     from scorekit.cli import check_output, check_sampling
     from scorekit.runs import decode, generate, load_run, picture
-    from scorekit.threads import start_threads
     from scorekit.samplers import ADAPTIVE
+    from scorekit.threads import start_threads
     from scorekit.train.distributed import setup, teardown
 
     start_threads(args.threads)  # a bad value is a one-line error before any work
