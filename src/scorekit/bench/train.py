@@ -14,6 +14,12 @@ Three parts (``--part``, default all):
   data, batch, loss, AdamW), in this process, alternating the two ``--repeats`` times; the ratio
   of medians is reported. Goal: scorekit >= 0.9 x bare.
 
+``--contention`` runs instead: steps/s of a digits training (``DIGITS_NET``, batch 64) for
+``--contention-seconds`` each, for the default ``--threads auto`` (``scorekit.threads``) and 1 and 2
+threads pinned, alone, next to a competing busy process (a 1-thread numpy matmul loop started
+before the run) and with one joining half-way; written to ``bench_contention.json``. Goal: ``auto``
+keeps >= 70% of its alone speed next to one busy process on a 2-core machine.
+
 Results are printed and written to ``--out`` (``bench_train.json`` and pictures). The machine's
 load average is recorded, since other work on a shared machine slows every timing.
 """
@@ -46,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--repeats", type=int, default=3, help="alternating timing repeats for the overhead part")
     a("--nfe", type=int, default=10)
     a("--sampler", default="ipndm", help="sampler for the quality parts (default ipndm)")
+    a("--contention", action="store_true",
+      help="instead: digits steps/s alone and next to a busy process, for --threads auto, 1 and 2")  # fmt: skip
+    a("--contention-seconds", type=float, default=25.0,
+      help="training seconds per contention cell (default 25; 9 cells)")  # fmt: skip
 
 
 def _load() -> str:
@@ -202,6 +212,8 @@ def overhead(out: Path, *, repeats: int, progress: bool = True) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.contention:
+        return _run_contention(Path(args.out), args.contention_seconds)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -235,4 +247,103 @@ def run(args: argparse.Namespace) -> int:
 
     atomic_write_json(out / "bench_train.json", report)
     print(f"results: {out / 'bench_train.json'}")
+    return 0
+
+
+# -- contention: steps/s next to a competing busy process -------------------------------------------
+
+#: A CPU-bound competitor: a 1-thread numpy matmul loop, as another user's job would be.
+_SPIN = "import numpy as np\na = np.random.rand(256, 256)\nwhile True:\n    a = a @ a\n    a /= a.max()\n"
+_ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _competitor():
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", _SPIN], env={**os.environ, **_ONE_THREAD},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def contention(out: Path, *, seconds: float, progress: bool = False) -> dict:
+    """Steps/s of a digits training (``DIGITS_NET``, batch ``DIGITS_BATCH``) for ``seconds`` of
+    training time, per thread policy (the default ``auto``, 1 and 2 pinned) and condition: ``alone``,
+    ``busy`` (a competitor started 2 s before the run) and ``joins`` (a competitor started half-way).
+    Each condition runs its policies back to back so that slow drifts of the machine's load hit
+    every policy alike; the competitor is killed after each run."""
+    import tempfile
+    import threading
+
+    from scorekit import data
+    from scorekit.threads import ThreadPolicy
+    from scorekit.train import TrainConfig, train
+
+    tr, _ = data.split(data.load("digits"), holdout=0.2, seed=0)
+    rows: dict = {}
+    for cond in ("alone", "busy", "joins"):
+        for spec in ("auto", 1, 2):
+            policy = ThreadPolicy(spec)
+            scratch = tempfile.TemporaryDirectory(prefix="contention_", dir=out)
+            cfg = TrainConfig(data="digits", out=scratch.name, minutes=seconds / 60,
+                              batch=DIGITS_BATCH, holdout=0.2, ckpt_every=10**9, log_every=10**9,
+                              net=DIGITS_NET)  # fmt: skip
+            procs: list = []
+            timer = None
+            if cond == "busy":
+                procs.append(_competitor())
+                time.sleep(2.0)
+            elif cond == "joins":
+                timer = threading.Timer(
+                    seconds / 2, lambda procs=procs: procs.append(_competitor())
+                )
+                timer.start()
+            load = os.getloadavg()[0]
+            try:
+                res = train(cfg, dataset=tr, progress=progress, threads=policy)
+            finally:
+                scratch.cleanup()
+                if timer is not None:
+                    timer.cancel()
+                for p in procs:
+                    p.kill()
+                    p.wait()
+            rows.setdefault(str(spec), {})[cond] = {
+                "steps_s": res.steps_per_second, "steps": res.step, "load1_at_start": load,
+                "start_threads": policy.initial,
+                "end_threads": policy.threads, "switches": policy.switches,
+            }  # fmt: skip
+            print(f"  {cond:5s} threads={spec!s:4s}: {res.steps_per_second:.2f} steps/s "
+                  f"({res.step} steps; 1-min load {load:.2f}; threads {policy.initial} at start, "
+                  f"{policy.threads} at end, {len(policy.switches)} switches)",
+                  flush=True)  # fmt: skip
+    for r in rows.values():
+        r["busy_over_alone"] = r["busy"]["steps_s"] / r["alone"]["steps_s"]
+    auto = rows["auto"]["busy_over_alone"]
+    return {"seconds": seconds, "policies": rows, "goal_busy_over_alone": 0.7, "ok": auto >= 0.7}
+
+
+def _print_contention(c: dict) -> None:
+    print(f"contention: digits training, {c['seconds']:g} s per cell, steps/s")
+    print(f"{'threads':>8s} {'alone':>7s} {'busy':>7s} {'busy/alone':>10s} {'joins':>7s}")
+    for spec, r in c["policies"].items():
+        print(f"{spec:>8s} {r['alone']['steps_s']:7.2f} {r['busy']['steps_s']:7.2f} "
+              f"{r['busy_over_alone']:10.2f} {r['joins']['steps_s']:7.2f}")  # fmt: skip
+    print(f"goal: auto keeps >= 70% of its alone speed next to one busy process: "
+          f"{'met' if c['ok'] else 'NOT met'}")  # fmt: skip
+
+
+def _run_contention(out: Path, seconds: float) -> int:
+    from scorekit._util import atomic_write_json
+
+    if not seconds > 0:
+        raise ValueError(f"--contention-seconds must be > 0, got {seconds}")
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"load_before": _load(), "cores": os.cpu_count()}
+    report["contention"] = c = contention(out, seconds=seconds)
+    report["load_after"] = _load()
+    _print_contention(c)
+    print(f"load average before {report['load_before']}, after {report['load_after']} "
+          "(other work on the machine slows every cell)")  # fmt: skip
+    atomic_write_json(out / "bench_contention.json", report)
+    print(f"results: {out / 'bench_contention.json'}")
     return 0
