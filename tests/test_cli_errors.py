@@ -178,3 +178,19 @@ def test_debug_shows_the_traceback(run, tmp_path, capsys):
         main(["--debug", *sample(run, tmp_path / "x.npy", "--device", "bogus")])
     with pytest.raises(ValueError, match="bogus"):
         main(sample(run, tmp_path / "x.npy", "--device", "bogus", "--debug"))
+
+
+@pytest.mark.parametrize(
+    "more, fragments",
+    [
+        (["--sampler", "eulr"], ["--sampler", "'eulr'"]),
+        (["--sampler", "heun", "--nfe", "2"], ["--nfe 2", "heun"]),
+        (["--sampler", "adaptive_ode"], ["--sampler adaptive_ode", "drop --nfe"]),
+    ],
+)
+def test_demo_checks_sampler_and_nfe_before_training(tmp_path, capsys, more, fragments):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--quick", "--ring-steps", "2", "--digits-steps", "2",
+            "--no-progress", *more]  # fmt: skip
+    one_line(capsys, argv, *fragments)
+    assert not (out / "ring_run").exists()  # nothing was trained

@@ -40,9 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from scorekit._util import atomic_write, atomic_write_json
     from scorekit.bench.train import digits, ring
+    from scorekit.cli import check_sampling
     from scorekit.threads import parse_threads, start_threads
 
     threads = parse_threads(args.threads)  # a bad value fails before any work
+    check_sampling(args.sampler, args.nfe)  # like every name and number: before any training
 
     t0 = time.perf_counter()
     out = Path(args.out)
