@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from scorekit.cli import add_debug
+
 #: benchmark -> one-line help; the module ``scorekit.bench.<name>`` defines add_arguments and run.
 BENCHES: dict[str, str] = {
     "samplers": "error vs NFE of every sampler x schedule on exact targets, against diffusers",
@@ -26,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 raise
             continue
         mod.add_arguments(p)
+        add_debug(p)  # so that --debug may follow the benchmark's own options
 
 
 def run(args: argparse.Namespace) -> int:
