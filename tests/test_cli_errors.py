@@ -113,8 +113,23 @@ def test_a_full_disk_is_one_line_and_leaves_no_file(run, tmp_path, capsys, monke
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)
-    one_line(capsys, sample(run, tmp_path / "x.npy"), "No space left on device", "free some space")
+    line = one_line(capsys, sample(run, tmp_path / "x.npy"), "No space left on device",
+                    "free some space", str(tmp_path / "x.npy"))  # fmt: skip
+    assert ".tmp" not in line
     assert list(tmp_path.iterdir()) == []  # neither x.npy nor a temporary file
+
+
+def test_atomic_write_errors_name_the_file_asked_for_not_its_temporary(tmp_path):
+    from scorekit._util import atomic_write
+
+    target = tmp_path / "missing" / "f.bin"
+    with pytest.raises(FileNotFoundError) as err:
+        atomic_write(target, b"x")
+    assert err.value.filename == str(target) and ".tmp" not in str(err.value)
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError) as err:
+        atomic_write(tmp_path / "d", b"x")
+    assert err.value.filename == str(tmp_path / "d") and os.listdir(tmp_path / "d") == []
 
 
 @pytest.mark.parametrize(
@@ -165,7 +180,9 @@ def test_a_corrupt_safetensors_file_is_one_line(copy_of, tmp_path, capsys):
 def test_an_ode_failure_is_one_line_and_writes_nothing(copy_of, tmp_path, capsys):
     dst, folder = copy_of
     ema = load_file(folder / "ema.safetensors")
-    _rewrite(folder, "ema.safetensors", {k: torch.full_like(v, float("nan")) for k, v in ema.items()})
+    _rewrite(
+        folder, "ema.safetensors", {k: torch.full_like(v, float("nan")) for k, v in ema.items()}
+    )
     out = tmp_path / "ll.csv"
     argv = ["likelihood", "--run", str(dst), "--data", "moons", "--limit", "2", "--out", str(out),
             "--divergence", "exact"]  # fmt: skip

@@ -181,7 +181,10 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     user's umask (``mkstemp`` alone would leave it 0600).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _naming(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -189,10 +192,19 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _naming(e, path) from None
         raise
     _fsync_dir(path.parent)
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """``e`` naming ``path`` (the file the caller asked for), not the hidden temporary file."""
+    if e.errno is None:
+        return e
+    return type(e)(e.errno, e.strerror, str(path))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
