@@ -28,6 +28,7 @@ dmps       N     0                     linear     uninformative-prior likelihood
 daps       N K   0                     linear     K = ``ode_steps``; exact Gaussian x0 | x, y draw
 repaint    *     0                     SVD        * (N - 1) U + 1, U = ``resample``; noiseless
 mcg        N     N                     SVD        DPS step + RePaint replacement; noiseless
+pnp_gibbs  N K   0                     linear     split Gibbs, K = ``inner_steps`` reverse steps/level
 =========  ====  ====================  =========  =====================================================
 """
 
@@ -40,6 +41,7 @@ from torch import Tensor
 
 from scorekit.inverse.annealed import daps, dmps
 from scorekit.inverse.diffpir import diffpir
+from scorekit.inverse.gibbs import pnp_gibbs
 from scorekit.inverse.guided import dps, mmps, pigdm
 from scorekit.inverse.operators import (
     OPERATORS,
@@ -80,6 +82,7 @@ __all__ = [
     "mmps",
     "nfe",
     "pigdm",
+    "pnp_gibbs",
     "repaint",
     "tds",
     "vjps",
@@ -98,6 +101,7 @@ REGISTRY: dict[str, Callable] = {
     "daps": daps,
     "repaint": repaint,
     "mcg": mcg,
+    "pnp_gibbs": pnp_gibbs,
 }
 
 #: name -> (NFE, VJP) as functions of the number of steps N and the solver's options.
@@ -113,6 +117,7 @@ _COSTS: dict[str, tuple[Callable, Callable]] = {
     "daps": (lambda n, o: n * o.get("ode_steps", 1), lambda n, o: 0),
     "repaint": (lambda n, o: (n - 1) * o.get("resample", 1) + 1, lambda n, o: 0),
     "mcg": (lambda n, o: n, lambda n, o: n),
+    "pnp_gibbs": (lambda n, o: n * o.get("inner_steps", 4), lambda n, o: 0),
 }
 
 
