@@ -69,6 +69,23 @@ def test_one_collapsed_step_is_enough_to_probe():
     assert p.threads == 1 and applied == [2, 1]
 
 
+def test_a_slowdown_at_one_thread_waits_for_the_periodic_probe():
+    p, applied = policy(load=1.0)  # busy at start: 1 thread
+    feed(p, 0.5, 10)
+    feed(p, 5.0, 4)  # more contention: 2 threads cannot help, so no probe now
+    assert applied == [1]
+
+
+def test_no_probe_up_while_another_task_is_runnable():
+    running = [1.0]
+    p, applied = policy(load=1.0, others=lambda: running[0])
+    feed(p, 0.5, 400)  # 200 s: every 30 s the probe is due, but another task is running
+    assert applied == [1]
+    running[0] = 0.0  # it left: the next check, within one interval (60 steps of 0.5 s), probes
+    feed(p, 0.5, 60)
+    assert applied[:2] == [1, 2]  # (lost again: 2 threads are no faster here)
+
+
 def test_a_probe_step_that_collapses_ends_the_probe_at_once_and_backs_off():
     p, applied = policy(load=1.0)  # busy at start: 1 thread
     assert applied == [1]

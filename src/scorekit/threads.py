@@ -29,9 +29,13 @@ The rule (``ThreadPolicy``, fed the seconds of each training step, host clock on
   current speed and ``best[n]`` the smallest ``m`` seen at ``n``. If ``m > factor * best[n]``
   (1.5: noise on a busy machine reached 1.4x between the 10th and 90th percentile step), or the
   last step alone took over ``abort * best[n]`` (3; a collapse is 10x, so it is seen in one step),
-  the machine changed: probe the other count now. Otherwise probe it every ``probe_every`` seconds of
+  the machine changed: at ``hi``, probe ``lo`` now (at ``lo`` a slow-down means more
+  contention, which more threads cannot help: it waits for the periodic probe). Otherwise probe it every ``probe_every`` seconds of
   step time (30 s, doubled after each lost probe up to 480 s, back to 30 s after a won one), so a
-  run that dropped to ``lo`` returns to ``hi`` when the competitor leaves.
+  run that dropped to ``lo`` returns to ``hi`` when the competitor leaves. A probe up from ``lo``
+  is made only if no other task is runnable at that moment (median of 5 reads of
+  ``/proc/loadavg``, 80 ms every 30 s); else it waits another interval: on a busy machine probing
+  ``hi`` cost one collapsed step of 13-17 s each time (measured at load 6).
 * A probe runs up to ``window`` steps at the other count and wins if their median is below ``m``
   (the settled median just before it; after a one-step trigger, that step's time if larger). A probe step longer than ``abort * m`` (3x; a collapse is
   10x) ends the probe at once as lost: trying the collapsed count costs one step.
@@ -159,8 +163,8 @@ class ThreadPolicy:
     or torch's count already changed in this process by ``torch.set_num_threads`` (not by this
     module), e.g. by a test suite; then it keeps that count.
     ``ThreadPolicy(4)`` pins 4; ``ThreadPolicy(None)`` pins torch's current count (changes
-    nothing). ``cores``, ``load`` and ``apply`` are for tests: the policy then touches no clock
-    and no thread pool. Call ``start()`` once, then ``step(seconds)`` after each training step.
+    nothing). ``cores``, ``load``, ``apply`` and ``others`` are for tests: the policy then touches
+    no clock, no ``/proc`` and no thread pool. Call ``start()`` once, then ``step(seconds)`` after each training step.
     """
 
     def __init__(
@@ -175,9 +179,13 @@ class ThreadPolicy:
         probe_every: float = 30.0,
         max_probe_every: float = 480.0,
         apply: Callable[[int], None] | None = None,
+        others: Callable[[], float] | None = None,
     ):
         spec = parse_threads(spec) if spec is not None else None
         self._apply = apply if apply is not None else _set_num_threads
+        if others is None:  # injected cores (tests): no /proc reads unless asked for
+            others = running_now if cores is None else (lambda: 0.0)
+        self._others = others
         self.window, self.factor, self.abort = window, factor, abort
         self.probe_every0, self.max_probe_every = probe_every, max_probe_every
         pin = spec
@@ -233,9 +241,14 @@ class ThreadPolicy:
             return self.threads
         m = statistics.median(self._times)
         best = self.best.setdefault(self.threads, m)
-        slowed = m > self.factor * best or seconds > self.abort * best
+        # a slow-down only sends hi down: at lo, more threads cannot help a busier machine
+        slowed = self.threads == self.hi and (m > self.factor * best or seconds > self.abort * best)
         self.best[self.threads] = min(best, m)
-        if slowed or self._since_probe >= self._probe_every:
+        due = not slowed and self._since_probe >= self._probe_every
+        if due and self.threads == self.lo and self._others() >= 0.5:
+            self._since_probe = 0.0  # hi would share a core with the others running now: not yet
+            return self.threads
+        if slowed or due:
             # the speed to beat: after a one-step slow-down, that step (the median still holds the past)
             self._settled_m = max(m, seconds) if slowed else m
             self._probe, self._since_probe = [], 0.0
