@@ -164,3 +164,12 @@ def test_bad_input_is_one_clear_line(make, match):
     with pytest.raises(ValueError, match=match) as err:
         make()
     assert "\n" not in str(err.value)
+
+
+def test_matrix_svd_is_float64_for_a_float32_matrix():
+    a = torch.randn(4, 6, generator=_g(9))  # float32
+    op = Matrix(a)
+    assert op.singular_values.dtype == torch.float64
+    vt = op.svd_vt(torch.eye(6, dtype=torch.float64)).T
+    u = op.svd_u(torch.eye(4, dtype=torch.float64)).T
+    assert torch.allclose(u @ torch.diag(op.singular_values) @ vt[:4], a.double(), atol=1e-12)

@@ -214,7 +214,7 @@ class Matrix(Operator):
         A: ``[m, d]`` finite matrix.
         shape: one sample's shape (``d`` values); default ``[d]``.
 
-    The SVD is computed once (``torch.linalg.svd``, full ``V``), ``r = min(m, d)``.
+    The SVD is computed once, in float64 (``torch.linalg.svd``, full ``V``), ``r = min(m, d)``.
     """
 
     has_svd = True
@@ -234,7 +234,7 @@ class Matrix(Operator):
                 f"shape {list(self.in_shape)} has {self.in_dim} values; A has d = {A.shape[1]} columns"
             )
         self.out_shape = (A.shape[0],)
-        u, s, vh = torch.linalg.svd(A, full_matrices=True)
+        u, s, vh = torch.linalg.svd(A.double(), full_matrices=True)  # float64 whatever A is
         r = min(A.shape)
         self.U, self.singular_values, self.Vh = u[:, :r], s, vh
 
