@@ -44,7 +44,7 @@ def guard():
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old_handler)
-    assert time.monotonic() - t0 < 5, "a refusal should be immediate"
+    assert time.monotonic() - t0 < 10, "a refusal should be immediate"
 
 
 @pytest.fixture
