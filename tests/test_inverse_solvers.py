@@ -397,3 +397,17 @@ def test_a_divergence_is_reported_with_its_step(name):
             breaks, y, Matrix(OBSERVE_X), _start(2), sig, sigma_y=0.1, **CHEAP.get(name, {})
         )
     assert "\n" not in str(err.value)
+
+
+def test_tds_handles_a_nonlinear_measurement():
+    """``y = 2 tanh(x0 / 2) + 0.01 n`` observed without noise: the posterior of each coordinate has
+    standard deviation about ``0.01 / (1 - tanh^2(x0 / 2))`` (the local slope), so TDS must land
+    within 5 of those of ``x0``."""
+    x0 = RING.sample(6, torch.Generator().manual_seed(8))
+    op = Saturate(Identity([2]), scale=2.0)
+    slope = 1 - torch.tanh(x0 / 2).square()
+    out = inverse.tds(
+        RING, op.forward(x0), op, _start(6), _sigmas(60), sigma_y=0.01,
+        generator=torch.Generator().manual_seed(2), particles=4,
+    )  # fmt: skip
+    assert ((out - x0).abs() < 5 * 0.01 / slope).all()
