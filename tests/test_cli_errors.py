@@ -211,3 +211,23 @@ def test_demo_checks_sampler_and_nfe_before_training(tmp_path, capsys, more, fra
             "--no-progress", *more]  # fmt: skip
     one_line(capsys, argv, *fragments)
     assert not (out / "ring_run").exists()  # nothing was trained
+
+
+def test_a_warning_is_one_line_too(run, tmp_path, capsys, monkeypatch):
+    import warnings
+
+    real = scorekit.runs.load_run
+
+    def warning(*a, **k):
+        warnings.warn(
+            "checkpoint step_000000002 is corrupt;\n  using step_000000001",
+            UserWarning,
+            stacklevel=2,
+        )
+        return real(*a, **k)
+
+    monkeypatch.setattr(scorekit.runs, "load_run", warning)
+    assert main(sample(run, tmp_path / "x.npy")) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == ("scorekit sample: warning: checkpoint step_000000002 is corrupt; "
+                      "using step_000000001")  # fmt: skip

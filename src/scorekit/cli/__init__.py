@@ -18,6 +18,8 @@ import importlib
 import os
 import sys
 import tempfile
+import warnings
+from functools import partial
 from pathlib import Path
 
 #: subcommand -> (module in ``scorekit.cli``, one-line help)
@@ -169,6 +171,11 @@ def add_debug(parser: argparse.ArgumentParser) -> None:
         pass
 
 
+def _show_warning(command: str, message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command line: one line, without the source line."""
+    print(f"scorekit {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scorekit",
@@ -202,13 +209,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scorekit {args.command}: not available in this build", file=sys.stderr)
         return 2
     mod = importlib.import_module(f"scorekit.cli.{args._module}")
+    debug = args.debug_all or getattr(args, "debug", False)
     try:
-        _check_common(args)
-        return int(mod.run(args) or 0)
+        with warnings.catch_warnings():
+            if not debug:  # a warning is one line too (a skipped checkpoint, say)
+                warnings.showwarning = partial(_show_warning, args.command)
+            _check_common(args)
+            return int(mod.run(args) or 0)
     except Exception as e:
         # A failure the user can cause: one clear line. Programming errors still raise.
         message = user_error(e)
-        if message is None or args.debug_all or getattr(args, "debug", False):
+        if message is None or debug:
             raise
         print(f"scorekit {args.command}: error: {message}", file=sys.stderr)
         return 2
