@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
+from scorekit._util import lookup
 from scorekit.inverse.annealed import daps, dmps
 from scorekit.inverse.diffpir import diffpir
 from scorekit.inverse.gibbs import pnp_gibbs
@@ -122,9 +123,7 @@ _COSTS: dict[str, tuple[Callable, Callable]] = {
 
 
 def _steps(name: str, sigmas: Tensor | Sequence[float], options: dict) -> int:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown posterior sampler {name!r}; allowed: {sorted(REGISTRY)}")
-    params = inspect.signature(REGISTRY[name]).parameters
+    params = inspect.signature(lookup(REGISTRY, name, "posterior sampler")).parameters
     allowed = [p for p, v in params.items() if v.kind is v.KEYWORD_ONLY]
     for key in options:
         if key not in allowed:
