@@ -3,20 +3,26 @@
 Why: torch's OpenMP threads wait for each other at the end of every parallel region by spinning.
 When another process holds one of the cores, a thread that still has work is descheduled while its
 partner spins, and every operation waits for a time slice. Measured on a 2-core machine with the
-digits U-Net of ``scorekit bench train`` (batch 64), steps/s:
+digits U-Net of ``scorekit bench train`` (batch 64):
 
-===========================  =========  ==========
-                             1 thread   2 threads
-===========================  =========  ==========
-idle machine (colleague)        2.2        3.4
-next to 1 busy process          2.2        1.0
-next to 1 busy (here, load 3)   1.0        0.08  (12.9 s per step against 1.0 s)
-===========================  =========  ==========
+=================================================  ========  =========
+steps/s                                            1 thread  2 threads
+=================================================  ========  =========
+idle machine (a colleague's run)                      2.2       3.4
+next to 1 busy process (a colleague's run)            2.2       1.0
+1-min load 3-4 from others' tests (10 s each)         1.79      0.14
+the same plus 1 busy process                          1.02      0.077
+``bench train --contention``, load 5-6, 25 s each     1.2-1.7   0.17-0.50
+=================================================  ========  =========
 
-(``OMP_WAIT_POLICY=PASSIVE`` removes the collapse, but it must be set before torch is loaded, so
-it cannot be a run-time choice.) So the right count is "all cores" on an idle machine and fewer as
-soon as something else runs, and either can become true in the middle of a run.
-``torch.set_num_threads`` takes effect at once, so the policy below measures and switches.
+A collapsed 2-thread step took 7-17 s against 0.6-1 s on 1 thread. With ``OMP_WAIT_POLICY=PASSIVE``
+(threads sleep instead of spinning) 2 threads did not collapse (0.9 and 2.8 steps/s against 1.0
+and 0.7 on 1 thread, at load 6), but that must be set before torch is loaded, so it is not a
+run-time choice; its cost on an idle machine is unmeasured.
+
+So the right count is "all cores" on an idle machine and fewer as soon as something else runs,
+and either can become true in the middle of a run. ``torch.set_num_threads`` takes effect at once,
+so the policy below measures and switches.
 
 The rule (``ThreadPolicy``, fed the seconds of each training step, host clock only):
 

@@ -339,6 +339,10 @@ def _run_contention(out: Path, seconds: float) -> int:
         raise ValueError(f"--contention-seconds must be > 0, got {seconds}")
     out.mkdir(parents=True, exist_ok=True)
     report = {"load_before": _load(), "cores": os.cpu_count()}
+    report["idle_before"] = idle = os.getloadavg()[0] < 0.5
+    if not idle:
+        print(f"note: 1-minute load {report['load_before'].split()[0]} before the run: the machine "
+              "is not idle, so 'alone' is not alone; re-run on a quiet machine for the goal")  # fmt: skip
     report["contention"] = c = contention(out, seconds=seconds)
     report["load_after"] = _load()
     _print_contention(c)
