@@ -185,3 +185,24 @@ def test_weights_that_do_not_fit_the_config_are_one_line(folder):
     with pytest.raises(CheckpointError, match="do not fit its network config") as err:
         load_run(folder.parent.parent, weights="model")
     assert "\n" not in str(err.value)
+
+
+def test_a_data_shape_that_is_not_the_networks_is_refused(folder, guard):
+    # Sampling allocates [n, *shape]: a crafted shape would be a huge allocation at the first batch.
+    from scorekit.runs import load_run
+
+    state = json.loads((folder / "state.json").read_text())
+    state["config"] = {"process": "edm", "param": "edm"}
+    state["data"] = {"shape": [10**9], "sigma_data": 0.5}
+    data = json.dumps(state).encode()
+    (folder / "state.json").write_bytes(data)
+    _list(folder, "state.json", data)
+    with pytest.raises(
+        CheckpointError, match=r"data shape \[1000000000\] is not its network's \[2\]"
+    ):
+        load_run(folder.parent.parent, weights="model")
+    state["data"]["shape"] = [2]  # the same checkpoint with the network's shape loads
+    data = json.dumps(state).encode()
+    (folder / "state.json").write_bytes(data)
+    _list(folder, "state.json", data)
+    assert load_run(folder.parent.parent, weights="model")[1]["shape"] == [2]

@@ -98,6 +98,12 @@ def _rebuild(state: dict[str, Any], weights: dict[str, Tensor]):
     config, info = state["config"], dict(state["data"])
     net = nets.build(state["net"])  # bounded: scorekit.nets.LIMITS and MAX_PARAMETERS
     net.load_state_dict(weights)
+    # The example shape sizes every batch drawn; it must be the network's (bounded) shape.
+    fits = [net.dim] if isinstance(net, nets.MLP) else [net.in_channels, *net.image_size]
+    if list(info.get("shape", ())) != fits:
+        raise ValueError(
+            f"state.json's data shape {info.get('shape')!r} is not its network's {fits}"
+        )
     info["num_classes"] = int(state["net"].get("num_classes", 0) or 0)
     lo, hi = sigma_range(config["process"])
     info.update(process=config["process"], param=config["param"], sigma_min=lo, sigma_max=hi,
