@@ -202,7 +202,7 @@ def test_debug_shows_the_traceback(run, tmp_path, capsys):
     [
         (["--sampler", "eulr"], ["--sampler", "'eulr'"]),
         (["--sampler", "heun", "--nfe", "2"], ["--nfe 2", "heun"]),
-        (["--sampler", "adaptive_ode"], ["--sampler adaptive_ode", "drop --nfe"]),
+        (["--sampler", "adaptive_ode"], ["--sampler adaptive_ode", "--nfe 10", "ipndm"]),
     ],
 )
 def test_demo_checks_sampler_and_nfe_before_training(tmp_path, capsys, more, fragments):

@@ -90,7 +90,8 @@ def check_sampling(sampler: str, nfe: int | None, schedule: str = "karras") -> N
     if sampler in ADAPTIVE:
         if nfe is not None:
             raise ValueError(
-                f"--sampler {sampler} is adaptive (its tolerances set the NFE); drop --nfe"
+                f"--sampler {sampler} is adaptive (its tolerances set the NFE), so --nfe {nfe} "
+                "cannot hold; give a fixed-NFE sampler such as ipndm, or (sample) leave out --nfe"
             )
         return
     try:
