@@ -67,7 +67,7 @@ def _load() -> str:
 
 def ring(
     out: Path, *, steps: int, nfe: int, sampler: str, n: int = 10_000, progress: bool = True,
-    threads=None,
+    overwrite: bool = False, threads=None,
 ) -> dict:  # fmt: skip
     """Train on ``ring`` for ``steps`` steps; SW2 of 10,000 samples at ``nfe`` against the exact floor."""
     from scorekit.analytic import target
@@ -81,7 +81,7 @@ def ring(
         net=RING_NET, ckpt_every=10**9, log_every=20,
     )  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()
-    res = train(cfg, progress=progress, threads=threads)
+    res = train(cfg, progress=progress, overwrite=overwrite, threads=threads)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     denoiser, info = load_run(cfg.out)
     x = generate(denoiser, info, n, batch=10_000, progress=False, nfe=nfe,
@@ -112,6 +112,7 @@ def digits(
     net: dict | None = None,
     batch: int = DIGITS_BATCH,
     progress: bool = True,
+    overwrite: bool = False,
     threads=None,
 ) -> dict:
     """Train on 80% of digits for ``minutes`` (or ``steps``); FD-digits, floor and confidence at ``nfe``."""
@@ -128,7 +129,7 @@ def digits(
         lr=2e-3, holdout=0.2, ckpt_every=500, log_every=10, net=DIGITS_NET if net is None else net,
     )  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()
-    res = train(cfg, progress=progress, dataset=tr, threads=threads)
+    res = train(cfg, progress=progress, dataset=tr, overwrite=overwrite, threads=threads)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     denoiser, info = load_run(cfg.out)
     x = generate(denoiser, info, len(tr.x), batch=500, progress=False, nfe=nfe,
@@ -197,7 +198,7 @@ def overhead(out: Path, *, repeats: int, progress: bool = True) -> dict:
             bare_cpu.append(cpu)
             cfg = TrainConfig(data=name, out=str(out / f"overhead_{name}"), steps=steps, batch=batch,
                               net=override, ckpt_every=10**9, log_every=50)  # fmt: skip
-            res = train(cfg, dataset=ds, progress=progress)
+            res = train(cfg, dataset=ds, progress=progress, overwrite=True)  # its own scratch run
             ours.append(res.steps_per_second)
             ours_cpu.append(res.cpu_steps_per_second)
         ratio = statistics.median(ours) / statistics.median(bare)
@@ -221,13 +222,14 @@ def run(args: argparse.Namespace) -> int:
     report: dict = {"load_before": _load(), "threads": torch.get_num_threads()}
     parts = ("ring", "digits", "overhead") if args.part == "all" else (args.part,)
     if "ring" in parts:
-        report["ring"] = r = ring(out, steps=args.ring_steps, nfe=args.nfe, sampler=args.sampler)
+        report["ring"] = r = ring(out, steps=args.ring_steps, nfe=args.nfe, sampler=args.sampler,
+                                      overwrite=True)  # fmt: skip
         print(f"ring8: {r['steps']} steps, {r['train_cpu_s']:.1f} s CPU ({r['train_wall_s']:.1f} s wall); "
               f"SW2 at NFE {r['nfe']} = {r['sw2']:.4f}, floor {r['sw2_floor']:.4f}, "
               f"ratio {r['ratio']:.2f} (goal <= 2)")  # fmt: skip
     if "digits" in parts:
         report["digits"] = d = digits(
-            out, minutes=args.digits_minutes, nfe=args.nfe, sampler=args.sampler
+            out, minutes=args.digits_minutes, nfe=args.nfe, sampler=args.sampler, overwrite=True
         )
         print(f"digits: {d['steps']} steps in {d['train_wall_s']:.0f} s wall on {d['threads']} threads; "
               f"FD-digits {d['fd']:.2f} vs floor {d['fd_floor']:.2f} (ratio {d['fd_ratio']:.2f}, goal <= 3); "

@@ -31,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--digits-net", type=json.loads, help=argparse.SUPPRESS)  # tests: a smaller U-Net
     a("--nfe", type=int, default=10, help="denoiser calls per sample (default 10)")
     a("--sampler", default="ipndm", help="sampler (default ipndm, a 4th-order multistep method)")
+    a("--overwrite", action="store_true",
+      help="the report folder holds an earlier report: delete it (report, pictures, runs) and start afresh")  # fmt: skip
     a("--threads", default="auto", help="torch CPU threads: auto (default: all cores, dropping to "
       "half while another process competes for them; see scorekit.threads) or a whole number")  # fmt: skip
     a("--no-progress", action="store_true")
@@ -45,12 +47,11 @@ def run(args: argparse.Namespace) -> int:
 
     threads = parse_threads(args.threads)  # a bad value fails before any work
     check_sampling(args.sampler, args.nfe)  # like every name and number: before any training
-
     t0 = time.perf_counter()
     out = Path(args.out)
+    ring_steps, minutes = _lengths(args)  # zero is an error, not "the default"
+    _fresh_report_folder(out, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    ring_steps = args.ring_steps or (400 if args.quick else 2000)
-    minutes = args.digits_minutes or (0.5 if args.quick else 3.0)
     progress = not args.no_progress
     # Threads: two threads per process made training 4-15x slower than one on a 2-core machine as
     # soon as another process wanted a core, and faster when none did; ``auto`` (scorekit.threads)
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"[1/2] ring of 8 Gaussians: training {ring_steps} steps ...", flush=True)
     r = ring(out, steps=ring_steps, nfe=args.nfe, sampler=args.sampler, progress=progress,
-             threads=threads)  # fmt: skip
+             overwrite=args.overwrite, threads=threads)  # fmt: skip
     shutil.copyfile(out / "ring_run" / "loss.png", out / "ring_loss.png")
     print(
         f"      sliced W2 to exact samples {r['sw2']:.4f} (floor {r['sw2_floor']:.4f}, "
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"[2/2] digits: training a U-Net for {minutes:g} min ...", flush=True)
     d = digits(
         out, minutes=minutes, steps=args.digits_steps, nfe=args.nfe, sampler=args.sampler,
-        net=args.digits_net, progress=progress, threads=threads,
+        net=args.digits_net, progress=progress, overwrite=args.overwrite, threads=threads,
     )  # fmt: skip
     shutil.copyfile(out / "digits_run" / "loss.png", out / "digits_loss.png")
     print(
@@ -87,6 +88,43 @@ def run(args: argparse.Namespace) -> int:
     atomic_write(out / "report.md", _markdown(report, args).encode())
     print(f"done in {total:.0f} s. Report: {out / 'report.md'} (pictures and figures in {out}/)")
     return 0
+
+
+def _lengths(args: argparse.Namespace) -> tuple[int, float]:
+    """``(ring steps, digits minutes)``: as given (checked), else the defaults of the run's size."""
+    from scorekit._util import check_int, check_number
+
+    if args.digits_steps is not None:
+        check_int("--digits-steps", args.digits_steps, least=1)
+    ring_steps = 400 if args.quick else 2000
+    if args.ring_steps is not None:
+        ring_steps = check_int("--ring-steps", args.ring_steps, least=1)
+    minutes = 0.5 if args.quick else 3.0
+    if args.digits_minutes is not None:
+        minutes = check_number("--digits-minutes", args.digits_minutes, low=0, low_ok=False)
+    return ring_steps, minutes
+
+
+#: What ``demo`` writes in its report folder (besides the two run folders).
+REPORT_FILES = ("report.json", "report.md", "ring_samples.png", "ring_real_vs_generated.png",
+                "ring_loss.png", "digits_samples.png", "digits_real_vs_generated.png", "digits_loss.png")  # fmt: skip
+_RUNS = ("ring_run", "digits_run")
+
+
+def _fresh_report_folder(out: Path, overwrite: bool) -> None:
+    """Refuse a folder holding an earlier report (its figures would mix with the new ones), or with
+    ``overwrite`` delete the report's files; the run folders are replaced by ``train(overwrite=True)``."""
+    old = [name for name in (*REPORT_FILES, *_RUNS) if (out / name).exists()]
+    if not old:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"--out {out} already holds a demo report ({', '.join(old[:3])}{' ...' if len(old) > 3 else ''}); "
+            "use --overwrite to replace it, or another --out"
+        )
+    for name in REPORT_FILES:
+        (out / name).unlink(missing_ok=True)
+    print(f"scorekit demo: --overwrite: deleted the earlier report in {out}/ ({', '.join(old)})")
 
 
 def _markdown(rep: dict, args: argparse.Namespace) -> str:

@@ -4,20 +4,20 @@ scorekit train --data digits --out runs/digits --minutes 10
 scorekit train --data ring --out runs/ring --steps 2000 --process flow --param flow
 torchrun --nproc_per_node 2 $(which scorekit) train --data moons --out runs/m --steps 1000
 scorekit train --out runs/digits --resume --steps 20000     # continue exactly where it stopped
+
+``--resume`` restores the run's whole configuration; an option given again may change the run length,
+cadence or device (a note is printed) and is refused if it would change the model or the data.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+from pathlib import Path
 
 from scorekit.denoiser import PARAMETERIZATIONS
 from scorekit.process import PROCESSES
 from scorekit.train.loss import WEIGHTINGS
-
-# Options whose value may change when resuming; every other option is fixed by the saved run.
-_RUN_LENGTH = ("steps", "minutes", "device", "ckpt_every", "sample_every", "log_every")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue from the newest complete checkpoint in RUN_DIR",
     )
+    a(
+        "--overwrite",
+        action="store_true",
+        help="RUN_DIR holds a run: delete its config, log, checkpoints and pictures, and start afresh",
+    )
     a("--seed", type=int, help="seed of data order, noise and initial weights (default 0)")
     a("--device", help="cpu or cuda (default cpu)")
     a("--no-progress", action="store_true", help="no progress bar")
@@ -96,30 +101,41 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(**given), given
 
 
+def _saved_config(out: Path) -> dict | None:
+    """The configuration of the run in ``out`` (``config.json``, else its newest checkpoint), or None."""
+    from scorekit.train import checkpoint as ckpt
+
+    path = out / "config.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())["config"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"--resume: {path} is not a run configuration ({e}); --overwrite to start afresh"
+            ) from None
+    folder = ckpt.latest(out)
+    return None if folder is None else ckpt.load(folder)[1]["config"]
+
+
 def run(args: argparse.Namespace) -> int:
     from scorekit.threads import parse_threads
-    from scorekit.train import checkpoint as ckpt
     from scorekit.train.distributed import teardown
     from scorekit.train.loop import train
 
     threads = parse_threads(args.threads)
     cfg, given = config_from_args(args)
-    resuming = args.resume and ckpt.latest(args.out) is not None
-    if resuming:
-        _, state = ckpt.load(ckpt.latest(args.out))
-        fixed = {k: v for k, v in given.items() if k not in (*_RUN_LENGTH, "out")}
-        changed = {
-            k: (state["config"].get(k), v) for k, v in fixed.items() if state["config"].get(k) != v
-        }
-        if changed:
-            print(
-                f"scorekit train: --resume keeps the run's settings; ignoring {changed}",
-                file=sys.stderr,
-            )
+    saved = _saved_config(Path(args.out)) if args.resume else None
+    if saved is not None:
+        # The run's whole configuration, with the options given again on top: train() prints a
+        # note for each cadence/length/device change and refuses a change of the model or data.
+        cfg = type(cfg).from_dict({**saved, **given, "out": args.out})
     elif args.data is None:
-        raise ValueError("--data is required (unless --resume finds a checkpoint in --out)")
+        raise ValueError("--data is required (unless --resume finds a run in --out)")
     try:
-        result = train(cfg, resume=args.resume, progress=not args.no_progress, threads=threads)
+        result = train(
+            cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+            threads=threads,
+        )  # fmt: skip
     finally:
         teardown()
     last = result.log[-1]["loss"] if result.log else float("nan")

@@ -19,6 +19,7 @@ import re
 import shutil
 import stat
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,10 @@ from scorekit._util import atomic_write, atomic_write_json
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWarning",
     "atomic_write",
     "atomic_write_json",
+    "clean_partial",
     "latest",
     "load",
     "optimizer_from_tensors",
@@ -60,6 +63,10 @@ class CheckpointError(ValueError):
     """A checkpoint folder is incomplete or does not match its manifest."""
 
 
+class CheckpointWarning(UserWarning):
+    """``latest`` skipped a corrupt checkpoint for an older one."""
+
+
 def _step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / _DIR / f"step_{step:09d}"
 
@@ -74,10 +81,12 @@ def save(
 ) -> Path:
     """Write checkpoint ``step``: one safetensors file per group of ``tensors``, ``state.json``, manifest.
 
-    Older checkpoints beyond the newest ``keep`` are deleted after the manifest is in place.
+    After the manifest is in place, checkpoints beyond the newest ``keep`` of this run are deleted
+    (see ``_retain``).
     Returns the checkpoint folder.
     """
     run_dir = Path(run_dir)
+    clean_partial(run_dir, but=step)  # left by a killed write
     folder = _step_dir(run_dir, step)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / _MANIFEST).unlink(missing_ok=True)  # a rewrite is incomplete until its new manifest
@@ -85,15 +94,31 @@ def save(
     files: dict[str, dict[str, Any]] = {}
     blobs = {f"{name}.safetensors": st_save(_contiguous(group)) for name, group in tensors.items()}
     blobs["state.json"] = (json.dumps(state, indent=1, sort_keys=True) + "\n").encode()
-    for fname, data in blobs.items():
-        atomic_write(folder / fname, data)
-        files[fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        if sleep:
-            time.sleep(sleep)
-    atomic_write_json(folder / _MANIFEST, {"step": step, "files": files})
-    for old in _complete_steps(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(_step_dir(run_dir, old), ignore_errors=True)
+    try:
+        for fname, data in blobs.items():
+            atomic_write(folder / fname, data)
+            files[fname] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            if sleep:
+                time.sleep(sleep)
+        atomic_write_json(folder / _MANIFEST, {"step": step, "files": files})
+    except BaseException:  # a full disk, say: no partial folder left behind; older checkpoints stay
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    _retain(run_dir, step, keep)
     return folder
+
+
+def _retain(run_dir: Path, step: int, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints of the current run: those at or below ``step``,
+    since a run's steps only grow. A checkpoint above ``step`` belongs to another run or to a future
+    abandoned by resuming from an older checkpoint (the newer was corrupt): it is deleted, so that
+    ``latest`` can never prefer it to the run being saved. ``keep <= 0`` deletes nothing."""
+    if keep <= 0:
+        return
+    steps = _complete_steps(run_dir)
+    mine = [s for s in steps if s <= step]
+    for old in [s for s in steps if s > step] + mine[:-keep]:
+        shutil.rmtree(_step_dir(run_dir, old), ignore_errors=True)
 
 
 def _contiguous(group: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -190,16 +215,42 @@ def _kind(mode: int) -> str:
 
 
 def latest(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete, verified checkpoint folder of ``run_dir``, or ``None``."""
+    """The newest complete, verified checkpoint folder of ``run_dir``, or ``None``.
+
+    A newer checkpoint with a manifest that fails verification (truncated, tampered) is skipped with a
+    ``CheckpointWarning`` naming it, what is wrong, and the checkpoint used instead.
+    """
     run_dir = Path(run_dir)
+    corrupt = []
     for step in reversed(_complete_steps(run_dir)):
         folder = _step_dir(run_dir, step)
         try:
             _read_verified(folder)
-        except CheckpointError:
+        except CheckpointError as e:
+            corrupt.append(str(e))
             continue
-        return folder
-    return None
+        break
+    else:
+        folder = None
+    if corrupt:
+        used = f"using {folder} instead" if folder else "no other complete checkpoint"
+        warnings.warn(
+            f"skipped corrupt checkpoint: {'; '.join(corrupt)}; {used}",
+            CheckpointWarning,
+            stacklevel=2,
+        )
+    return folder
+
+
+def clean_partial(run_dir: str | os.PathLike, *, but: int | None = None) -> list[Path]:
+    """Delete the step folders of ``run_dir`` without a manifest (writes killed half-way), except step
+    ``but``; return what was deleted. Folders with a manifest, valid or not, are left alone."""
+    gone = []
+    for p in sorted((Path(run_dir) / _DIR).glob("step_*")):
+        if p.name[5:].isdigit() and int(p.name[5:]) != but and not (p / _MANIFEST).exists():
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
 
 
 def load(folder: str | os.PathLike) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:

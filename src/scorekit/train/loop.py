@@ -21,9 +21,13 @@ Files in ``RUN_DIR``: ``config.json`` (written at start), ``log.jsonl`` (step, l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,18 +39,20 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from scorekit import data, nets
-from scorekit._util import atomic_write, atomic_write_json, mix_seed
+from scorekit._util import atomic_write, atomic_write_json, check_int, check_number, mix_seed
 from scorekit.denoiser import NetDenoiser, build_denoiser
 from scorekit.process import Process, get_process
 from scorekit.threads import start_policy
 from scorekit.train import checkpoint as ckpt
 from scorekit.train.distributed import Dist, setup, shard
 from scorekit.train.ema import EMA, ema_beta
+from scorekit.train.lock import run_lock
 from scorekit.train.loss import WEIGHTINGS, default_weighting, denoising_loss, drop_labels
 from scorekit.train.plots import save_loss_curve
 from scorekit.train.preview import save_preview
+from scorekit.train.runfolder import RUN_FILES, fresh_folder, holds_run
 
-__all__ = ["DataOrder", "TrainConfig", "TrainResult", "train"]
+__all__ = ["RUN_FILES", "DataOrder", "TrainConfig", "TrainResult", "holds_run", "train"]
 
 
 @dataclass
@@ -92,26 +98,31 @@ class TrainConfig:
     net: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        """Every number checked (finite, in range; ``steps`` >= 1: zero is not "the default"), each
+        failure a one-line error naming the command-line option, the value and what is allowed."""
         if self.steps is None and self.minutes is None:
             raise ValueError("give a run length: steps (--steps N) and/or minutes (--minutes M)")
-        if self.steps is not None and self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if self.minutes is not None and not self.minutes > 0:
-            raise ValueError(f"minutes must be > 0, got {self.minutes}")
-        for name in ("batch", "ckpt_every", "log_every", "keep"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.warmup < 0 or self.grad_clip < 0 or self.sample_every < 0:
-            raise ValueError("warmup, grad_clip and sample_every must be >= 0")
-        if not 0 <= self.label_dropout <= 1:
-            raise ValueError(f"label_dropout must lie in [0, 1], got {self.label_dropout}")
-        if not 0 <= self.holdout < 1:
-            raise ValueError(f"holdout must lie in [0, 1), got {self.holdout}")
+        if self.steps is not None:
+            check_int("--steps", self.steps, least=1)
+        if self.minutes is not None:
+            check_number("--minutes", self.minutes, low=0, low_ok=False)
+        for name in ("batch", "ckpt_every", "log_every", "keep", "sample_n", "sample_nfe"):
+            check_int(_opt(name), getattr(self, name), least=1)
+        for name in ("warmup", "sample_every", "seed"):
+            check_int(_opt(name), getattr(self, name), least=0)
+        check_number("--lr", self.lr, low=0, low_ok=False)
+        for name in ("weight_decay", "grad_clip", "ema"):
+            check_number(_opt(name), getattr(self, name), low=0)
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1); got {self.betas!r}")
+        for b in self.betas:
+            check_number("betas", b, low=0, high=1, high_ok=False)
+        if self.ema_rampup is not None:
+            check_number("ema_rampup", self.ema_rampup, low=0, low_ok=False)
+        check_number("--label-dropout", self.label_dropout, low=0, high=1)
+        check_number("--holdout", self.holdout, low=0, high=1, high_ok=False)
         if self.weighting is not None and self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; allowed: {sorted(WEIGHTINGS)}")
-        ema_beta(self.ema, batch=1, nimg=1)  # raises for a negative value
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,6 +134,10 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config keys {unknown}; allowed: {sorted(known)}")
         return cls(**d)
+
+
+def _opt(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -207,6 +222,7 @@ def train(
     cfg: TrainConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     dataset=None,
     progress: bool = True,
     threads=None,
@@ -218,6 +234,9 @@ def train(
             the saved configuration is used, except for the run length (``steps``, ``minutes``),
             ``device``, ``ckpt_every``, ``sample_every`` and ``log_every`` which ``cfg`` may change.
         resume: continue from the newest complete checkpoint in ``cfg.out`` (start afresh if none).
+        overwrite: delete the run files (``RUN_FILES``) of a previous run in ``cfg.out`` first, saying
+            so on stderr. Without it (or ``resume``) a folder that holds a run is refused: a fresh run
+            never mixes its log and checkpoints with another's.
         dataset: a ``scorekit.data.Dataset`` to use instead of ``scorekit.data.load(cfg.data)``.
         progress: show a tqdm progress bar (rank 0 only).
         threads: torch CPU threads: ``None`` keeps the current count, an integer pins it, ``"auto"``
@@ -225,18 +244,24 @@ def train(
 
     Under ``torchrun`` the process group is joined here; rank 0 writes all files.
 
-    The steps, in order: ``_saved_run`` (the checkpoint to resume and its configuration),
+    The run folder is locked for the whole call (``scorekit.train.lock``): a second training into it
+    fails at once naming this one's pid. The steps, in order: ``fresh_folder`` (refuse or clear a
+    previous run), ``_saved_run`` (the checkpoint to resume and its configuration),
     ``_setup`` (data, network, optimiser, EMA, data order at step 0), ``_resume`` (their state at the
     checkpoint's step), ``_start`` (DDP wrapper, ``config.json``, the log cut back to that step), then
     ``_loop``: ``_train_step`` each step, ``_report`` every ``log_every``, ``_save_checkpoint`` every
     ``ckpt_every``, a preview picture every ``sample_every``.
     """
-    cfg, tensors, state = _saved_run(cfg, resume)
-    run = _setup(cfg, dataset, state)
-    if state is not None:
-        _resume(run, tensors, state)
-    _start(run)
-    return _loop(run, progress, threads)
+    cfg.validate()
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with run_lock(cfg.out) if main_rank else contextlib.nullcontext():
+        fresh_folder(Path(cfg.out), resume=resume, overwrite=overwrite)
+        cfg, tensors, state = _saved_run(cfg, resume)
+        run = _setup(cfg, dataset, state)
+        if state is not None:
+            _resume(run, tensors, state)
+        _start(run)
+        return _loop(run, progress, threads)
 
 
 @dataclass
@@ -260,6 +285,11 @@ class _Run:
     order: DataOrder
     step: int = 0
     elapsed: float = 0.0  # training seconds over all sessions (checkpoints and pictures excluded)
+    # The loss of the run's first step: the scale a divergence is judged by.
+    first_loss: float | None = None
+    saved_step: int | None = None  # the newest checkpoint's step
+    # The first step whose gradients were not finite (-1: none), a tensor on the device.
+    bad_step: Tensor | None = None
     model: nn.Module | None = (
         None  # what the loss calls: the denoiser, DDP-wrapped when distributed
     )
@@ -277,19 +307,61 @@ class _Run:
         return self.info["sigma_data"]
 
 
+#: Settings that ``--resume`` may change (with a note): run length, cadence, device, previews.
+#: Every other field fixes the model or the data, and a resumed run refuses a new value for it.
+RESUME_MAY_CHANGE = ("steps", "minutes", "device", "ckpt_every", "sample_every", "log_every",
+                     "keep", "sample_n", "sample_nfe", "sample_sampler", "out")  # fmt: skip
+
+
 def _saved_run(cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, dict, dict | None]:
-    """``(cfg, tensors, state)``: with ``resume`` and a complete checkpoint, its tensors, its state and
-    its configuration with the run length and I/O settings of ``cfg``; else ``(cfg, {}, None)``."""
+    """``(cfg, tensors, state)``: with ``resume`` and a complete checkpoint, its tensors and state, and
+    ``cfg`` checked against the saved configuration (``RESUME_MAY_CHANGE`` fields may differ, with a
+    note; any other difference is refused); else ``(cfg, {}, None)``."""
+    if resume and int(os.environ.get("RANK", "0")) == 0:
+        for gone in ckpt.clean_partial(cfg.out):
+            print(
+                f"scorekit train: deleted {gone}, a checkpoint whose write was cut short",
+                file=sys.stderr,
+            )
     folder = ckpt.latest(cfg.out) if resume else None
     if folder is None:
         cfg.validate()
         return cfg, {}, None
     tensors, state = ckpt.load(folder)
     saved = TrainConfig.from_dict(state["config"])
-    for key in ("steps", "minutes", "device", "ckpt_every", "sample_every", "log_every", "out"):
-        setattr(saved, key, getattr(cfg, key))
-    saved.validate()
-    return saved, tensors, state
+    changed = [
+        f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(saved, f.name)
+    ]
+
+    def said(names: list[str]) -> str:
+        return ", ".join(
+            f"--{k.replace('_', '-')} {_shown(getattr(cfg, k))} (the run's: {_shown(getattr(saved, k))})"
+            for k in names
+        )
+
+    refused = [k for k in changed if k not in RESUME_MAY_CHANGE]
+    if refused:
+        raise ValueError(
+            f"--resume: {said(refused)} would change the model or data of the run in {cfg.out}; "
+            "resume without them, or start a new run (another --out, or --overwrite)"
+        )
+    noted = [k for k in changed if k != "out"]
+    if noted and int(os.environ.get("RANK", "0")) == 0:
+        print(f"scorekit train: --resume with {said(noted)}", file=sys.stderr)
+    cfg.validate()
+    return cfg, tensors, state
+
+
+def _shown(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+
+
+def _data_hash(dataset) -> str:
+    """SHA-256 of the training examples (and labels) as loaded: detects a data file changed under a run."""
+    h = hashlib.sha256(np.ascontiguousarray(np.asarray(dataset.x, dtype=np.float32)).tobytes())
+    if dataset.labels is not None:
+        h.update(np.ascontiguousarray(np.asarray(dataset.labels, dtype=np.int64)).tobytes())
+    return h.hexdigest()
 
 
 def _setup(cfg: TrainConfig, dataset, state: dict | None) -> _Run:
@@ -305,8 +377,9 @@ def _setup(cfg: TrainConfig, dataset, state: dict | None) -> _Run:
         if not dataset.num_classes or dataset.labels is None:
             raise ValueError(f"--cond needs a labelled data set; {dataset.name!r} has no labels")
         labels_all = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.long).to(device)
+    digest = _data_hash(dataset)
     if state is None:
-        info = _dataset_info(dataset, float(x_all.std()))
+        info = {**_dataset_info(dataset, float(x_all.std())), "sha256": digest}
         net_cfg = {
             **nets.default_config(dataset.kind, dataset.shape, dataset.num_classes),
             **cfg.net,
@@ -318,6 +391,12 @@ def _setup(cfg: TrainConfig, dataset, state: dict | None) -> _Run:
         if list(dataset.shape) != info["shape"]:
             raise ValueError(
                 f"data shape {list(dataset.shape)} differs from the run's {info['shape']}"
+            )
+        if info.get("sha256", digest) != digest:
+            raise ValueError(
+                f"--data {cfg.data}: its content changed since the run started (SHA-256 {digest[:12]} "
+                f"now, {info['sha256'][:12]} then); resume with the original data, or start a new run "
+                "(another --out, or --overwrite)"
             )
     torch.manual_seed(mix_seed(cfg.seed, 0x1417))  # same initial weights on every rank
     net = nets.build(net_cfg).to(device)
@@ -345,6 +424,7 @@ def _resume(run: _Run, tensors: dict, state: dict) -> None:
         raise ValueError(f"the data set has {len(run.x_all)} examples, the run had {o['n']}")
     run.order = DataOrder(o["n"], o["seed"], epoch=o["epoch"], pos=o["pos"])
     run.step, run.elapsed = int(state["step"]), float(state["elapsed"])
+    run.saved_step, run.first_loss = run.step, state.get("first_loss")
     if run.dist.main:
         _set_rng_state(state["rng"], run.device)
     else:
@@ -354,6 +434,7 @@ def _resume(run: _Run, tensors: dict, state: dict) -> None:
 def _start(run: _Run) -> None:
     """Wrap the denoiser for DDP; write ``config.json`` and cut the log back to the run's step."""
     run.model = run.denoiser
+    run.bad_step = torch.full((), -1, dtype=torch.long, device=run.device)
     if run.dist.active:
         device = run.device
         run.model = nn.parallel.DistributedDataParallel(
@@ -392,6 +473,8 @@ def _loop(run: _Run, progress: bool, threads=None) -> TrainResult:
     stop = _out_of_time(run) if not dist.active else dist.any(_out_of_time(run))
     while not stop and (cfg.steps is None or run.step < cfg.steps):
         loss, lr = _train_step(run)
+        if run.first_loss is None:
+            run.first_loss = float(loss)
         window.total += loss
         window.steps += 1
         steps_run += 1
@@ -461,10 +544,13 @@ def _train_step(run: _Run) -> tuple[Tensor, float]:
         ).mean()  # fmt: skip
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
-    if cfg.grad_clip:
-        nn.utils.clip_grad_norm_(list(run.net.parameters()), cfg.grad_clip)
+    # Clipping at inf measures the norm and leaves the gradients as they are (times exactly 1).
+    norm = nn.utils.clip_grad_norm_(list(run.net.parameters()), cfg.grad_clip or math.inf)
     run.opt.step()
     run.step += 1
+    # The first step with a NaN/inf gradient, kept on the device (no sync per step): checked by
+    # _check_finite before each log row and checkpoint, so those weights are never saved.
+    run.bad_step = torch.where(~torch.isfinite(norm) & (run.bad_step < 0), run.step, run.bad_step)
     beta = ema_beta(cfg.ema, batch=cfg.batch, nimg=run.step * cfg.batch, rampup=cfg.ema_rampup)
     run.ema.update(run.net, beta)
     return loss.detach(), lr
@@ -472,9 +558,16 @@ def _train_step(run: _Run) -> tuple[Tensor, float]:
 
 def _report(run: _Run, window: _LossWindow, lr: float, now: float, bar) -> None:
     """Log the window's mean loss (over ranks), learning rate, steps/s and training time; reset it."""
+    _check_finite(run)
     mean_loss = float(run.dist.all_mean(window.total)) / window.steps
     if not math.isfinite(mean_loss):
-        raise FloatingPointError(f"training loss is {mean_loss} at step {run.step}; lower --lr?")
+        raise FloatingPointError(f"training loss is {mean_loss} at step {run.step}; {_kept(run)}")
+    first = run.first_loss
+    if first is not None and first > 0 and mean_loss > DIVERGED * first:
+        raise FloatingPointError(
+            f"training diverged at step {run.step}: mean loss {mean_loss:.4g} over the last "
+            f"{window.steps} steps, more than {DIVERGED}x the first step's {first:.4g}; {_kept(run)}"
+        )
     rate = window.steps / max(now - window.t0, 1e-9)
     row = {"step": run.step, "loss": mean_loss, "lr": lr, "it_s": rate, "time": run.elapsed}
     window.rows.append(row)
@@ -486,11 +579,38 @@ def _report(run: _Run, window: _LossWindow, lr: float, now: float, bar) -> None:
     window.steps, window.t0 = 0, time.perf_counter()
 
 
+#: A logged loss above this multiple of the run's first-step loss stops training as diverged (every
+#: parameterisation starts near its untrained loss and goes down; --lr 1..100 on moons went 17-400x up).
+DIVERGED = 10.0
+
+
+def _check_finite(run: _Run) -> None:
+    """Stop, naming the step, if a step since the start had NaN/inf gradients."""
+    bad = int(run.bad_step)
+    if bad >= 0:
+        raise FloatingPointError(
+            f"training stopped: the gradients of step {bad} are not finite (NaN or inf); {_kept(run)}"
+        )
+
+
+def _kept(run: _Run, advice: bool = True) -> str:
+    where = (f"the last good checkpoint, step {run.saved_step}, is kept in {run.run_dir / 'checkpoints'}"
+             if run.saved_step is not None else "no checkpoint was saved")  # fmt: skip
+    return f"{where}; lower --lr (now {run.cfg.lr:g}) or keep --grad-clip on" if advice else where
+
+
 def _save_checkpoint(run: _Run, loss_total: Tensor) -> None:
-    """Save weights, EMA, optimiser and everything resume needs (rank 0), unless the loss summed
-    since the last log row is not finite: weights a NaN/inf loss has reached are never saved."""
+    """Save weights, EMA, optimiser and everything resume needs (rank 0), unless a gradient, the loss
+    summed since the last log row or a weight is not finite: such weights are never saved."""
+    _check_finite(run)
     if not torch.isfinite(loss_total):
-        raise FloatingPointError(f"training loss is not finite before step {run.step}; lower --lr?")
+        raise FloatingPointError(
+            f"training loss is not finite before step {run.step}; {_kept(run)}"
+        )
+    if not all(bool(torch.isfinite(p).all()) for p in run.net.parameters()):
+        raise FloatingPointError(
+            f"training stopped: the weights at step {run.step} are not finite; {_kept(run)}"
+        )
     if run.dist.main:
         otensors, groups = ckpt.optimizer_to_tensors(run.opt)
         state = {
@@ -502,11 +622,19 @@ def _save_checkpoint(run: _Run, loss_total: Tensor) -> None:
             "data_order": run.order.state(),
             "rng": _rng_state(run.device),
             "optim_groups": groups,
+            "first_loss": run.first_loss,
             "scorekit_version": _version(),
         }
         tensors = {"model": run.net.state_dict(), "ema": run.ema.module.state_dict(),
                    "optim": otensors}  # fmt: skip
-        ckpt.save(run.run_dir, run.step, tensors, state, keep=run.cfg.keep)
+        try:
+            ckpt.save(run.run_dir, run.step, tensors, state, keep=run.cfg.keep)
+        except OSError as e:  # one line naming the checkpoint and what is kept
+            raise OSError(
+                e.errno, f"{e.strerror or e}; could not write checkpoint step {run.step}; "
+                f"{_kept(run, advice=False)}; free space, then --resume", str(run.run_dir)
+            ) from e  # fmt: skip
+    run.saved_step = run.step
     run.dist.barrier()
 
 
