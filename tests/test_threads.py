@@ -32,6 +32,22 @@ def feed(p, seconds, times):
         p.step(seconds)
 
 
+def past_first_probe(p, t_hi, t_lo):
+    """A run started at 2 threads probes 1 thread after its first window; here that probe loses."""
+    feed(p, t_hi, 3)
+    assert p.threads == 1
+    feed(p, t_lo, 3)
+    assert p.threads == 2 and p._probe is None
+
+
+def test_a_start_at_two_threads_probes_one_after_the_first_window():
+    p, applied = policy()
+    feed(p, 7.0, 3)  # collapsed from the first step: a competitor the start did not see
+    assert applied == [2, 1]
+    feed(p, 0.6, 3)
+    assert p.threads == 1 and applied == [2, 1]
+
+
 # -- the rule ------------------------------------------------------------------------------------
 
 
@@ -47,26 +63,28 @@ def test_start_is_all_cores_unless_the_load_says_a_core_is_taken(cores, load, st
 
 def test_slowdown_by_the_factor_probes_one_thread_and_keeps_it_when_faster():
     p, applied = policy()
+    past_first_probe(p, 0.30, 0.45)
     feed(p, 0.30, 20)  # best median at 2 threads: 0.30 s
     feed(p, 0.44, 5)  # 1.47x: under the factor 1.5, no probe
-    assert applied == [2]
+    assert applied == [2, 1, 2]
     p.step(0.50)
     p.step(0.50)  # the median of the last 3 is 0.50 > 1.5 * 0.30: probe 1 thread
-    assert applied == [2, 1] and p.threads == 1
+    assert applied == [2, 1, 2, 1] and p.threads == 1
     feed(p, 0.40, 2)
     assert p.threads == 1 and p._probe is not None  # a probe needs 3 steps unless one collapses
     p.step(0.40)  # median 0.40 < 0.50: the probe won
-    assert p.threads == 1 and p._probe is None and applied == [2, 1]
-    assert [why.split(" ")[1] for _, _, why in p.switches] == ["(slowed,", "won"]
+    assert p.threads == 1 and p._probe is None and applied == [2, 1, 2, 1]
+    assert [why.split(" ")[1] for _, _, why in p.switches[2:]] == ["(slowed,", "won"]
 
 
 def test_one_collapsed_step_is_enough_to_probe():
     p, applied = policy()
+    past_first_probe(p, 0.30, 0.45)
     feed(p, 0.30, 10)
     p.step(7.0)  # > 3 x best in one step (the median still says 0.30)
     assert p.threads == 1
     feed(p, 0.60, 3)  # beats the 7 s step, not the old 0.30 s median
-    assert p.threads == 1 and applied == [2, 1]
+    assert p.threads == 1 and applied == [2, 1, 2, 1]
 
 
 def test_a_slowdown_at_one_thread_waits_for_the_periodic_probe():
@@ -103,16 +121,17 @@ def test_a_probe_step_that_collapses_ends_the_probe_at_once_and_backs_off():
 
 def test_periodic_reprobe_recovers_the_speed_when_the_competitor_leaves():
     p, applied = policy()
+    past_first_probe(p, 0.30, 0.45)
     feed(p, 0.30, 10)
     feed(p, 7.0, 1)  # a competitor arrives
     feed(p, 0.60, 3)  # 1 thread wins
     assert p.threads == 1
     feed(p, 0.45, 66)  # it leaves: 1 thread gets faster, which is no slow-down
-    assert applied == [2, 1]
+    assert applied == [2, 1, 2, 1]
     feed(p, 0.45, 1)  # 30 s of step time since the probe: try 2 threads again
-    assert applied == [2, 1, 2]
+    assert applied == [2, 1, 2, 1, 2]
     feed(p, 0.30, 3)
-    assert p.threads == 2 and applied == [2, 1, 2]
+    assert p.threads == 2 and applied == [2, 1, 2, 1, 2]
 
 
 def test_a_lost_periodic_probe_returns_and_the_interval_doubles_up_to_the_cap():
@@ -124,8 +143,8 @@ def test_a_lost_periodic_probe_returns_and_the_interval_doubles_up_to_the_cap():
         if len(applied) > before and p.threads == 1:
             probes.append(i)
     assert p.threads == 2 and applied[-1] == 2
-    # first after 3 s of 0.25 s steps; then 3 probe steps + 6, 12, 12 s of steps at 2 threads
-    assert probes[0] == 11
+    # first after the first window; then 3 probe steps + 6, 12, 12 s of steps at 2 threads
+    assert probes[0] == 2
     assert [b - a for a, b in itertools.pairwise(probes)][:4] == [3 + 24, 3 + 48, 3 + 48, 3 + 48]
 
 

@@ -41,10 +41,14 @@ The rule (``ThreadPolicy``, fed the seconds of each training step, host clock on
   run that dropped to ``lo`` returns to ``hi`` when the competitor leaves. A probe up from ``lo``
   is made only if no other task is runnable at that moment (median of 5 reads of
   ``/proc/loadavg``, 80 ms every 30 s); else it waits another interval: on a busy machine probing
-  ``hi`` cost one collapsed step of 13-17 s each time (measured at load 6).
+  ``hi`` cost one collapsed step of 13-17 s each time (measured at load 6). A run started at
+  ``hi`` probes ``lo`` once right after its first window, in case the start missed a competitor
+  (its steps would be collapsed from the first, so no slow-down would show): ~3 steps at 1.5x
+  on an idle machine.
 * A probe runs up to ``window`` steps at the other count and wins if their median is below ``m``
-  (the settled median just before it; after a one-step trigger, that step's time if larger). A probe step longer than ``abort * m`` (3x; a collapse is
-  10x) ends the probe at once as lost: trying the collapsed count costs one step.
+  (the settled median just before it; after a one-step trigger, that step's time if larger).
+  A probe step longer than ``abort * m`` (3x; a collapse is 10x) ends the probe at once as lost:
+  trying the collapsed count costs one step.
 * After the probe, settle at the winner with a fresh window; a lost probe also resets
   ``best[n]`` to ``m`` so a machine that stays slower at both counts does not re-trigger.
 
@@ -213,7 +217,8 @@ class ThreadPolicy:
         self._times: list[float] = []
         self._probe: list[float] | None = None  # step times of a probe in progress
         self._settled_m = 0.0  # the settled median the probe is compared with
-        self._since_probe = 0.0
+        # started at hi: probe lo after the first window (the start may have missed a competitor)
+        self._since_probe = probe_every if self.threads == self.hi else 0.0
         self._probe_every = probe_every
         self._steps = 0
 
