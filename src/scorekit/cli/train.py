@@ -138,12 +138,17 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     finally:
         teardown()
-    last = result.log[-1]["loss"] if result.log else float("nan")
     import os
 
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(
-            f"trained to step {result.step} ({result.steps_per_second:.1f} steps/s this session), "
-            f"last logged loss {last:.4f}; run folder: {result.run_dir}"
-        )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if result.steps_per_second == 0:  # --resume of a run already at its length: say so
+        print(f"the run in {result.run_dir} is already at step {result.step}; nothing to train "
+              "(give a larger --steps or --minutes with --resume)")  # fmt: skip
+        return 0
+    last = f"{result.log[-1]['loss']:.4f}" if result.log else "none this session"
+    print(
+        f"trained to step {result.step} ({result.steps_per_second:.1f} steps/s this session), "
+        f"last logged loss {last}; run folder: {result.run_dir}"
+    )
     return 0

@@ -566,7 +566,7 @@ def _report(run: _Run, window: _LossWindow, lr: float, now: float, bar) -> None:
     if first is not None and first > 0 and mean_loss > DIVERGED * first:
         raise FloatingPointError(
             f"training diverged at step {run.step}: mean loss {mean_loss:.4g} over the last "
-            f"{window.steps} steps, more than {DIVERGED}x the first step's {first:.4g}; {_kept(run)}"
+            f"{window.steps} steps, more than {DIVERGED:g}x the first step's {first:.4g}; {_kept(run)}"
         )
     rate = window.steps / max(now - window.t0, 1e-9)
     row = {"step": run.step, "loss": mean_loss, "lr": lr, "it_s": rate, "time": run.elapsed}
@@ -596,7 +596,8 @@ def _check_finite(run: _Run) -> None:
 def _kept(run: _Run, advice: bool = True) -> str:
     where = (f"the last good checkpoint, step {run.saved_step}, is kept in {run.run_dir / 'checkpoints'}"
              if run.saved_step is not None else "no checkpoint was saved")  # fmt: skip
-    return f"{where}; lower --lr (now {run.cfg.lr:g}) or keep --grad-clip on" if advice else where
+    clip = "" if run.cfg.grad_clip else " or turn --grad-clip on"
+    return f"{where}; lower --lr (now {run.cfg.lr:g}){clip}" if advice else where
 
 
 def _save_checkpoint(run: _Run, loss_total: Tensor) -> None:
