@@ -285,8 +285,9 @@ class _Run:
     order: DataOrder
     step: int = 0
     elapsed: float = 0.0  # training seconds over all sessions (checkpoints and pictures excluded)
-    # The loss of the run's first step: the scale a divergence is judged by.
+    # The untrained loss (mean of the first steps, >= 64 examples): the scale divergence is judged by.
     first_loss: float | None = None
+    first_losses: list[float] = field(default_factory=list)
     saved_step: int | None = None  # the newest checkpoint's step
     # The first step whose gradients were not finite (-1: none), a tensor on the device.
     bad_step: Tensor | None = None
@@ -474,7 +475,7 @@ def _loop(run: _Run, progress: bool, threads=None) -> TrainResult:
     while not stop and (cfg.steps is None or run.step < cfg.steps):
         loss, lr = _train_step(run)
         if run.first_loss is None:
-            run.first_loss = float(loss)
+            _first_loss(run, loss)
         window.total += loss
         window.steps += 1
         steps_run += 1
@@ -566,7 +567,7 @@ def _report(run: _Run, window: _LossWindow, lr: float, now: float, bar) -> None:
     if first is not None and first > 0 and mean_loss > DIVERGED * first:
         raise FloatingPointError(
             f"training diverged at step {run.step}: mean loss {mean_loss:.4g} over the last "
-            f"{window.steps} steps, more than {DIVERGED:g}x the first step's {first:.4g}; {_kept(run)}"
+            f"{window.steps} steps, more than {DIVERGED:g}x the untrained loss {first:.4g}; {_kept(run)}"
         )
     rate = window.steps / max(now - window.t0, 1e-9)
     row = {"step": run.step, "loss": mean_loss, "lr": lr, "it_s": rate, "time": run.elapsed}
@@ -579,6 +580,15 @@ def _report(run: _Run, window: _LossWindow, lr: float, now: float, bar) -> None:
     window.steps, window.t0 = 0, time.perf_counter()
 
 
+def _first_loss(run: _Run, loss: Tensor) -> None:
+    """The untrained loss, the scale divergence is judged by: the mean over the first steps until they
+    hold ``FIRST_EXAMPLES`` examples (one step at batch >= 64; a batch of 1 alone is too noisy)."""
+    run.first_losses.append(float(loss))
+    if len(run.first_losses) * run.cfg.batch >= FIRST_EXAMPLES:
+        run.first_loss = sum(run.first_losses) / len(run.first_losses)
+
+
+FIRST_EXAMPLES = 64
 #: A logged loss above this multiple of the run's first-step loss stops training as diverged (every
 #: parameterisation starts near its untrained loss and goes down; --lr 1..100 on moons went 17-400x up).
 DIVERGED = 10.0
