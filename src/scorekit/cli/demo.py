@@ -124,7 +124,9 @@ def _fresh_report_folder(out: Path, overwrite: bool) -> None:
         )
     for name in REPORT_FILES:
         (out / name).unlink(missing_ok=True)
-    print(f"scorekit demo: --overwrite: deleted the earlier report in {out}/ ({', '.join(old)})")
+    gone = [name for name in old if name in REPORT_FILES]
+    print(f"scorekit demo: --overwrite: deleted the earlier report in {out}/ ({', '.join(gone) or 'nothing'}); "
+          "its runs are replaced as they are trained")  # fmt: skip
 
 
 def _markdown(rep: dict, args: argparse.Namespace) -> str:
