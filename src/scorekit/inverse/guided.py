@@ -38,6 +38,22 @@ def _noise(x: Tensor, s1: float, eta: float, generator: GeneratorLike) -> Tensor
     return randn_like(x, generator) if eta > 0 and s1 > 0 else None
 
 
+def residual_gradient(model, x: Tensor, sigma: float, y: Tensor, operator: Operator):
+    """``D(x, sigma)`` and DPS's step direction ``grad_x |y - A D(x, sigma)|`` per row.
+
+    The gradient of the residual norm (not its square) is DPS's normalised step (Chung et al. 2023,
+    Alg. 1); one denoiser call and one backward pass. Shared by ``dps`` and ``mcg``.
+    """
+    tiny = torch.finfo(x.dtype).tiny
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        d = model(xg, sigma)
+        r2 = (y - operator.forward(d)).flatten(1).square().sum(1)
+        loss = (r2 / r2.detach().sqrt().clamp(min=tiny)).sum()
+        grad = vjp(loss, xg, torch.ones_like(loss), retain=False)
+    return d.detach(), grad
+
+
 def dps(
     denoiser: Callable,
     y: Tensor,
@@ -75,18 +91,11 @@ def dps(
     check_option("zeta", zeta, 0.0)
     check_option("eta", eta, 0.0, 1.0)
     s, model = prepare(denoiser, x, sigmas)
-    tiny = torch.finfo(x.dtype).tiny
     first = None
     for i in steps(len(s) - 1, progress):
         first = watch(x, i, first)
         s0, s1 = s[i], s[i + 1]
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            d = model(xg, s0)
-            r2 = (y - operator.forward(d)).flatten(1).square().sum(1)
-            loss = (r2 / r2.detach().sqrt().clamp(min=tiny)).sum()
-            grad = vjp(loss, xg, torch.ones_like(loss), retain=False)
-        d = d.detach()
+        d, grad = residual_gradient(model, x, s0, y, operator)
         emit(callback, i, s0, x, d)
         x = ddim_step(d, x, s0, s1, eta, _noise(x, s1, eta, generator))
         x = x - (zeta * (1 + s0 * s0)) * grad

@@ -20,9 +20,9 @@ from scorekit.inverse.common import (
     ddim_step,
     finish_watched,
     spectral_measurement,
-    vjp,
     watch,
 )
+from scorekit.inverse.guided import residual_gradient
 from scorekit.inverse.operators import Operator
 from scorekit.samplers.common import GeneratorLike, emit, prepare, randn_like, steps
 
@@ -119,18 +119,11 @@ def mcg(
     check_option("zeta", zeta, 0.0)
     s, model = prepare(denoiser, x, sigmas)
     yb, _, observed = spectral_measurement(operator, y, 0.0)
-    tiny = torch.finfo(x.dtype).tiny
     first = None
     for i in steps(len(s) - 1, progress):
         first = watch(x, i, first)
         s0, s1 = s[i], s[i + 1]
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            d = model(xg, s0)
-            r2 = (y - operator.forward(d)).flatten(1).square().sum(1)
-            loss = (r2 / r2.detach().sqrt().clamp(min=tiny)).sum()
-            grad = vjp(loss, xg, torch.ones_like(loss), retain=False)
-        d = d.detach()
+        d, grad = residual_gradient(model, x, s0, y, operator)
         emit(callback, i, s0, x, d)
         x = ddim_step(d, x, s0, s1, 1.0, randn_like(x, generator) if s1 > 0 else None)
         x = x - (zeta * (1 + s0 * s0)) * grad
