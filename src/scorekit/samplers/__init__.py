@@ -120,6 +120,18 @@ __all__ = [
 ]
 
 
+def _start_noise(noise, shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``noise`` checked (a finite floating tensor of ``shape``) and cast to ``dtype`` / ``device``."""
+    if not isinstance(noise, Tensor) or not noise.is_floating_point():
+        got = f"{noise.dtype} tensor" if isinstance(noise, Tensor) else type(noise).__name__
+        raise TypeError(f"noise must be a floating tensor of the result's shape {shape}; got {got}")
+    if tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have the result's shape {shape}; got {tuple(noise.shape)}")
+    if not bool(torch.isfinite(noise).all()):
+        raise ValueError("noise must be finite; got NaN or inf entries")
+    return noise.to(device=device, dtype=dtype)
+
+
 def sample(
     denoiser: Callable,
     shape: Sequence[int],
@@ -134,6 +146,7 @@ def sample(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     sigmas: Tensor | Sequence[float] | None = None,
+    noise: Tensor | None = None,
     progress: bool = False,
     **options,
 ) -> Tensor:
@@ -155,6 +168,11 @@ def sample(
         seed: the seed; row ``i`` of the result is sample number ``index_offset + i`` of this seed.
         index_offset: first sample number (for sharding: rank ``r`` draws rows ``start_r ...``).
         sigmas: explicit noise levels (overrides ``schedule``, ``sigma_min``, ``sigma_max``).
+        noise: the starting standard-normal noise ``z`` ``[B, ...]`` of the result's shape (like
+            diffusers' ``latents``): the start is ``sigmas[0] * z`` instead of the seed's draw, so two
+            samplers, or scorekit and another library, can be compared from the same noise. It is
+            cast to ``dtype`` and ``device``; a stochastic sampler still draws its later noise from
+            the per-row generators of ``seed``.
         **options: the sampler's own keyword options (misspelt ones are a TypeError).
 
     Returns:
@@ -198,8 +216,12 @@ def sample(
     device = torch.device(device if device is not None else "cpu")
     check_int("index_offset", index_offset, least=0)
     gens = row_generators(seed, range(index_offset, index_offset + shape[0]), device)
-    x = torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype, device=device) for g in gens])
+    if noise is None:
+        x = torch.stack(
+            [torch.randn(shape[1:], generator=g, dtype=dtype, device=device) for g in gens]
+        )
+    else:
+        x = _start_noise(noise, shape, dtype, device)
     x = x * s[0]
     sig = torch.tensor(s, dtype=torch.float64)
     return fn(denoiser, x, sig, generator=gens, progress=progress, **options)
-

@@ -36,7 +36,7 @@ from scorekit.samplers.common import (
     sampler,
     steps,
 )
-from scorekit.samplers.ode import heun_step
+from scorekit.samplers.ode import _exp_moments, heun_step
 from scorekit.schedules import karras
 
 __all__ = [
@@ -127,9 +127,13 @@ def euler_maruyama(
     return finish(x)
 
 
-def _dpmpp_sde(denoiser, x, sigmas, generator, callback, progress, eta, order) -> Tensor:
+def _dpmpp_sde(
+    denoiser, x, sigmas, generator, callback, progress, eta, order, variant="bounded"
+) -> Tensor:
     """Shared body of ``dpmpp_2m_sde`` / ``dpmpp_3m_sde`` (their docstrings give the update)."""
     check_number("eta", eta, low=0)
+    if variant not in ("bounded", "k-diffusion"):
+        raise ValueError(f"variant must be 'bounded' or 'k-diffusion'; got {variant!r}")
     s, model = prepare(denoiser, x, sigmas)
     hist: list[tuple[float, Tensor]] = []  # (lambda, D), most recent first
     for i in steps(len(s) - 1, progress):
@@ -141,8 +145,11 @@ def _dpmpp_sde(denoiser, x, sigmas, generator, callback, progress, eta, order) -
             break
         lam, h = -math.log(s0), math.log(s0 / s1)
         hist = [(lam, d), *hist[: order - 1]]
-        # m_k = (1 - e^{-a h}) h^k / (k + 1): see dpmpp_2m_sde for why not the exact moments.
-        moments = [-math.expm1(-(1 + eta) * h) * h**k / (k + 1) for k in range(len(hist))]
+        if variant == "k-diffusion":  # exact exponential moments, half of m_2 (dpmpp_3m_sde)
+            moments = _exp_moments(h, len(hist), eta)
+            moments[2:] = [0.5 * m for m in moments[2:]]
+        else:  # m_k = (1 - e^{-a h}) h^k / (k + 1): see dpmpp_2m_sde for why not the exact moments
+            moments = [-math.expm1(-(1 + eta) * h) * h**k / (k + 1) for k in range(len(hist))]
         w = lagrange_weights([l - lam for l, _ in hist], moments)
         x = combine(x, math.exp(-(1 + eta) * h), w, [t for _, t in hist])
         if eta > 0:
@@ -197,6 +204,7 @@ def dpmpp_3m_sde(
     callback: Callable | None = None,
     progress: bool = False,
     eta: float = 1.0,
+    variant: str = "bounded",
 ) -> Tensor:
     """SDE-DPM-Solver++(3M): as ``dpmpp_2m_sde`` with ``D`` interpolated through three outputs.
 
@@ -210,11 +218,18 @@ def dpmpp_3m_sde(
     exponential moments to leading order only, so this is not the third-order ODE solver at
     ``eta = 0`` (use ``dpmpp_3m`` for that). ``NFE = N``.
 
+    k-diffusion's ``sample_dpmpp_3m_sde`` is a different algorithm under the same name: it uses the
+    exact exponential moments ``m_k = int_0^h a e^{-a(h - tau)} tau^k dtau`` for ``k = 0, 1`` and
+    ``m_2 / 2`` for the curvature term (as its ODE limit, see ``dpmpp_3m``), with the same noise
+    term. ``variant="k-diffusion"`` is that update (its ``eta = 0`` path is ``dpmpp_3m(...,
+    variant="k-diffusion")``); with the same noise draws it gives k-diffusion's path. The default
+    ``"bounded"`` form keeps the moments bounded for large steps (less noise amplification).
+
     References:
         Lu et al. 2022b (as ``dpmpp_2m_sde``); Hochbruck & Ostermann, "Exponential integrators",
-        Acta Numerica 2010, Sec. 2.
+        Acta Numerica 2010, Sec. 2. Crowson, k-diffusion, ``sampling.py: sample_dpmpp_3m_sde``.
     """
-    return _dpmpp_sde(denoiser, x, sigmas, generator, callback, progress, eta, order=3)
+    return _dpmpp_sde(denoiser, x, sigmas, generator, callback, progress, eta, 3, variant)
 
 
 @sampler(nfe=lambda n, o: 2 * n - 1, stochastic=True)
