@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from scorekit.bench import digits_unet  # noqa: E402
+from scorekit.bench import digits_unet
 
 
 @pytest.fixture(scope="module")
