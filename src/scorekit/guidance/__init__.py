@@ -26,6 +26,8 @@ adaptive_guidance       stop uncond when cos(eps_c, eps_u) is back    2 per call
                         above t after dipping below it
 classifier_guidance     ``D_u + w sigma^2 grad log p(y | x)``         1 + classifier fwd/bwd per call
 cads                    annealed noise on the condition embedding     1 per call
+density_guidance        ``D + r sigma^2 (D - x) / |D - x|^2``: r      1 per call
+                        more nats of log-density per unit -log sigma
 reward_guidance         ``D + w sigma^2 grad_x r(D(x, sigma))``       1 + a backward pass per call
 minority_guidance       climb |D(x) - D(D(x) + s z, s)|^2             2 + a backward pass per call
 eps_scaling             exposure bias: eps / lambda(sigma)            the wrapped denoiser's
@@ -47,6 +49,7 @@ from scorekit.guidance.adaptive import adaptive_guidance
 from scorekit.guidance.cads import cads
 from scorekit.guidance.cfg import autoguidance, cfg, dynamic_threshold
 from scorekit.guidance.classifier import classifier_guidance
+from scorekit.guidance.density import density_guidance
 from scorekit.guidance.exact import ClassMixture, class_target
 from scorekit.guidance.exposure import eps_scaling, time_shift
 from scorekit.guidance.minority import minority_guidance
@@ -66,6 +69,7 @@ __all__ = [
     "cfg_pc",
     "class_target",
     "classifier_guidance",
+    "density_guidance",
     "dynamic_threshold",
     "effective_sample_size",
     "eps_scaling",
