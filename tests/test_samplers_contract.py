@@ -36,11 +36,13 @@ CONTRACT: dict[str, dict] = {
     "edm_stochastic": {"s_churn": 10.0, "s_tmin": 0.05, "s_tmax": 50.0},
     "restart": {"t_min": 0.3, "t_max": 2.0, "restarts": 2, "restart_steps": 2},
     "pc_langevin": {"snr": 0.1, "n_corrector": 2},
+    "sa_solver": {"tau": 0.8, "predictor_order": 3, "corrector_order": 3},
     "adaptive_ode": {"rtol": 1e-6, "atol": 1e-6},
     "adaptive_sde": {"rtol": 0.05, "atol": 0.01},
 }
 
 NAMES = sorted(CONTRACT)
+
 
 def test_registry_and_contract_cover_the_same_names():
     assert set(REGISTRY) == set(CONTRACT)
@@ -299,7 +301,9 @@ def test_stochastic_flag_matches_the_use_of_the_generator(name):
     x = 5.0 * torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
     sig = karras(6, 0.05, 5.0)
     runs = [
-        REGISTRY[name](g, x.clone(), sig, generator=torch.Generator().manual_seed(k), **CONTRACT[name])
+        REGISTRY[name](
+            g, x.clone(), sig, generator=torch.Generator().manual_seed(k), **CONTRACT[name]
+        )
         for k in (1, 2)
     ]
     differs = not torch.equal(runs[0], runs[1])
@@ -333,9 +337,9 @@ def test_callback_sees_every_step_in_order(name):
         assert set(d) == {"i", "sigma", "x", "denoised"}
         assert d["x"].shape == x.shape
         assert d["denoised"] is None or d["denoised"].shape == x.shape
-    # A fixed-step sampler reports D(x, sigma_i) of the state it shows; UniPC reports the output at
-    # its predicted point and the state after the corrector that used it (its Alg. 2-3 order).
-    if name not in ADAPTIVE and name != "unipc":
+    # A fixed-step sampler reports D(x, sigma_i) of the state it shows; UniPC and SA-Solver report
+    # the output at their predicted point and the state after the corrector that used it.
+    if name not in ADAPTIVE and name not in ("unipc", "sa_solver"):
         for d in seen:
             want = g(d["x"], torch.full((3,), d["sigma"]))
             torch.testing.assert_close(d["denoised"], want, rtol=1e-5, atol=1e-5)
@@ -362,6 +366,9 @@ def test_callback_sees_every_step_in_order(name):
         ("pc_langevin", {"n_corrector": -1}, "n_corrector"),
         ("adaptive_ode", {"rtol": 0.0}, "rtol"),
         ("adaptive_sde", {"atol": -1.0}, "atol"),
+        ("sa_solver", {"tau": -1.0}, "tau"),
+        ("sa_solver", {"predictor_order": 5}, "predictor_order"),
+        ("sa_solver", {"corrector_order": -1}, "corrector_order"),
     ],
 )
 def test_bad_option_values_are_clear_errors(name, options, match):

@@ -11,8 +11,9 @@ import math
 
 import pytest
 import torch
+from scipy.integrate import solve_ivp
 
-from scorekit.analytic import GaussianMixture, target
+from scorekit.analytic import GaussianMixture, gaussian, target
 from scorekit.samplers import REGISTRY, sample
 from scorekit.samplers.common import row_generators
 from scorekit.schedules import karras, loglinear
@@ -142,3 +143,99 @@ def test_variants_are_checked():
         REGISTRY["dpmpp_3m"](g, torch.ones(2, 2), karras(3, 0.1, 1.0), variant="kdiff")
     with pytest.raises(ValueError, match="variant"):
         REGISTRY["dpmpp_3m_sde"](g, torch.ones(2, 2), karras(3, 0.1, 1.0), variant="exact")
+
+
+# -- SA-Solver ----------------------------------------------------------------------------------------
+
+SIGMA_MAX, SIGMA_MIN, BATCH = 10.0, 0.05, 16
+
+
+@pytest.fixture(scope="module")
+def ode_problem():
+    """The exact 2-D mixture's PF-ODE from sigma 10 to 0.05, solved by scipy's DOP853 at 1e-13
+    (as in ``test_samplers_order.py``): ``(mixture, start [16, 2], solution at 0.05)``."""
+    gm = _mixture()
+    x0 = SIGMA_MAX * torch.randn(
+        BATCH, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+
+    def rhs(u, y):
+        x = torch.from_numpy(y).reshape(BATCH, 2)
+        return (x - gm.denoise(x, math.exp(u))).reshape(-1).numpy()
+
+    sol = solve_ivp(
+        rhs, (math.log(SIGMA_MAX), math.log(SIGMA_MIN)), x0.reshape(-1).numpy(),
+        method="DOP853", rtol=1e-13, atol=1e-13,
+    )  # fmt: skip
+    assert sol.success
+    return gm, x0, torch.from_numpy(sol.y[:, -1].copy()).reshape(BATCH, 2)
+
+
+def _error_at_sigma_min(problem, name, opts, n):
+    gm, x0, ref = problem
+    seen = {}
+
+    def grab(info):
+        if info["i"] == n - 1:
+            seen["x"] = info["x"]
+
+    REGISTRY[name](gm, x0.clone(), loglinear(n, SIGMA_MIN, SIGMA_MAX), callback=grab, **opts)
+    return (seen["x"] - ref).abs().max().item()
+
+
+def _slope(problem, name, opts, ns=(24, 48, 96)):
+    errs = [_error_at_sigma_min(problem, name, opts, n) for n in ns]
+    return -math.log(errs[-1] / errs[0]) / math.log(ns[-1] / ns[0]), errs
+
+
+#: SA-Solver at tau = 0 (the ODE): (predictor_order, corrector_order, global order). A corrector with
+#: c >= 2 nodes corrects the first-order warm-up step too, so the order is min(p + 1, c).
+SA_ORDERS = [(1, 0, 1), (2, 0, 2), (1, 2, 2), (2, 3, 3), (3, 3, 3), (4, 4, 4)]
+
+
+@pytest.mark.parametrize(("p", "c", "order"), SA_ORDERS, ids=str)
+def test_sa_solver_order_on_the_ode(ode_problem, p, c, order):
+    opts = {"tau": 0.0, "predictor_order": p, "corrector_order": c}
+    slope, errs = _slope(ode_problem, "sa_solver", opts)
+    assert slope >= order - 0.3, f"SA-Solver p={p} c={c}: errors {errs}, slope {slope:.2f}"
+
+
+def test_sa_solver_special_cases_are_known_samplers():
+    g = target("checker")
+    x = 40.0 * torch.randn(32, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    sig = karras(9, 0.01, 40.0)
+    # tau = 0 with three predictor nodes and no corrector: the exact-moment 3M step of dpmpp_3m.
+    a = REGISTRY["sa_solver"](g, x, sig, tau=0.0, predictor_order=3, corrector_order=0)
+    torch.testing.assert_close(a, REGISTRY["dpmpp_3m"](g, x, sig), rtol=0, atol=1e-12)
+    # tau = 1 with one node: DDPM's ancestral step (same noise stream).
+    gens = [torch.Generator().manual_seed(i) for i in range(32)]
+    b = REGISTRY["sa_solver"](
+        g, x, sig, tau=1.0, predictor_order=1, corrector_order=0, generator=gens
+    )
+    gens = [torch.Generator().manual_seed(i) for i in range(32)]
+    want = REGISTRY["euler_ancestral"](g, x, sig, eta=1.0, generator=gens)
+    torch.testing.assert_close(b, want, rtol=0, atol=1e-12)
+    # tau as a function of sigma: 0 everywhere is the ODE; a band differs from both ends.
+    zero = REGISTRY["sa_solver"](g, x, sig, tau=lambda s: 0.0)
+    torch.testing.assert_close(zero, REGISTRY["sa_solver"](g, x, sig, tau=0.0), rtol=0, atol=0)
+    band = REGISTRY["sa_solver"](
+        g, x, sig, tau=lambda s: 1.0 if 0.5 <= s <= 5.0 else 0.0,
+        generator=torch.Generator().manual_seed(3),
+    )  # fmt: skip
+    assert (band - zero).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="tau"):
+        REGISTRY["sa_solver"](g, x, sig, tau=lambda s: -1.0 if s < 1 else 0.0)
+
+
+def test_sa_solver_samples_an_exact_gaussian_at_tau_one():
+    # The law: N(m, diag(1, 0.04)) from 4000 rows after 40 karras steps (tau = 1, p = c = 3), mean and
+    # variance within sampling error (4 standard errors) plus 5% for the discretisation.
+    mean = torch.tensor([0.5, -0.3], dtype=torch.float64)
+    var = torch.tensor([1.0, 0.04], dtype=torch.float64)
+    n = 4000
+    x = 40.0 * torch.randn(n, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    out = REGISTRY["sa_solver"](
+        gaussian(mean, var), x, karras(40, 0.01, 40.0), generator=torch.Generator().manual_seed(8)
+    )
+    assert ((out.mean(0) - mean).abs() < 4 * (var / n).sqrt()).all(), out.mean(0)
+    assert ((out.var(0) / var - 1).abs() < 4 * math.sqrt(2 / n) + 0.05).all(), out.var(0)

@@ -30,6 +30,7 @@ LEVELS = {
     "edm_stochastic": ({"s_churn": 20.0}, [3, 12, 48]),
     "restart": ({"t_min": 0.1, "t_max": 1.0, "restarts": 1, "restart_steps": 4}, [3, 12, 48]),
     "pc_langevin": ({"n_corrector": 1}, [3, 12, 48]),
+    "sa_solver": ({}, [3, 24, 48]),  # exact-moment third-order steps amplify noise at ~6-12 steps
     "adaptive_sde": (
         {},
         [{"rtol": 0.5, "atol": 0.05}, {"rtol": 0.1, "atol": 0.01}, {"rtol": 0.05, "atol": 0.005}],

@@ -31,6 +31,7 @@ dpmpp_3m_sde      N               as above with a curvature term
 edm_stochastic    2N - 1          EDM Alg. 2 (churn + Heun)
 restart           2N - 1 + 2KM    Heun + K restarts of M Heun steps in [t_min, t_max]
 pc_langevin       N + C(N - 1)    reverse diffusion + C Langevin corrector steps (snr)
+sa_solver         N               SA-Solver: stochastic Adams PC, ``tau`` noise, orders p/c
 adaptive_ode      stats["nfe"]    dopri5 (torchdiffeq) in log sigma, rtol/atol
 adaptive_sde      stats["nfe"]    Gotta Go Fast (EM + improved Euler), per-sample control
 ================  ==============  ======================================================
@@ -75,6 +76,7 @@ from scorekit.samplers.registry import (
     options_of,
     steps_for,
 )
+from scorekit.samplers.sa import sa_solver
 from scorekit.samplers.sde import (
     dpmpp_2m_sde,
     dpmpp_3m_sde,
@@ -115,6 +117,7 @@ __all__ = [
     "optimized",
     "pc_langevin",
     "restart",
+    "sa_solver",
     "sample",
     "unipc",
 ]

@@ -27,6 +27,7 @@ from scorekit.samplers.ode import (
     ipndm,
     unipc,
 )
+from scorekit.samplers.sa import sa_solver
 from scorekit.samplers.sde import (
     dpmpp_2m_sde,
     dpmpp_3m_sde,
@@ -59,6 +60,7 @@ REGISTRY: dict[str, Callable] = {
     "edm_stochastic": edm_stochastic,
     "restart": restart,
     "pc_langevin": pc_langevin,
+    "sa_solver": sa_solver,
     "adaptive_ode": adaptive_ode,
     "adaptive_sde": adaptive_sde,
 }
