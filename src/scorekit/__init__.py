@@ -24,6 +24,7 @@ SUBMODULES = (
     "inverse",
     "likelihood",
     "metrics",
+    "models",
     "nets",
     "pfode",
     "process",
