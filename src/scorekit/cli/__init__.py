@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("sample", "draw samples from a trained run (.npy or .png)"),
     "likelihood": ("likelihood", "per-example log-likelihoods of a data file under a trained run"),
     "bench": ("bench", "benchmarks on exact targets (samplers, training, likelihood)"),
+    "export": ("export", "write a trained run as safetensors + JSON + model card (loads without code)"),
 }
 
 

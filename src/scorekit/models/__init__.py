@@ -17,5 +17,14 @@ from __future__ import annotations
 
 from scorekit.models.config import map_config, schedule_sigmas
 from scorekit.models.diffusers import DiffusersDenoiser, bind, from_diffusers
+from scorekit.models.export import load_exported, save_exported
 
-__all__ = ["DiffusersDenoiser", "bind", "from_diffusers", "map_config", "schedule_sigmas"]
+__all__ = [
+    "DiffusersDenoiser",
+    "bind",
+    "from_diffusers",
+    "load_exported",
+    "map_config",
+    "save_exported",
+    "schedule_sigmas",
+]

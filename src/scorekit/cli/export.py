@@ -1,0 +1,76 @@
+"""``scorekit export``: write a training run as a self-contained, documented folder.
+
+    scorekit export --run runs/digits --out exported/digits
+    python -c "from scorekit.models import load_exported; d, info = load_exported('exported/digits')"
+
+The folder holds ``model.safetensors`` (the run's EMA weights, or ``--weights model``),
+``config.json`` (network, process, parameterisation, data layout, training figures) and a
+``README.md`` model card; see ``scorekit.models.export`` for the layout. Loading reads JSON and
+safetensors only, and gives the run's denoiser bit for bit.
+
+A diffusers pipeline folder is not written: scorekit's networks are not diffusers classes, and a
+diffusers folder whose model needs scorekit's code to load would have to run that code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from scorekit.cli import add_run_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    add_run_dir(parser)
+    a("--out", required=True, metavar="DIR", help="the folder to write (new or empty)")
+    a("--weights", choices=("ema", "model"), default="ema", help="which weights (default ema)")
+    a("--overwrite", action="store_true", help="write into a folder that already holds files")
+    a("--debug", action="store_true", help="show tracebacks")
+
+
+def _last_loss(run: Path) -> float | None:
+    """The last loss in the run's log.jsonl, if any."""
+    log = run / "log.jsonl"
+    if not log.is_file():
+        return None
+    last = None
+    for line in log.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("loss"), (int, float)):
+            last = float(row["loss"])
+    return last
+
+
+def run(args: argparse.Namespace) -> int:
+    from scorekit.models.export import save_exported
+    from scorekit.runs import load_run
+    from scorekit.train import checkpoint as ckpt
+
+    run_dir = Path(args.run)
+    folder = ckpt.latest(run_dir)
+    if folder is None:
+        raise FileNotFoundError(f"--run {run_dir}: no complete checkpoint (is it a training run?)")
+    _, info = load_run(run_dir, weights=args.weights)  # validates the checkpoint as sampling would
+    tensors, state = ckpt.load(folder)
+    training = {
+        "step": int(state["step"]),
+        "elapsed_s": float(state.get("elapsed", 0.0)) or None,
+        "first_loss": state.get("first_loss"),
+        "last_loss": _last_loss(run_dir),
+        "data_sha256": state["data"].get("sha256"),
+        "config": info["config"],
+    }
+    out = save_exported(
+        args.out, net_config=state["net"], weights=tensors[args.weights], data=info,
+        process=info["process"], param=info["param"], sigma_data=info["sigma_data"],
+        training=training, which=args.weights, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(f"scorekit export: wrote {out}/ (model.safetensors, config.json, README.md) from "
+          f"{folder.name} of {run_dir}", file=sys.stdout)  # fmt: skip
+    return 0
