@@ -26,6 +26,7 @@ CONTRACT: dict[str, dict] = {
     "dpmpp_2m": {},
     "dpmpp_3m": {},
     "unipc": {"order": 3, "variant": "bh1"},
+    "dc_solver": {"order": 2, "variant": "bh1"},
     "deis": {"order": 3},
     "ipndm": {"order": 4},
     "bespoke": {"base": "dpmpp_2m"},
@@ -337,9 +338,10 @@ def test_callback_sees_every_step_in_order(name):
         assert set(d) == {"i", "sigma", "x", "denoised"}
         assert d["x"].shape == x.shape
         assert d["denoised"] is None or d["denoised"].shape == x.shape
-    # A fixed-step sampler reports D(x, sigma_i) of the state it shows; UniPC and SA-Solver report
-    # the output at their predicted point and the state after the corrector that used it.
-    if name not in ADAPTIVE and name not in ("unipc", "sa_solver"):
+    # A fixed-step sampler reports D(x, sigma_i) of the state it shows; the predictor-correctors
+    # (UniPC, SA-Solver, DC-Solver) report the output at their predicted point and the state after
+    # the corrector that used it.
+    if name not in ADAPTIVE and name not in ("unipc", "sa_solver", "dc_solver"):
         for d in seen:
             want = g(d["x"], torch.full((3,), d["sigma"]))
             torch.testing.assert_close(d["denoised"], want, rtol=1e-5, atol=1e-5)
@@ -367,6 +369,8 @@ def test_callback_sees_every_step_in_order(name):
         ("adaptive_ode", {"rtol": 0.0}, "rtol"),
         ("adaptive_sde", {"atol": -1.0}, "atol"),
         ("sa_solver", {"tau": -1.0}, "tau"),
+        ("dc_solver", {"ratios": [1.0, 2.0]}, "ratios"),
+        ("dc_solver", {"dc_order": 0}, "dc_order"),
         ("sa_solver", {"predictor_order": 5}, "predictor_order"),
         ("sa_solver", {"corrector_order": -1}, "corrector_order"),
     ],

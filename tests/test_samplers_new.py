@@ -7,6 +7,7 @@ ODE sampler): k-diffusion itself is not installed, and the reference shares no c
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -16,6 +17,7 @@ from scipy.integrate import solve_ivp
 from scorekit.analytic import GaussianMixture, gaussian, target
 from scorekit.samplers import REGISTRY, sample
 from scorekit.samplers.common import row_generators
+from scorekit.samplers.dc import DCSolver, fit_dc
 from scorekit.schedules import karras, loglinear
 
 
@@ -239,3 +241,60 @@ def test_sa_solver_samples_an_exact_gaussian_at_tau_one():
     )
     assert ((out.mean(0) - mean).abs() < 4 * (var / n).sqrt()).all(), out.mean(0)
     assert ((out.var(0) / var - 1).abs() < 4 * math.sqrt(2 / n) + 0.05).all(), out.var(0)
+
+
+# -- DC-Solver ----------------------------------------------------------------------------------------
+
+
+def test_dc_solver_without_ratios_is_unipc():
+    g = target("ring8")
+    x = 20.0 * torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sig = karras(7, 0.02, 20.0)
+    for opts in ({"order": 3, "variant": "bh2"}, {"order": 2, "variant": "bh1"}):
+        want = REGISTRY["unipc"](g, x, sig, **opts)
+        torch.testing.assert_close(
+            REGISTRY["dc_solver"](g, x, sig, **opts), want, rtol=0, atol=1e-12
+        )
+        ones = REGISTRY["dc_solver"](g, x, sig, ratios=[1.0] * 7, **opts)
+        torch.testing.assert_close(ones, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("rho", [0.6, 1.3])
+def test_dc_compensation_is_the_interpolant_at_the_shifted_level(rho):
+    # D(x, sigma) = c(lambda), a quadratic in lambda = -log sigma that ignores x: the last step
+    # returns D^_{N-1} = c(lambda_{N-2} + rho (lambda_{N-1} - lambda_{N-2})) exactly (dc_order 2
+    # interpolates a quadratic exactly; earlier ratios 1 keep the history exact).
+    def c(lam):
+        return 0.3 - 0.7 * lam + 0.2 * lam**2
+
+    def den(x, sigma):
+        return c(-sigma.log()).reshape(-1, 1).expand_as(x).clone()
+
+    sig = karras(6, 0.05, 10.0)
+    lam = [-math.log(v) for v in sig[:-1].tolist()]
+    out = REGISTRY["dc_solver"](
+        den, torch.zeros(3, 2, dtype=torch.float64), sig, ratios=[1.0] * 5 + [rho]
+    )
+    want = c(lam[-2] + rho * (lam[-1] - lam[-2]))
+    torch.testing.assert_close(
+        out, torch.full((3, 2), want, dtype=torch.float64), rtol=0, atol=1e-12
+    )
+
+
+def test_fit_dc_lowers_the_error_on_held_out_noise_and_round_trips_through_json():
+    from scorekit.pfode import pf_ode_reference
+
+    g = target("ring8")
+    sig = karras(5, 0.02, 20.0)
+    solver = fit_dc(g, sig, shape=(64, 2), seed=1, reference_rtol=1e-7)
+    assert solver.calibration_rms[1] < solver.calibration_rms[0]
+    assert solver.ratios[:2] == (1.0, 1.0) and any(r != 1.0 for r in solver.ratios)
+    x = 20.0 * torch.randn(128, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref = pf_ode_reference(g, x, 20.0, 0.0, rtol=1e-8, atol=1e-8)
+    base = REGISTRY["unipc"](g, x, sig, order=3)
+    fitted = solver(g, x)
+    assert (fitted - ref).square().mean() < 0.5 * (base - ref).square().mean()
+    again = DCSolver.from_dict(json.loads(json.dumps(solver.to_dict())))
+    torch.testing.assert_close(again(g, x), fitted, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="ratios"):
+        DCSolver.from_dict({**solver.to_dict(), "ratios": [1.0, 1.0]})

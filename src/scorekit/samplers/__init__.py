@@ -21,6 +21,7 @@ dpmpp_2s          2N - 1          order 2, singlestep, data prediction
 dpmpp_2m          N               order 2, multistep; a good default at 10-30 NFE
 dpmpp_3m          N               third-order steps, multistep
 unipc             N               predictor-corrector; ``order`` 1-3, ``variant`` bh1/bh2
+dc_solver         N               unipc + dynamic compensation, ratios fitted by ``fit_dc``
 deis              N               Adams in sigma / log sigma; ``order`` 1-3
 ipndm             N               equal-step Adams-Bashforth up to order 4; strong at <10 NFE
 bespoke           N               explicit linear-solver coefficients, fitted by ``fit_bespoke``
@@ -54,6 +55,7 @@ from scorekit.samplers import registry
 from scorekit.samplers.adaptive import adaptive_ode, adaptive_sde
 from scorekit.samplers.bespoke import BespokeSolver, bespoke, linear_coefficients
 from scorekit.samplers.common import check_sigmas, row_generators
+from scorekit.samplers.dc import DCSolver, dc_solver, fit_dc
 from scorekit.samplers.fitted import fit_bespoke, optimized
 from scorekit.samplers.ode import (
     deis,
@@ -93,9 +95,11 @@ __all__ = [
     "REGISTRY",
     "STOCHASTIC",
     "BespokeSolver",
+    "DCSolver",
     "adaptive_ode",
     "adaptive_sde",
     "bespoke",
+    "dc_solver",
     "deis",
     "dpm_solver_2",
     "dpm_solver_3",
@@ -109,6 +113,7 @@ __all__ = [
     "euler_ancestral",
     "euler_maruyama",
     "fit_bespoke",
+    "fit_dc",
     "get_sampler",
     "heun",
     "ipndm",

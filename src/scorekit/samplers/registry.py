@@ -15,6 +15,7 @@ from scorekit._util import check_int, lookup
 from scorekit.samplers.adaptive import adaptive_ode, adaptive_sde
 from scorekit.samplers.bespoke import bespoke
 from scorekit.samplers.common import check_sigmas
+from scorekit.samplers.dc import dc_solver
 from scorekit.samplers.ode import (
     deis,
     dpm_solver_2,
@@ -50,6 +51,7 @@ REGISTRY: dict[str, Callable] = {
     "dpmpp_2m": dpmpp_2m,
     "dpmpp_3m": dpmpp_3m,
     "unipc": unipc,
+    "dc_solver": dc_solver,
     "deis": deis,
     "ipndm": ipndm,
     "bespoke": bespoke,
