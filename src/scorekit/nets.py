@@ -9,6 +9,10 @@ network serves eps-, x0-, v-, score-, flow- and EDM-parameterised training. Shap
     class_labels  [B] integer in 0..num_classes-1, or -1 for "no label" (a learned null embedding);
                   ``None`` means every row is unconditional. Classifier-free guidance (Ho & Salimans
                   2022) trains with labels randomly replaced by -1 and samples both branches.
+    class_embedding  optional [B, emb_dim] float, used *instead of* the embedding looked up for
+                  ``class_labels`` (which must then be ``None``): the hook for condition-annealed
+                  sampling (``scorekit.guidance.cads``), which adds noise to the embedding. The
+                  looked-up embedding of labels ``y`` is ``net.class_emb.embed(y)``.
     result        x_in's shape
 
 The noise level enters through a sinusoidal embedding of ``c_noise`` (``_NoiseEmbedding``), a small MLP,
@@ -109,6 +113,11 @@ class _ClassEmbedding(nn.Module):
             idx = torch.where(class_labels < 0, self.num_classes, class_labels)
         return self.table(idx)
 
+    def embed(self, class_labels: Tensor) -> Tensor:
+        """The embedding ``[B, emb_dim]`` of integer labels ``[B]`` (-1: the null label)."""
+        _check_labels(class_labels, self.num_classes, class_labels.shape[0])
+        return self(class_labels, class_labels.shape[0], class_labels.device)
+
 
 def _check_labels(class_labels: Tensor | None, num_classes: int, batch: int) -> None:
     """Raise a clear error unless ``class_labels`` is ``None`` or an integer ``[B]`` in ``-1..K-1``."""
@@ -137,15 +146,39 @@ def _check_labels(class_labels: Tensor | None, num_classes: int, batch: int) -> 
 
 
 def _conditioning(
-    net: nn.Module, x: Tensor, c_noise: Tensor | float, class_labels: Tensor | None
+    net: nn.Module,
+    x: Tensor,
+    c_noise: Tensor | float,
+    class_labels: Tensor | None,
+    class_embedding: Tensor | None = None,
 ) -> Tensor:
-    """The embedding both networks feed their blocks: ``silu(noise_emb(c_noise) + class_emb(labels))``."""
+    """The embedding both networks feed their blocks: ``silu(noise_emb(c_noise) + class_emb(labels))``,
+    with ``class_embedding`` in place of ``class_emb(labels)`` when it is given."""
     c_noise = _check_c_noise(c_noise, x)
     _check_labels(class_labels, net.num_classes, x.shape[0])
     emb = net.noise_emb(c_noise)
+    if class_embedding is not None:
+        _check_embedding(class_embedding, class_labels, net, x)
+        return F.silu(emb + class_embedding.to(emb.dtype))
     if net.class_emb is not None:
         emb = emb + net.class_emb(class_labels, x.shape[0], x.device)
     return F.silu(emb)
+
+
+def _check_embedding(c: Tensor, class_labels: Tensor | None, net: nn.Module, x: Tensor) -> None:
+    """A one-line error unless ``c`` is a float ``[B, emb_dim]`` given without labels to a conditional net."""
+    if net.class_emb is None:
+        raise ValueError(
+            "class_embedding was given but this network is unconditional (num_classes=0)"
+        )
+    if class_labels is not None:
+        raise ValueError("give class_labels or class_embedding, not both")
+    want = (x.shape[0], net.class_emb.table.embedding_dim)
+    if not isinstance(c, Tensor) or not c.is_floating_point() or tuple(c.shape) != want:
+        got = f"{tuple(c.shape)} {c.dtype}" if isinstance(c, Tensor) else type(c).__name__
+        raise ValueError(
+            f"class_embedding must be a float tensor of shape [B, emb_dim] = {list(want)}; got {got}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,13 +251,17 @@ class MLP(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(
-        self, x: Tensor, c_noise: Tensor | float, class_labels: Tensor | None = None
+        self,
+        x: Tensor,
+        c_noise: Tensor | float,
+        class_labels: Tensor | None = None,
+        class_embedding: Tensor | None = None,
     ) -> Tensor:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(
                 f"MLP(dim={self.dim}) expects x of shape [B, {self.dim}]; got {tuple(x.shape)}"
             )
-        emb = _conditioning(self, x, c_noise, class_labels)
+        emb = _conditioning(self, x, c_noise, class_labels, class_embedding)
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, emb)
@@ -425,7 +462,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(
-        self, x: Tensor, c_noise: Tensor | float, class_labels: Tensor | None = None
+        self,
+        x: Tensor,
+        c_noise: Tensor | float,
+        class_labels: Tensor | None = None,
+        class_embedding: Tensor | None = None,
     ) -> Tensor:
         h_, w_ = self.image_size
         if x.ndim != 4 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.image_size:
@@ -433,7 +474,7 @@ class UNet(nn.Module):
                 f"UNet(in_channels={self.in_channels}, image_size={h_}x{w_}) expects x of shape "
                 f"[B, {self.in_channels}, {h_}, {w_}]; got {tuple(x.shape)}"
             )
-        emb = _conditioning(self, x, c_noise, class_labels)
+        emb = _conditioning(self, x, c_noise, class_labels, class_embedding)
 
         h = self.inp(x)
         skips = [h]

@@ -3,6 +3,8 @@
     scorekit sample --run runs/digits --n 64 --nfe 15 --out digits.png
     scorekit sample --run runs/ring --n 10000 --nfe 10 --sampler dpmpp_2m --out ring.npy
     scorekit sample --run runs/digits_cond --n 64 --nfe 20 --label 3 --guidance 2 --out threes.png
+    scorekit sample --run runs/digits_cond --n 64 --label 3 --guidance apg --scale 4 --out threes.png
+    scorekit sample --diffusers my_pipeline --subfolder unet --n 16 --nfe 10 --sampler dpmpp_2m --out x.png
     torchrun --nproc_per_node 2 $(which scorekit) sample --run runs/ring --n 100000 --nfe 10 --out r.npy
 
 ``.npy`` holds the samples decoded to the data's own units and layout (e.g. digits as ``[N, 8, 8]``
@@ -18,12 +20,12 @@ import sys
 
 import numpy as np
 
-from scorekit.cli import add_run_dir
+from scorekit.cli import add_model_source, guide
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    add_run_dir(parser)
+    add_model_source(parser)  # --run RUN_DIR or --diffusers PATH [--subfolder unet]
     a(
         "--n",
         "--num-samples",
@@ -40,8 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--schedule", default="karras", help="noise schedule name (default karras)")
     a("--seed", type=int, default=0)
-    a("--guidance", type=float, help="classifier-free guidance weight w (needs --label)")
-    a("--label", type=int, help="class to sample (conditional runs)")
+    guide.add_arguments(parser)  # --label, --guidance RULE|w, --scale, ... (scorekit.cli.guide)
     a("--weights", choices=("ema", "model"), default="ema")
     a("--batch", type=int, default=1000, help="samples per denoiser batch")
     a("--device", default="cpu")
@@ -54,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from scorekit._util import atomic_write, check_int
-    from scorekit.cli import check_output, check_sampling
-    from scorekit.runs import decode, generate, load_run, picture
+    from scorekit.cli import check_output, check_sampling, load_model_source
+    from scorekit.runs import decode, generate, picture
     from scorekit.samplers import ADAPTIVE
     from scorekit.threads import start_threads
     from scorekit.train.distributed import setup, teardown
@@ -68,13 +69,15 @@ def run(args: argparse.Namespace) -> int:
     adaptive = args.sampler in ADAPTIVE
     nfe = args.nfe if args.nfe is not None else (None if adaptive else 20)
     check_sampling(args.sampler, nfe, args.schedule)
+    guide.check_arguments(args)
     dist = setup(args.device)
     try:
-        denoiser, info = load_run(args.run, weights=args.weights, device=dist.device)
+        denoiser, info = load_model_source(args, weights=args.weights, device=dist.device)
+        denoiser, counted = guide.build(args, denoiser, info, device=dist.device)
         x = generate(
             denoiser, info, args.n, batch=args.batch, dist=dist, progress=not args.no_progress,
             nfe=nfe, sampler=args.sampler, schedule=args.schedule, seed=args.seed,
-            device=dist.device, guidance=args.guidance, label=args.label,
+            device=dist.device,
         )  # fmt: skip
     finally:
         teardown()
@@ -87,11 +90,14 @@ def run(args: argparse.Namespace) -> int:
         np.save(buf, decode(x, info), allow_pickle=False)
         atomic_write(args.out, buf.getvalue())
     else:
-        title = f"{info['name']}: {args.sampler}, NFE {nfe}" + (
-            f", label {args.label}" if args.label is not None else ""
+        title = (
+            f"{info['name']}: {args.sampler}, NFE {nfe}"
+            + (f", label {args.label}" if args.label is not None else "")
+            + (f", guidance {args.guidance}" if args.guidance is not None else "")
         )
         picture(args.out, x, info, title=title)
     print(
-        f"wrote {args.n} samples to {args.out}", file=sys.stderr if suffix == ".npy" else sys.stdout
+        f"wrote {args.n} samples to {args.out}{guide.nfe_line(counted, len(x))}",
+        file=sys.stderr if suffix == ".npy" else sys.stdout,
     )
     return 0

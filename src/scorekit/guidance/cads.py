@@ -44,13 +44,15 @@ def cads(
 
     What it needs from a network: a denoiser that takes the condition as a float tensor keyword
     ``key`` of shape ``[B, ...]`` (an embedding, not an integer label), e.g.
-    ``lambda x, sigma, cond: net_denoiser(x, sigma, embedding=cond)``. Compose with CFG as
-    ``cfg(cads(cond_net, c, ...), uncond, w)``.
+    ``lambda x, sigma, cond: net_denoiser(x, sigma, embedding=cond)``. scorekit's own nets take it as
+    ``class_embedding`` (``scorekit.nets``): ``cads(run_denoiser, net.class_emb.embed(labels),
+    key="class_embedding", ...)``. Compose with CFG as ``cfg(cads(cond_net, c, ...), uncond, w)``.
 
     Args:
         denoiser: ``D(x [B, ...], sigma [B], **{key: [B, ...]}) -> [B, ...]``.
         embedding: ``[1, E...]`` (shared by every row) or ``[B, E...]``, a float tensor.
-        sigma_lo, sigma_hi: ``0 < sigma_lo < sigma_hi``. noise_scale: ``s >= 0``. psi: in ``[0, 1]``.
+        sigma_lo, sigma_hi: ``0 < sigma_lo < sigma_hi``. noise_scale: ``s >= 0`` (0: CADS off, the
+            plain condition ``c`` at every sigma). psi: in ``[0, 1]``.
         generator: ``None``, one generator, or one per row (then row ``i``'s noise is its own).
 
     Cost: 1 network evaluation per sampler call.
@@ -77,6 +79,8 @@ def cads(
                 f"got {tuple(c.shape)}"
             )
         c = c.expand(x.shape[0], *c.shape[1:])
+        if s == 0:  # CADS off: the plain condition (the formula's 0/0 at gamma = 0 is avoided)
+            return call("denoiser", denoiser, x, sigma, **{key: c})
         t = (math.log(hi) - sigma.clamp(min=lo).log()) / (math.log(hi) - math.log(lo))
         g = append_dims(t.clamp(0, 1), c.ndim)
         c_hat = g.sqrt() * c + s * (1 - g).sqrt() * randn_like(c, generator)

@@ -1,0 +1,316 @@
+"""Guidance options of ``scorekit sample``: a rule of ``scorekit.guidance`` by name, on a trained run.
+
+    scorekit sample --run RUN --label 3 --guidance cfg --scale 4 --out threes.png
+    scorekit sample --run RUN --label 3 --guidance apg --scale 4 --guidance-options '{"momentum": -0.5}'
+    scorekit sample --run RUN --label 3 --guidance autoguidance --scale 2 --weak-step 500
+    scorekit sample --run RUN --label 3 --guidance classifier --scale 2 --classifier CLS_RUN
+    scorekit sample --run RUN --label 3 --guidance 2          # a number: cfg of that scale (as before)
+
+Every rule here returns a denoiser, so it works with every ``--sampler``. ``--guidance-options`` is a
+JSON object of the rule function's keyword options (``scorekit.guidance.<rule>``), e.g. ``rescale`` and
+``interval`` for ``cfg``, ``eta`` / ``norm_threshold`` / ``momentum`` for ``apg``, ``threshold`` for
+``adaptive``; a key the rule does not take is a one-line error naming the ones it does.
+``--dynamic-threshold P`` wraps any of them in Imagen's percentile clamp (image data).
+
+A rule with state across calls (``apg``'s momentum, ``adaptive``'s finished rows) is rebuilt for every
+sampling pass: ``scorekit.runs.generate`` draws in chunks, and a pass starts where the noise level
+rises to the highest seen so far (``PerPass``). The network evaluations actually made (rows passed to
+the run's network, the weak model and the classifier) are counted and reported per sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from scorekit import guidance as G
+from scorekit._util import check_number
+
+__all__ = ["RULES", "add_arguments", "build", "check_arguments"]
+
+
+@dataclass
+class Models:
+    """What a rule is built from: the run's denoiser bound to the label, and the optional extras."""
+
+    net: Callable[..., Tensor]  # the run's denoiser D(x, sigma, class_labels=...)
+    info: dict[str, Any]
+    label: int | None
+    weak: Callable[..., Tensor] | None = None
+    classifier: Callable[[Tensor, Tensor], Tensor] | None = None  # log p(label | x, sigma) [B]
+    counts: dict[str, int] = field(default_factory=lambda: {"net": 0, "weak": 0, "classifier": 0})
+
+    def bound(self, which: str, label: int | None) -> Callable[[Tensor, Tensor], Tensor]:
+        """The network (``"net"``) or weak model, with every row's label ``label`` (None: no labels)."""
+        model = self.net if which == "net" else self.weak
+
+        def d(x: Tensor, sigma: Tensor, **extra) -> Tensor:
+            self.counts[which] += x.shape[0]
+            if label is None:
+                return model(x, sigma, **extra)
+            return model(x, sigma, class_labels=torch.full((x.shape[0],), label, device=x.device))
+
+        return d
+
+    @property
+    def cond(self):
+        return self.bound("net", self.label)
+
+    @property
+    def uncond(self):
+        return self.bound("net", -1 if self.info["num_classes"] else None)
+
+
+def _cads(m: Models, w: float, **opts):
+    net = m.net.net  # the raw network inside the run's NetDenoiser
+    emb = net.class_emb.embed(torch.tensor([m.label], device=next(net.parameters()).device))
+    lo, hi = m.info["sigma_min"], m.info["sigma_max"]
+    opts = {"sigma_lo": max(lo, 0.5), "sigma_hi": min(hi, 5.0), **opts}
+    noisy = G.cads(m.bound("net", None), emb.detach(), key="class_embedding", **opts)
+    return noisy if w == 1 else G.cfg(noisy, m.uncond, w)
+
+
+def _classifier(m: Models, w: float, **opts):
+    def log_p(x: Tensor, sigma: Tensor) -> Tensor:
+        m.counts["classifier"] += x.shape[0]
+        return m.classifier(x, sigma)
+
+    return G.classifier_guidance(m.uncond, log_p, w, **opts)
+
+
+#: rule name -> (needs a label, needs a weak model, the rule function whose options it takes, builder)
+RULES: dict[str, tuple[bool, bool, Callable, Callable]] = {
+    "cfg": (True, False, G.cfg, lambda m, w, **o: G.cfg(m.cond, m.uncond, w, **o)),
+    "apg": (True, False, G.apg, lambda m, w, **o: G.apg(m.cond, m.uncond, w, **o)),
+    "tcfg": (True, False, G.tcfg, lambda m, w, **o: G.tcfg(m.cond, m.uncond, w, **o)),
+    "adaptive": (True, False, G.adaptive_guidance,
+                 lambda m, w, **o: G.adaptive_guidance(m.cond, m.uncond, w, **o)),
+    "autoguidance": (False, True, G.autoguidance,
+                     lambda m, w, **o: G.autoguidance(m.cond, m.bound("weak", m.label), w, **o)),
+    "classifier": (True, False, G.classifier_guidance, _classifier),
+    "cads": (True, False, G.cads, _cads),
+    "density": (False, False, G.density_guidance,
+                lambda m, w, **o: G.density_guidance(m.cond, w, **o)),
+    "minority": (False, False, G.minority_guidance,
+                 lambda m, w, **o: G.minority_guidance(m.cond, w, **o)),
+}  # fmt: skip
+
+#: Options the CLI sets itself (not allowed in --guidance-options).
+_FIXED = {"cond", "uncond", "weak", "denoiser", "scale", "rate", "log_prob", "embedding", "key",
+          "stats", "generator"}  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--label", type=int, help="class to sample (conditional runs)")
+    a(
+        "--guidance",
+        help=f"a rule ({', '.join(RULES)}) or a number (cfg of that scale; needs --label)",
+    )
+    a(
+        "--scale",
+        type=float,
+        help="the rule's scale w (density: nats per unit of -log sigma); default 1",
+    )
+    a(
+        "--guidance-options",
+        type=json.loads,
+        metavar="JSON",
+        help="the rule's keyword options as a JSON object, e.g. '{\"momentum\": -0.5}'",
+    )
+    a("--weak-run", metavar="RUN_DIR", help="autoguidance: the weak model's run (same data shape)")
+    a("--weak-step", type=int, help="autoguidance: the weak model is this checkpoint step of --run")
+    a(
+        "--classifier",
+        metavar="CLS_DIR",
+        help="classifier guidance: a run of scorekit train-classifier",
+    )
+    a("--dynamic-threshold", type=float, metavar="P",
+      help="clamp each denoised image at its P-quantile of |x| (Imagen; image data)")  # fmt: skip
+
+
+def _rule(args: argparse.Namespace) -> tuple[str | None, float | None]:
+    """``(rule name or None, scale)`` from ``--guidance`` / ``--scale``; a number is cfg's scale."""
+    g, scale = args.guidance, args.scale
+    if g is None:
+        if scale is not None:
+            raise ValueError("--scale needs --guidance (a rule name, e.g. --guidance cfg)")
+        return None, None
+    try:
+        number = float(g)
+    except ValueError:
+        number = None
+    if number is not None:
+        if scale is not None:
+            raise ValueError(
+                f"give --guidance {g} (cfg of scale {g}) or --guidance RULE --scale W, not both"
+            )
+        return "cfg", _scale("--guidance", number)
+    if g not in RULES:
+        raise ValueError(f"--guidance must be a number or one of {', '.join(RULES)}; got {g!r}")
+    if g == "density":
+        return g, check_number("--scale", 1.0 if scale is None else scale)
+    return g, _scale("--scale", 1.0 if scale is None else scale)
+
+
+def _scale(option: str, v: float) -> float:
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(
+            f"{option} must be a finite number >= 0 (0: unconditional, 1: conditional); got {v!r}"
+        )
+    return v
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Everything about the guidance options that can be checked before the run is loaded."""
+    rule, _ = _rule(args)
+    opts = args.guidance_options
+    if opts is not None and (rule is None or not isinstance(opts, dict)):
+        raise ValueError("--guidance-options must be a JSON object and needs --guidance RULE; "
+                         f"got {opts!r}")  # fmt: skip
+    if rule is not None:
+        _check_options(rule, opts or {})
+    if (args.weak_run or args.weak_step is not None) and rule != "autoguidance":
+        raise ValueError("--weak-run / --weak-step need --guidance autoguidance")
+    if rule == "autoguidance" and (args.weak_run is None) == (args.weak_step is None):
+        raise ValueError(
+            "--guidance autoguidance needs the weak model: --weak-run RUN_DIR or --weak-step N"
+        )
+    if (args.classifier is None) != (rule != "classifier"):
+        raise ValueError("--guidance classifier and --classifier CLS_DIR go together")
+    if args.dynamic_threshold is not None:
+        check_number("--dynamic-threshold", args.dynamic_threshold, low=0, high=1, low_ok=False)
+    if rule is not None and RULES[rule][0] and args.label is None:
+        raise ValueError(f"--guidance {rule} needs --label (the class to guide towards)")
+
+
+def _check_options(rule: str, opts: dict) -> None:
+    takes = [p.name for p in inspect.signature(RULES[rule][2]).parameters.values()
+             if p.kind is p.KEYWORD_ONLY and p.name not in _FIXED]  # fmt: skip
+    bad = sorted(set(opts) - set(takes))
+    if bad:
+        raise ValueError(
+            f"--guidance-options: {rule} takes {', '.join(takes) or 'no options'}; got {', '.join(bad)}"
+        )
+
+
+def _check_label(info: dict, label: int | None) -> None:
+    k = int(info.get("num_classes", 0) or 0)
+    if label is not None and k == 0:
+        raise ValueError(
+            "--label: this run is unconditional (trained without --cond); no label is allowed"
+        )
+    if label is not None and not 0 <= label < k:
+        raise ValueError(f"--label must be in 0..{k - 1} for this run ({k} classes); got {label}")
+
+
+def build(args: argparse.Namespace, denoiser, info: dict, *, device) -> tuple[Any, Models | None]:
+    """The denoiser to sample (guided, label-bound, or the run's own) and the models it counts.
+
+    Returns ``(denoiser, models)``; ``models`` is None when neither ``--label`` nor ``--guidance``
+    is given (the run's denoiser is then sampled as it is)."""
+    rule, scale = _rule(args)
+    _check_label(info, args.label)
+    if rule is None and args.label is None:
+        if args.dynamic_threshold is not None:
+            return G.dynamic_threshold(denoiser, percentile=args.dynamic_threshold), None
+        return denoiser, None
+    m = Models(denoiser, info, args.label)
+    if rule == "autoguidance":
+        m.weak = load_weak(args, info, device=device)
+    if rule == "classifier":
+        from scorekit.train.classifier import load_classifier
+
+        m.classifier = load_classifier(args.classifier, info, label=args.label, device=device)
+    if rule == "cads" and not info["num_classes"]:
+        raise ValueError("--guidance cads needs a class-conditional run")
+
+    def make():
+        d = m.cond if rule is None else RULES[rule][3](m, scale, **(args.guidance_options or {}))
+        if args.dynamic_threshold is not None:
+            d = G.dynamic_threshold(d, percentile=args.dynamic_threshold)
+        return d
+
+    make()  # a bad option value is a one-line error now, not after the first chunk
+    for key in m.counts:
+        m.counts[key] = 0
+    return PerPass(make), m
+
+
+class PerPass:
+    """A denoiser that builds a fresh ``make()`` for every sampling pass (stateful rules: apg, adaptive).
+
+    A pass starts at the first call, whenever the batch size changes, and whenever the noise level
+    rises above the previous call's *and* reaches the highest level seen so far (a new pass restarting
+    at ``sigma_max``; a restart sampler's jumps stay below it, and a stochastic sampler's churned
+    first level is the new highest)."""
+
+    def __init__(self, make: Callable[[], Callable]):
+        self.make, self.current, self.rows, self.prev, self.top = make, None, -1, 0.0, 0.0
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        s = float(sigma.max())
+        if self.current is None or x.shape[0] != self.rows or (s > self.prev and s >= self.top):
+            self.current, self.rows = self.make(), x.shape[0]
+        self.prev, self.top = s, max(self.top, s)
+        return self.current(x, sigma)
+
+
+def load_weak(args: argparse.Namespace, info: dict, *, device):
+    """The weak model for autoguidance: ``--weak-run``'s newest checkpoint or ``--run``'s ``--weak-step``."""
+    from scorekit.runs import load_run
+
+    if args.weak_run is not None:
+        weak, winfo = load_run(args.weak_run, weights=args.weights, device=device)
+        where = f"--weak-run {args.weak_run}"
+    else:
+        folder = Path(args.run) / "checkpoints" / f"step_{args.weak_step:09d}"
+        if not (folder / "manifest.json").is_file():
+            have = sorted(int(p.name[5:]) for p in (Path(args.run) / "checkpoints").glob("step_*")
+                          if p.name[5:].isdigit() and (p / "manifest.json").is_file())  # fmt: skip
+            raise ValueError(f"--weak-step {args.weak_step}: {args.run} has no checkpoint at that step; "
+                             f"it has steps {have}")  # fmt: skip
+        weak, winfo = _load_step(folder, args.weights, device)
+        where = f"--weak-step {args.weak_step}"
+    for key in ("shape", "num_classes", "normalization"):
+        if winfo.get(key) != info.get(key):
+            raise ValueError(f"{where}: the weak model's {key} is {winfo.get(key)!r}; the run's is "
+                             f"{info.get(key)!r} (autoguidance needs a model of the same data)")  # fmt: skip
+    return weak
+
+
+def _load_step(folder: Path, weights: str, device):
+    """``(denoiser, info)`` of one checkpoint folder (the run's own loader reads only the newest)."""
+    from scorekit import nets
+    from scorekit.denoiser import build_denoiser
+    from scorekit.train import checkpoint as ckpt
+
+    tensors, state = ckpt.load(folder)
+    try:
+        net = nets.build(state["net"])
+        net.load_state_dict(tensors[weights])
+        config, info = state["config"], dict(state["data"])
+        den = build_denoiser(net, process=config["process"], param=config["param"],
+                             sigma_data=info["sigma_data"])  # fmt: skip
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise ckpt.CheckpointError(f"checkpoint {folder}: {str(e).splitlines()[0][:200]}") from None
+    info["num_classes"] = int(state["net"].get("num_classes", 0) or 0)
+    return den.to(device).eval().requires_grad_(False), info
+
+
+def nfe_line(m: Models | None, n: int) -> str:
+    """``"; NFE per sample: 40.0 network (+ 20.0 weak, + 20.0 classifier)"``, or ``""``."""
+    if m is None or n == 0:
+        return ""
+    parts = [f"{m.counts['net'] / n:.1f} network"]
+    parts += [f"{m.counts[k] / n:.1f} {k}" for k in ("weak", "classifier") if m.counts[k]]
+    return "; evaluations per sample: " + " + ".join(parts)
