@@ -62,20 +62,21 @@ def _floor(dist, n: int, key: str, pairs: int = 4) -> float:
 
 
 class Counting:
-    """A denoiser wrapper counting forward calls and backward passes through it."""
+    """A denoiser wrapper counting the rows it evaluates and the rows of the backward passes through it
+    (divide by the batch for the cost per output row: a call on ``B K`` rows costs ``K``)."""
 
     def __init__(self, denoiser):
         self.denoiser, self.calls, self.backward = denoiser, 0, 0
 
     def __call__(self, x, sigma):
-        self.calls += 1
+        self.calls += x.shape[0]
         out = self.denoiser(x, sigma)
         if out.requires_grad:
             out.register_hook(self._count)
         return out
 
     def _count(self, grad):
-        self.backward += 1
+        self.backward += grad.shape[0]
 
 
 def test_registry_is_the_table_of_the_docs():
@@ -95,6 +96,7 @@ def test_exact_nfe_and_backward_passes(name, options):
         opts.update(
             {
                 "mmps": {"cg_iters": 1},
+                "tds": {"twist": "pigdm", "particles": 3},
                 "daps": {"ode_steps": 2},
                 "repaint": {"resample": 3},
                 "pnp_gibbs": {"inner_steps": 2},
@@ -104,16 +106,18 @@ def test_exact_nfe_and_backward_passes(name, options):
     den = Counting(RING)
     y = torch.tensor([[0.3], [0.9], [-0.2]], dtype=F64)
     REGISTRY[name](den, y, Matrix(OBSERVE_X), _start(3), sig, sigma_y=0.1, **opts)
-    assert den.calls == nfe(name, sig, **opts)
-    assert den.backward == vjps(name, sig, **opts)
+    assert den.calls == 3 * nfe(name, sig, **opts)
+    assert den.backward == 3 * vjps(name, sig, **opts)
 
 
 def test_declared_backward_passes():
     sig = _sigmas(10)
     names = ("dps", "pigdm", "ddrm", "ddnm", "diffpir", "tds", "dmps", "daps", "repaint", "mcg")
-    assert [vjps(n, sig) for n in names] == [10, 10, 0, 0, 0, 9, 0, 0, 0, 10]
+    assert [vjps(n, sig) for n in names] == [10, 10, 0, 0, 0, 9 * 2 * 5, 0, 0, 0, 10]
     assert vjps("mmps", sig) == 40 and vjps("mmps", sig, cg_iters=0) == 10
-    assert [nfe(n, sig) for n in names] == [10] * 10
+    assert vjps("tds", sig, particles=3, twist="pigdm") == 27
+    assert [nfe(n, sig) for n in names] == [10] * 5 + [20] + [10] * 4
+    assert nfe("tds", sig, particles=7) == 70
     assert nfe("daps", sig, ode_steps=3) == 30
     assert nfe("repaint", sig, resample=4) == 9 * 4 + 1 and nfe("daps", sig, ode_steps=1) == 10
     assert nfe("pnp_gibbs", sig) == 40 and vjps("pnp_gibbs", sig) == 0
@@ -239,14 +243,16 @@ def test_tds_converges_to_the_exact_posterior_as_particles_grow():
     n = 1000
     se = math.sqrt(exact * (1 - exact) / n)
     errors = {}
-    for k in (1, 16):
+    for twist, k in (("pigdm", 1), ("pigdm", 16), ("tweedie", 16)):
         out = inverse.tds(
             gm, torch.full((n, 1), 0.2, dtype=F64), Identity([1]), _start(n, 1, sigma_max=20.0),
             _sigmas(60, 20.0), sigma_y=0.3, generator=torch.Generator().manual_seed(3), particles=k,
+            twist=twist,
         )  # fmt: skip
-        errors[k] = abs(float((out > 0).double().mean()) - exact)
-    assert errors[1] > 6 * se
-    assert errors[16] < 3 * se
+        errors[twist, k] = abs(float((out > 0).double().mean()) - exact)
+    assert errors["pigdm", 1] > 6 * se
+    assert errors["pigdm", 16] < 3 * se
+    assert errors["tweedie", 16] < 3 * se
 
 
 def test_dps_handles_a_nonlinear_measurement():
@@ -408,6 +414,9 @@ def test_tds_handles_a_nonlinear_measurement():
     slope = 1 - torch.tanh(x0 / 2).square()
     out = inverse.tds(
         RING, op.forward(x0), op, _start(6), _sigmas(60), sigma_y=0.01,
-        generator=torch.Generator().manual_seed(2), particles=4,
+        generator=torch.Generator().manual_seed(2), particles=4, twist="pigdm",
     )  # fmt: skip
     assert ((out - x0).abs() < 5 * 0.01 / slope).all()
+    with pytest.raises(ValueError, match="twist='tweedie' needs a linear operator") as err:
+        inverse.tds(RING, op.forward(x0), op, _start(6), _sigmas(3), sigma_y=0.01)
+    assert "\n" not in str(err.value)

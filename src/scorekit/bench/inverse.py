@@ -1,26 +1,30 @@
-"""``scorekit bench inverse``: every posterior sampler against the exact posterior, at equal NFE.
+"""``scorekit bench inverse``: every posterior sampler against the exact posterior, at equal cost.
 
-Problems (exact Gaussian-mixture priors, exact denoisers, float64; measurement noise ``sigma_y``):
+Problems (exact Gaussian-mixture priors, exact denoisers, float64; measurement noise ``sigma_y = 0.05``),
+in two sets. ``--set tuning`` (the defaults of every solver, ``scorekit.inverse.DEFAULT`` included, were
+chosen on it): ``--seed 0``, ``gmm64`` built with ``--target-seed 1`` (the library's tests use seed 0),
+``d = 64``, 8x8 images. ``--set heldout`` (never used to choose anything): ``--seed 1``, target seed 2,
+a mixture of the same recipe in ``d = 48`` (12 components) and 6x6 images:
 
 * ``ring8-observe-x``: ``ring8`` (2-D), ``y = x_1 + 0.05 n``;
-* ``gmm64-inpaint``: ``gmm64`` (64-D, 16 full-covariance components), half the coordinates observed
-  (a random half), ``sigma_y = 0.05``;
-* ``gmm64-project16``: ``gmm64``, ``y = P x + 0.05 n`` with ``P`` ``[16, 64]`` Gaussian / 8;
-* ``gmm64-img-down2-blur``: ``gmm64`` as ``1 x 8 x 8`` images, 2x average pooling after a circular
-  Gaussian blur (``sigma = 0.8`` px), 16 outputs, ``sigma_y = 0.05`` (as a dense ``Matrix``, so the
-  SVD solvers apply).
+* ``gmm-inpaint``: ``d``-D mixture, a random half of the coordinates observed;
+* ``gmm-project``: ``y = P x + 0.05 n`` with ``P`` ``[d / 4, d]`` Gaussian / 8;
+* ``gmm-img-down2-blur``: the mixture as ``1 x s x s`` images, 2x average pooling after a circular
+  Gaussian blur (``sigma = 0.8`` px), as a dense ``Matrix`` (so the SVD solvers apply).
 
-``gmm64`` is built with ``--target-seed`` (default 1; the library's tests use seed 0 and ring8), the
-true ``x0`` and the noise with ``--seed``. For each problem: one measurement ``y``, ``n`` samples of
-the exact posterior ``GaussianMixture.posterior`` as the reference, and the exact-vs-exact floor (mean
-sliced W2 between the reference and 3 more exact sets of ``n``). For every solver and NFE budget
-(``karras`` sigmas, ``sigma_min = 2e-3``, ``sigma_max = 80``, the steps that give that NFE): sliced W2
-of ``n`` samples to the reference (and its ratio to the floor), RMS error of the sample mean against the
-exact posterior mean (per coordinate), the coverage of per-coordinate 90% intervals (the fraction of
-exact posterior samples inside the solver's 5-95% sample quantiles, averaged over coordinates; 0.90 is
-right), the measurement residual RMS ``|y - A x| / sqrt(m)`` (about ``sigma_y`` for exact samples) and
-wall-clock seconds. TDS runs ``--particles`` particles per sample, so its denoiser calls are on
-``K n`` rows: its cost per sample is ``K`` times the NFE column.
+The true ``x0`` and the noise come from ``--seed``. For each problem: one measurement ``y``, ``n``
+samples of the exact posterior ``GaussianMixture.posterior`` as the reference, and the exact-vs-exact
+floor (mean sliced W2 between the reference and 3 more exact sets of ``n``). For every solver and
+budget (``karras`` sigmas, ``sigma_min = 2e-3``, ``sigma_max = 80``, the most steps whose cost fits):
+sliced W2 of ``n`` samples to the reference (and its ratio to the floor), RMS error of the sample mean
+against the exact posterior mean (per coordinate), the coverage of per-coordinate 90% intervals (the
+fraction of exact posterior samples inside the solver's 5-95% sample quantiles, averaged over
+coordinates; 0.90 is right), ``comp TV``: the total-variation distance between the frequencies of the
+prior's mixture components the samples fall in (most responsible component at sigma = 1e-3) and those
+of exact posterior samples (0: every mode weighed right), the measurement residual RMS ``|y - A x| /
+sqrt(m)`` (about ``sigma_y`` for exact samples) and wall-clock seconds. The cost is per posterior
+sample: ``NFE`` counts a call on ``K`` particles per sample as ``K`` (``scorekit.inverse.nfe``),
+``VJP`` the backward passes through the denoiser likewise.
 """
 
 from __future__ import annotations
@@ -32,15 +36,28 @@ from pathlib import Path
 import torch
 
 from scorekit._util import atomic_write_json
-from scorekit.analytic import target
-from scorekit.inverse import REGISTRY, Blur, Compose, Downsample, Mask, Matrix, as_matrix, nfe, vjps
+from scorekit.analytic import GaussianMixture, target
+from scorekit.inverse import (
+    DEFAULT,
+    REGISTRY,
+    Blur,
+    Compose,
+    Downsample,
+    Mask,
+    Matrix,
+    as_matrix,
+    nfe,
+    vjps,
+)
 from scorekit.metrics import sliced_wasserstein
 from scorekit.schedules import karras
 
 __all__ = ["add_arguments", "run"]
 
 F64 = torch.float64
-PROBLEMS = ("ring8-observe-x", "gmm64-inpaint", "gmm64-project16", "gmm64-img-down2-blur")
+PROBLEMS = ("ring8-observe-x", "gmm-inpaint", "gmm-project", "gmm-img-down2-blur")
+#: set -> (seed, target seed, vector dimension, image side). Defaults were tuned on "tuning" only.
+SETS = {"tuning": (0, 1, 64, 8), "heldout": (1, 2, 48, 6)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,40 +67,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--nfe", default="20,50,100,200", help="NFE budgets, comma-separated")
     a("--solvers", default=",".join(REGISTRY), help="solvers, comma-separated")
     a("--problems", default=",".join(PROBLEMS), help="problems, comma-separated")
-    a("--particles", type=int, default=4, help="TDS particles per sample (default 4)")
-    a("--seed", type=int, default=0, help="seed of x0, the noise and the samplers")
-    a("--target-seed", type=int, default=1, help="seed of the gmm64 mixture (default 1)")
+    a("--particles", type=int, default=None, help="TDS particles per sample (default: tds's own)")
+    a("--set", default="tuning", choices=sorted(SETS), help="problem set (default tuning)")
     a("--device", default="cpu")
     a("--no-plot", action="store_true", help="skip the PNG (and the matplotlib import)")
 
 
-def _problem(name: str, seed: int, target_seed: int, device) -> dict:
-    """Prior, operator, dense matrix, one measurement ``y`` ``[m]`` and ``sigma_y``."""
+def _mixture(d: int, g: torch.Generator) -> GaussianMixture:
+    """``target("gmm64")``'s recipe in ``d`` dimensions with ``d / 4`` components (unit scale)."""
+    k = d // 4
+    means = torch.randn(k, d, generator=g, dtype=F64)
+    a = torch.randn(k, d, d, generator=g, dtype=F64) / (2 * d) ** 0.5
+    scales = 0.05 + 0.25 * torch.rand(k, 1, 1, generator=g, dtype=F64)
+    covs = scales * (a @ a.mT + 0.1 * torch.eye(d, dtype=F64))
+    w = torch.rand(k, generator=g, dtype=F64) + 0.5
+    gm = GaussianMixture(means, covs, w / w.sum())
+    scale = gm.covariance.diagonal().mean().sqrt()
+    return GaussianMixture((means - gm.mean) / scale, covs / scale**2, gm.weights)
+
+
+def _problem(name: str, which: str, device) -> dict:
+    """Prior, operator, dense matrix, one measurement ``y`` ``[m]`` and ``sigma_y`` of set ``which``."""
+    seed, target_seed, d, side = SETS[which]
     g = torch.Generator().manual_seed(seed)
     sy = 0.05
     if name == "ring8-observe-x":
         gm, op = target("ring8"), Matrix(torch.tensor([[1.0, 0.0]], dtype=F64))
-    else:
-        gm = target("gmm64", seed=target_seed)
-        if name == "gmm64-inpaint":
-            mask = torch.zeros(64, dtype=F64)
-            mask[torch.randperm(64, generator=g)[:32]] = 1
+    elif name in PROBLEMS:
+        d = side * side if name == "gmm-img-down2-blur" else d
+        tg = torch.Generator().manual_seed(target_seed)
+        gm = target("gmm64", seed=target_seed) if d == 64 else _mixture(d, tg)
+        if name == "gmm-inpaint":
+            mask = torch.zeros(d, dtype=F64)
+            mask[torch.randperm(d, generator=g)[: d // 2]] = 1
             op = Mask(mask)
-        elif name == "gmm64-project16":
-            op = Matrix(torch.randn(16, 64, generator=g, dtype=F64) / 8)
-        elif name == "gmm64-img-down2-blur":
-            shape = [1, 8, 8]
+        elif name == "gmm-project":
+            op = Matrix(torch.randn(d // 4, d, generator=g, dtype=F64) / 8)
+        else:
+            shape = [1, side, side]
             blur = Compose(Downsample(2, shape), Blur(shape, sigma=0.8))
             op = Matrix(as_matrix(blur), shape=shape)
-        else:
-            raise ValueError(f"unknown problem {name!r}; allowed: {list(PROBLEMS)}")
+    else:
+        raise ValueError(f"unknown problem {name!r}; allowed: {list(PROBLEMS)}")
     A = as_matrix(op)
     x0 = gm.sample(1, g)
     y = x0 @ A.T + sy * torch.randn(1, A.shape[0], generator=g, dtype=F64)
     post = gm.posterior(A, y[0], sy)
     gm, post = gm.to(device=device), post.to(device=device)
     return {"name": name, "gm": gm, "op": op, "A": A.to(device), "y": y[0].to(device), "sy": sy,
-            "post": post, "shape": op.in_shape}  # fmt: skip
+            "post": post, "shape": op.in_shape, "seed": seed}  # fmt: skip
 
 
 def _reference(p: dict, n: int, seed: int) -> tuple:
@@ -97,11 +129,15 @@ def _metrics(p: dict, x: torch.Tensor, ref: torch.Tensor) -> dict:
     x = x.reshape(x.shape[0], -1)
     lo, hi = torch.quantile(x, 0.05, dim=0), torch.quantile(x, 0.95, dim=0)
     inside = ((ref >= lo) & (ref <= hi)).double().mean()
+    k = p["gm"].means.shape[0]
+    comp = [torch.bincount(p["gm"].responsibilities(v, 1e-3).argmax(1), minlength=k) / len(v)
+            for v in (x, ref)]  # fmt: skip
     resid = (p["y"][None] - x @ p["A"].T).square().mean().sqrt()
     return {
         "sw2": sliced_wasserstein(x, ref),
         "mean_rms": float((x.mean(0) - p["post"].mean).square().mean().sqrt()),
         "coverage90": float(inside),
+        "comp_tv": float(0.5 * (comp[0] - comp[1]).abs().sum()),
         "residual_rms": float(resid),
     }
 
@@ -117,8 +153,9 @@ def _steps_for(name: str, budget: int, options: dict) -> int | None:
     return best
 
 
-def _solve(p: dict, name: str, budget: int, n: int, seed: int, particles: int) -> dict | None:
-    options = {"particles": particles} if name == "tds" else {}
+def _solve(p: dict, name: str, budget: int, n: int, particles: int | None) -> dict | None:
+    options = {"particles": particles} if name == "tds" and particles is not None else {}
+    seed = p["seed"]
     steps = _steps_for(name, budget, options)
     if steps is None:
         return None
@@ -142,18 +179,18 @@ def _solve(p: dict, name: str, budget: int, n: int, seed: int, particles: int) -
 
 
 def _bench_problem(p: dict, args, budgets: list[int], solvers: list[str]) -> dict:
-    ref, floor, exact_row = _reference(p, args.n, args.seed)
-    print(f"\n{p['name']}: d = {p['A'].shape[1]}, m = {p['A'].shape[0]}, sigma_y = {p['sy']}, "
+    ref, floor, exact_row = _reference(p, args.n, p["seed"])
+    print(f"\n{p['name']} ({args.set}): d = {p['A'].shape[1]}, m = {p['A'].shape[0]}, sigma_y = {p['sy']}, "
           f"floor SW2 = {floor:.4f} (exact vs exact, n = {args.n})")  # fmt: skip
     print(f"  {'solver':<9}{'NFE':>5}{'VJP':>5}{'SW2/floor':>10}{'mean RMS':>10}{'cover90':>8}"
-          f"{'resid':>8}{'sec':>7}")  # fmt: skip
+          f"{'compTV':>7}{'resid':>8}{'sec':>7}")  # fmt: skip
     e = exact_row
     print(f"  {'exact':<9}{'':>5}{'':>5}{e['sw2'] / floor:>10.2f}{e['mean_rms']:>10.4f}"
-          f"{e['coverage90']:>8.3f}{e['residual_rms']:>8.4f}{'':>7}")  # fmt: skip
+          f"{e['coverage90']:>8.3f}{e['comp_tv']:>7.3f}{e['residual_rms']:>8.4f}{'':>7}")  # fmt: skip
     rows = []
     for budget in budgets:
         for name in solvers:
-            row = _solve(p, name, budget, args.n, args.seed, args.particles)
+            row = _solve(p, name, budget, args.n, args.particles)
             if row is None:
                 continue
             if "samples" in row:
@@ -163,9 +200,10 @@ def _bench_problem(p: dict, args, budgets: list[int], solvers: list[str]) -> dic
                 print(f"  {name:<9}{row['nfe']:>5}{row['vjp']:>5}  diverged: {row['error']}")
                 continue
             print(f"  {name:<9}{row['nfe']:>5}{row['vjp']:>5}{row['sw2'] / floor:>10.2f}"
-                  f"{row['mean_rms']:>10.4f}{row['coverage90']:>8.3f}{row['residual_rms']:>8.4f}"
+                  f"{row['mean_rms']:>10.4f}{row['coverage90']:>8.3f}{row['comp_tv']:>7.3f}"
+                  f"{row['residual_rms']:>8.4f}"
                   f"{row['seconds']:>7.2f}", flush=True)  # fmt: skip
-    return {"problem": p["name"], "d": p["A"].shape[1], "m": p["A"].shape[0], "sigma_y": p["sy"],
+    return {"problem": p["name"], "set": args.set, "default": DEFAULT, "d": p["A"].shape[1], "m": p["A"].shape[0], "sigma_y": p["sy"],
             "floor_sw2": floor, "exact": exact_row, "rows": rows}  # fmt: skip
 
 
@@ -175,12 +213,12 @@ def run(args: argparse.Namespace) -> int:
     for s in solvers:
         if s not in REGISTRY:
             raise ValueError(f"unknown solver {s!r}; allowed: {sorted(REGISTRY)}")
-    if args.n < 10 or min(budgets) < 1 or args.particles < 1:
+    if args.n < 10 or min(budgets) < 1 or (args.particles is not None and args.particles < 1):
         raise ValueError("--n must be >= 10, NFE budgets >= 1 and --particles >= 1")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(SETS[args.set][0])
     result = {"config": {k: v for k, v in vars(args).items() if not callable(v)}, "problems": []}
     for name in args.problems.split(","):
-        p = _problem(name, args.seed, args.target_seed, torch.device(args.device))
+        p = _problem(name, args.set, torch.device(args.device))
         result["problems"].append(_bench_problem(p, args, budgets, solvers))
     out = Path(args.out) / "inverse.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,11 @@ with ``x`` ``[B, *operator.in_shape]`` the starting state at ``sigmas[0]`` (nois
 posterior) and ``sigmas`` 1-D, strictly decreasing, ending in 0 (``scorekit.schedules``).
 
 ``REGISTRY`` maps each name to its function; ``nfe(name, sigmas, **options)`` is the exact number of
-denoiser calls and ``vjps(name, sigmas, **options)`` the exact number of backward passes through the
-denoiser (autograd) for ``N = len(sigmas) - 1`` steps:
+denoiser evaluations per output row (a call on ``K`` particles per row counts ``K``) and
+``vjps(name, sigmas, **options)`` the backward passes through the denoiser (autograd) per output row,
+for ``N = len(sigmas) - 1`` steps; each formula sits beside its solver (``common.solver``). ``DEFAULT``
+is the solver to use without further knowledge (docs/inverse-problems.md, measured on held-out
+problems):
 
 =========  ====  ====================  =========  =====================================================
 solver     NFE   VJP                   operator   notes
@@ -23,7 +26,7 @@ mmps       N     N (cg_iters + 1)      linear     Tweedie covariance ``sigma^2 d
 ddrm       N     0                     SVD        spectral variational step (Kawar et al. 2022)
 ddnm       N     0                     SVD        range-space correction (DDNM+)
 diffpir    N     0                     linear     proximal data step, partial re-noising
-tds        N     N - 1                 any        SMC twisted by PiGDM's likelihood, ``particles``/row
+tds        N K   (N-1) K (cg_iters+1)  any        SMC, K = ``particles``; Tweedie twist (pigdm: VJP (N-1) K)
 dmps       N     0                     linear     uninformative-prior likelihood, closed form
 daps       N K   0                     linear     K = ``ode_steps``; exact Gaussian x0 | x, y draw
 repaint    *     0                     SVD        * (N - 1) U + 1, U = ``resample``; noiseless
@@ -62,6 +65,7 @@ from scorekit.inverse.spectral import ddnm, ddrm
 from scorekit.samplers.common import check_sigmas
 
 __all__ = [
+    "DEFAULT",
     "OPERATORS",
     "REGISTRY",
     "Blur",
@@ -82,12 +86,17 @@ __all__ = [
     "mcg",
     "mmps",
     "nfe",
+    "options_of",
     "pigdm",
     "pnp_gibbs",
     "repaint",
     "tds",
     "vjps",
 ]
+
+#: The default posterior sampler (``scorekit restore``, the demo): TDS with the Tweedie twist and 2
+#: particles, chosen on the bench's tuning set and checked on its held-out set (docs/inverse-problems.md).
+DEFAULT = "tds"
 
 #: Posterior sampler name -> function.
 REGISTRY: dict[str, Callable] = {
@@ -105,39 +114,28 @@ REGISTRY: dict[str, Callable] = {
     "pnp_gibbs": pnp_gibbs,
 }
 
-#: name -> (NFE, VJP) as functions of the number of steps N and the solver's options.
-_COSTS: dict[str, tuple[Callable, Callable]] = {
-    "dps": (lambda n, o: n, lambda n, o: n),
-    "pigdm": (lambda n, o: n, lambda n, o: n),
-    "mmps": (lambda n, o: n, lambda n, o: n * (o.get("cg_iters", 3) + 1)),
-    "ddrm": (lambda n, o: n, lambda n, o: 0),
-    "ddnm": (lambda n, o: n, lambda n, o: 0),
-    "diffpir": (lambda n, o: n, lambda n, o: 0),
-    "tds": (lambda n, o: n, lambda n, o: n - 1),
-    "dmps": (lambda n, o: n, lambda n, o: 0),
-    "daps": (lambda n, o: n * o.get("ode_steps", 1), lambda n, o: 0),
-    "repaint": (lambda n, o: (n - 1) * o.get("resample", 1) + 1, lambda n, o: 0),
-    "mcg": (lambda n, o: n, lambda n, o: n),
-    "pnp_gibbs": (lambda n, o: n * o.get("inner_steps", 4), lambda n, o: 0),
-}
 
-
-def _steps(name: str, sigmas: Tensor | Sequence[float], options: dict) -> int:
+def options_of(name: str, options: dict) -> dict:
+    """The solver's keyword options with defaults filled in; a misspelt option is a TypeError."""
     params = inspect.signature(lookup(REGISTRY, name, "posterior sampler")).parameters
     allowed = [p for p, v in params.items() if v.kind is v.KEYWORD_ONLY]
     for key in options:
         if key not in allowed:
             raise TypeError(f"{name} has no option {key!r}; allowed: {allowed}")
-    return len(check_sigmas(sigmas)) - 1
+    return {p: options.get(p, params[p].default) for p in allowed}
 
 
 def nfe(name: str, sigmas: Tensor | Sequence[float], **options) -> int:
-    """The exact number of denoiser calls ``REGISTRY[name]`` makes on ``sigmas`` with ``options``."""
-    n = _steps(name, sigmas, options)
-    return _COSTS[name][0](n, options)
+    """The exact number of denoiser evaluations per output row ``REGISTRY[name]`` makes on ``sigmas``.
+
+    A call on ``K`` rows per output row (TDS's ``K`` particles) counts ``K``: this is the cost of one
+    posterior sample. The formula sits beside each solver (``common.solver``).
+    """
+    o = options_of(name, options)
+    return REGISTRY[name].nfe_formula(len(check_sigmas(sigmas)) - 1, o)
 
 
 def vjps(name: str, sigmas: Tensor | Sequence[float], **options) -> int:
-    """The exact number of backward passes through the denoiser ``REGISTRY[name]`` makes."""
-    n = _steps(name, sigmas, options)
-    return _COSTS[name][1](n, options)
+    """The exact number of backward passes through the denoiser per output row ``REGISTRY[name]`` makes."""
+    o = options_of(name, options)
+    return REGISTRY[name].vjp_formula(len(check_sigmas(sigmas)) - 1, o)

@@ -18,6 +18,7 @@ from scorekit.inverse.common import (
     ddim_step,
     finish_watched,
     gram_solve,
+    solver,
     watch,
 )
 from scorekit.inverse.operators import Operator
@@ -26,6 +27,7 @@ from scorekit.samplers.common import GeneratorLike, emit, prepare, randn_like, s
 __all__ = ["daps", "dmps"]
 
 
+@solver(nfe=lambda n, o: n, vjp=lambda n, o: 0)
 def dmps(
     denoiser: Callable,
     y: Tensor,
@@ -68,6 +70,7 @@ def dmps(
     return finish_watched(x, first, s, "dmps")
 
 
+@solver(nfe=lambda n, o: n * o["ode_steps"], vjp=lambda n, o: 0)
 def daps(
     denoiser: Callable,
     y: Tensor,

@@ -32,10 +32,28 @@ __all__ = [
     "ddim_step",
     "finish_watched",
     "gram_solve",
+    "solver",
     "spectral_measurement",
     "vjp",
     "watch",
 ]
+
+
+def solver(*, nfe: Callable[[int, dict], int], vjp: Callable[[int, dict], int]) -> Callable:
+    """Record, beside a posterior sampler's definition, its exact cost on ``n = len(sigmas) - 1`` steps.
+
+    ``nfe(n, options)`` is the number of denoiser evaluations per output row (a call on ``K`` rows per
+    output row, as TDS's ``K`` particles make, counts ``K``), ``vjp(n, options)`` the backward passes
+    through the denoiser per output row; ``options`` are the solver's keyword options with defaults
+    filled in. ``scorekit.inverse.nfe`` / ``vjps`` read them (the same pattern as
+    ``scorekit.samplers.common.sampler``).
+    """
+
+    def mark(fn: Callable) -> Callable:
+        fn.nfe_formula, fn.vjp_formula = nfe, vjp
+        return fn
+
+    return mark
 
 
 def check_problem(

@@ -8,13 +8,21 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit.inverse.common import check_option, check_problem, finish_watched, gram_solve, watch
+from scorekit.inverse.common import (
+    check_option,
+    check_problem,
+    finish_watched,
+    gram_solve,
+    solver,
+    watch,
+)
 from scorekit.inverse.operators import Operator
 from scorekit.samplers.common import GeneratorLike, emit, prepare, randn_like, steps
 
 __all__ = ["diffpir"]
 
 
+@solver(nfe=lambda n, o: n, vjp=lambda n, o: 0)
 def diffpir(
     denoiser: Callable,
     y: Tensor,

@@ -11,6 +11,7 @@ from scorekit.inverse.common import (
     ddim_step,
     finish_watched,
     gram_solve,
+    solver,
     watch,
 )
 from scorekit.inverse.operators import Operator
@@ -19,6 +20,7 @@ from scorekit.samplers.common import GeneratorLike, emit, prepare, randn_like, s
 __all__ = ["pnp_gibbs"]
 
 
+@solver(nfe=lambda n, o: n * o["inner_steps"], vjp=lambda n, o: 0)
 def pnp_gibbs(
     denoiser: Callable,
     y: Tensor,

@@ -25,6 +25,7 @@ from scorekit.inverse.common import (
     ddim_step,
     finish_watched,
     gram_solve,
+    solver,
     vjp,
     watch,
 )
@@ -54,6 +55,7 @@ def residual_gradient(model, x: Tensor, sigma: float, y: Tensor, operator: Opera
     return d.detach(), grad
 
 
+@solver(nfe=lambda n, o: n, vjp=lambda n, o: n)
 def dps(
     denoiser: Callable,
     y: Tensor,
@@ -102,6 +104,7 @@ def dps(
     return finish_watched(x, first, s, "dps")
 
 
+@solver(nfe=lambda n, o: n, vjp=lambda n, o: n)
 def pigdm(
     denoiser: Callable,
     y: Tensor,
@@ -151,6 +154,7 @@ def pigdm(
     return finish_watched(x, first, s, "pigdm")
 
 
+@solver(nfe=lambda n, o: n, vjp=lambda n, o: n * (o["cg_iters"] + 1))
 def mmps(
     denoiser: Callable,
     y: Tensor,

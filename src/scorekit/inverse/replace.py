@@ -19,6 +19,7 @@ from scorekit.inverse.common import (
     check_problem,
     ddim_step,
     finish_watched,
+    solver,
     spectral_measurement,
     watch,
 )
@@ -36,6 +37,7 @@ def _replace(op: Operator, x: Tensor, yb: Tensor, observed: Tensor, s1: float, n
     return op.svd_v(torch.where(observed, known, xb))
 
 
+@solver(nfe=lambda n, o: (n - 1) * o["resample"] + 1, vjp=lambda n, o: 0)
 def repaint(
     denoiser: Callable,
     y: Tensor,
@@ -87,6 +89,7 @@ def repaint(
     return finish_watched(x, first, s, "repaint")
 
 
+@solver(nfe=lambda n, o: n, vjp=lambda n, o: n)
 def mcg(
     denoiser: Callable,
     y: Tensor,

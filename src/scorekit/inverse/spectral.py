@@ -20,6 +20,7 @@ from scorekit.inverse.common import (
     check_option,
     check_problem,
     finish_watched,
+    solver,
     spectral_measurement,
     watch,
 )
@@ -29,6 +30,7 @@ from scorekit.samplers.common import GeneratorLike, emit, prepare, randn_like, s
 __all__ = ["ddnm", "ddrm"]
 
 
+@solver(nfe=lambda n, o: n, vjp=lambda n, o: 0)
 def ddrm(
     denoiser: Callable,
     y: Tensor,
@@ -82,6 +84,7 @@ def ddrm(
     return finish_watched(x, first, s, "ddrm")
 
 
+@solver(nfe=lambda n, o: n, vjp=lambda n, o: 0)
 def ddnm(
     denoiser: Callable,
     y: Tensor,
