@@ -32,6 +32,8 @@ daps       N K   0                     linear     K = ``ode_steps``; exact Gauss
 repaint    *     0                     SVD        * (N - 1) U + 1, U = ``resample``; noiseless
 mcg        N     N                     SVD        DPS step + RePaint replacement; noiseless
 pnp_gibbs  N K   0                     linear     split Gibbs, K = ``inner_steps`` reverse steps/level
+red_diff   N     0                     linear     variational (point mass): an optimiser, not a sampler
+flowdps    N     0                     linear     data step on the flow's clean part; ignores sigma_y
 =========  ====  ====================  =========  =====================================================
 """
 
@@ -62,6 +64,7 @@ from scorekit.inverse.operators import (
 from scorekit.inverse.replace import mcg, repaint
 from scorekit.inverse.smc import tds
 from scorekit.inverse.spectral import ddnm, ddrm
+from scorekit.inverse.variational import flowdps, red_diff
 from scorekit.samplers.common import check_sigmas
 
 __all__ = [
@@ -83,12 +86,14 @@ __all__ = [
     "diffpir",
     "dmps",
     "dps",
+    "flowdps",
     "mcg",
     "mmps",
     "nfe",
     "options_of",
     "pigdm",
     "pnp_gibbs",
+    "red_diff",
     "repaint",
     "tds",
     "vjps",
@@ -112,6 +117,8 @@ REGISTRY: dict[str, Callable] = {
     "repaint": repaint,
     "mcg": mcg,
     "pnp_gibbs": pnp_gibbs,
+    "red_diff": red_diff,
+    "flowdps": flowdps,
 }
 
 
