@@ -27,9 +27,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "train on built-in data, sample fast, write a report folder (the main job)"),
     "train": ("train", "train a denoiser on a built-in data set or your own files"),
     "sample": ("sample", "draw samples from a trained run (.npy or .png)"),
+    "train-classifier": ("train_classifier", "a noise-conditional classifier for classifier guidance (+ DLSM)"),
     "likelihood": ("likelihood", "per-example log-likelihoods of a data file under a trained run"),
+    "restore": ("restore", "posterior samples given a measurement (inpaint, super-resolve, deblur, denoise)"),
     "bench": ("bench", "benchmarks on exact targets (samplers, training, likelihood)"),
-    "export": ("export", "write a trained run as safetensors + JSON + model card (loads without code)"),
+    "export": ("export", "write a trained run as safetensors + JSON + a model card"),
 }
 
 
@@ -47,6 +49,38 @@ def add_run_dir(parser: argparse.ArgumentParser) -> None:
         metavar="RUN_DIR",
         help="a folder written by scorekit train (use --run-dir under torchrun)",
     )
+
+
+def add_model_source(parser: argparse.ArgumentParser) -> None:
+    """The model to use: ``--run RUN_DIR`` (a scorekit training run) or ``--diffusers PATH`` (a
+    diffusers model folder with its scheduler config; ``--subfolder``, ``--allow-pickle``,
+    ``--null-label``). Exactly one is required; ``load_model_source`` loads it."""
+    g = parser.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run", "--run-dir", dest="run", metavar="RUN_DIR",
+                   help="a folder written by scorekit train (use --run-dir under torchrun)")  # fmt: skip
+    g.add_argument("--diffusers", metavar="PATH",
+                   help="a diffusers model or pipeline folder (save_pretrained), with its scheduler "
+                   "config; see docs/bring-your-own-model.md")  # fmt: skip
+    a = parser.add_argument
+    a("--subfolder", help="with --diffusers: the model's folder inside PATH (e.g. unet)")
+    a("--allow-pickle", action="store_true",
+      help="with --diffusers: load .bin/.ckpt pickle weights, which can run code (trusted files only)")  # fmt: skip
+    a("--null-label", type=int, default=None,
+      help="with --diffusers: the class id the model was trained with as 'no class' (for guidance)")  # fmt: skip
+
+
+def load_model_source(args: argparse.Namespace, *, device, weights: str = "ema"):
+    """``(denoiser, info)`` of ``--run`` (``scorekit.runs.load_run``) or ``--diffusers``
+    (``scorekit.models.from_diffusers``, its ``run_info``)."""
+    if getattr(args, "diffusers", None) is None:
+        from scorekit.runs import load_run
+
+        return load_run(args.run, weights=weights, device=device)
+    from scorekit.models import from_diffusers
+
+    d = from_diffusers(args.diffusers, subfolder=args.subfolder, device=device,
+                       allow_pickle=args.allow_pickle)  # fmt: skip
+    return d.as_run(null_label=args.null_label, name=Path(args.diffusers).name)
 
 
 def check_output(path: str, *, suffixes: tuple[str, ...], option: str = "--out") -> Path:
