@@ -114,8 +114,14 @@ def digits(
     progress: bool = True,
     overwrite: bool = False,
     threads=None,
+    cond: bool = False,
 ) -> dict:
-    """Train on 80% of digits for ``minutes`` (or ``steps``); FD-digits, floor and confidence at ``nfe``."""
+    """Train on 80% of digits for ``minutes`` (or ``steps``); FD-digits, floor and confidence at ``nfe``.
+
+    With ``cond`` the network is class-conditional with label dropout (``scorekit train --cond``), so
+    the run can also be guided and used as an inverse-problem prior; the quality figures are those of
+    its unconditional branch (``class_labels=None``), which is what ``generate`` samples without a label.
+    """
     from scorekit import data
     from scorekit.runs import decode, generate, load_run, picture, pixel_range
     from scorekit.train import TrainConfig, train
@@ -127,6 +133,7 @@ def digits(
     cfg = TrainConfig(
         data="digits", out=str(out / "digits_run"), minutes=minutes, steps=steps, batch=batch,
         lr=2e-3, holdout=0.2, ckpt_every=500, log_every=10, net=DIGITS_NET if net is None else net,
+        cond=cond,
     )  # fmt: skip
     wall, cpu = time.perf_counter(), time.process_time()
     res = train(cfg, progress=progress, dataset=tr, overwrite=overwrite, threads=threads)
