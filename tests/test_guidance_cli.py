@@ -248,3 +248,16 @@ def test_train_classifier_and_classifier_guidance(runs, tmp_path, capsys):
     assert main(["sample", "--run", str(run), "--n", "2", "--nfe", "4", "--label", "1", "--guidance",
                  "classifier", "--classifier", str(dig), "--out", str(tmp_path / "x.npy")]) == 2  # fmt: skip
     assert "its shape is [1, 8, 8]; the run's is [2]" in capsys.readouterr().err
+
+
+def test_guidance_free_training_option(tmp_path, capsys):
+    run = tmp_path / "gf"
+    base = ["train", "--data", "moons", "--steps", "6", "--batch", "32", "--net", TINY, "--no-progress",
+            "--threads", "1"]  # fmt: skip
+    assert main([*base, "--out", str(run), "--cond", "--guidance-free", "3"]) == 0
+    assert load_run(run)[1]["config"]["guidance_free"] == 3
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "a"), "--cond", "--guidance-free", "0.5"]) == 2
+    assert "--guidance-free must be a finite number >= 1; got 0.5" in capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "b"), "--guidance-free", "2"]) == 2
+    assert "--guidance-free needs --cond and --label-dropout > 0" in capsys.readouterr().err

@@ -30,7 +30,7 @@ def _vertex(loss_of, h=0.4):
 
 def test_dlsm_is_minimised_by_the_exact_noisy_classifier():
     g = torch.Generator().manual_seed(0)
-    x0, y, sigma, noise = _joint(40_000, g)
+    x0, y, sigma, noise = _joint(20_000, g)
 
     def family(
         a,
@@ -68,3 +68,52 @@ def test_dlsm_is_the_denoising_loss_of_the_implied_conditional_denoiser():
     )
     w = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
     torch.testing.assert_close(got, w * (d_c - x0).square().squeeze(1), rtol=1e-8, atol=1e-10)
+
+
+def _read_target(loss_fn, args, kw, w):
+    """The per-row target ``[B, 2]`` of a loss ``w |D - target|^2 / d`` from constant denoisers."""
+
+    def loss_at(c):
+        const = lambda xx, ss, class_labels: c.expand_as(xx)  # noqa: E731
+        return loss_fn(const, *args, **kw) / w
+
+    eye = torch.eye(2, dtype=torch.float64)
+    l0 = loss_at(torch.zeros(2, dtype=torch.float64))
+    return torch.stack([(2 * (l0 - loss_at(eye[j])) + 1) / 2 for j in range(2)], 1)
+
+
+def test_guidance_free_target_averages_to_the_exact_cfg_denoiser_at_the_exact_model():
+    # If the network already is the fixed point (D(x, y) = the exact CFG denoiser of scale s,
+    # D(x, -1) = the exact unconditional one), the training target x0 + w (D(x, y) - D(x, -1)),
+    # w = 1 - 1/s, averaged over the exact posterior p(x0 | x, y), is that same CFG denoiser: the
+    # expected loss gradient vanishes there. x0 is drawn from the class's exact posterior mixture.
+    from scorekit.guidance import cfg
+    from scorekit.train.loss import guidance_free_loss
+
+    t, y, s = class_target("ring6"), 2, 3.0
+    exact_cfg = cfg(t.cond(y), t.uncond, s)
+
+    def model(x, sigma, class_labels):  # the exact fixed point, label -1 the unconditional branch
+        return torch.where(class_labels[:, None] >= 0, exact_cfg(x, sigma), t.uncond(x, sigma))
+
+    g = torch.Generator().manual_seed(3)
+    eye = torch.eye(2, dtype=torch.float64)
+    for x, sigma in [(torch.tensor([0.4, 1.1]), 0.3), (torch.tensor([-1.0, 0.2]), 1.0),
+                     (torch.tensor([2.0, -2.0]), 2.5)]:  # fmt: skip
+        x0 = t.cond(y).posterior(eye, x.double(), sigma).sample(8000, g)
+        n = x0.shape[0]
+        sig = torch.full((n,), sigma, dtype=torch.float64)
+        noise = (x.double()[None] - x0) / sigma  # every row lands on the same x
+        labels = torch.full((n,), y)
+        # The loss's target t, read back from losses against constant denoisers 0 and e_j:
+        # mean_d (e_j - t)^2 - mean_d t^2 = (1 - 2 t_j) / d, so t_j = (d (l_0 - l_j) + 1) / 2.
+        kw = {"class_labels": labels, "scale": s, "reference": model, "sigma_data": 0.5}
+        w = (sig**2 + 0.25) / (sig * 0.5) ** 2
+
+        target = _read_target(guidance_free_loss, (x0, sig, noise), kw, w)
+        want = exact_cfg(x.double()[None], sig[:1])[0]
+        torch.testing.assert_close(target.mean(0), want, rtol=0, atol=0.02)
+        # The control: the same average with w = s - 1 (the eps-form scale read as a CFG scale) is
+        # far from it, so the test can fail.
+        wrong = x0 + (s - 1) * (model(x0 * 0 + x, sig, labels) - t.uncond(x0 * 0 + x, sig))
+        assert (wrong.mean(0) - want).abs().max() > 0.1

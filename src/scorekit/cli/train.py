@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="probability of dropping a label to -1 for classifier-free guidance (default 0.1)",
     )
+    a("--guidance-free", type=float, help="learn the CFG denoiser of this scale (> 1) directly: "
+      "guided samples in one call per step (Tang et al. 2025; needs --cond)")  # fmt: skip
     a(
         "--ema",
         type=float,

@@ -30,6 +30,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,13 @@ from scorekit.train import checkpoint as ckpt
 from scorekit.train.distributed import Dist, setup, shard
 from scorekit.train.ema import EMA, ema_beta
 from scorekit.train.lock import run_lock
-from scorekit.train.loss import WEIGHTINGS, default_weighting, denoising_loss, drop_labels
+from scorekit.train.loss import (
+    WEIGHTINGS,
+    default_weighting,
+    denoising_loss,
+    drop_labels,
+    guidance_free_loss,
+)
 from scorekit.train.plots import save_loss_curve
 from scorekit.train.preview import save_preview
 from scorekit.train.runfolder import RUN_FILES, fresh_folder, holds_run
@@ -83,6 +90,7 @@ class TrainConfig:
     weighting: str | None = None
     cond: bool = False
     label_dropout: float = 0.1
+    guidance_free: float = 0.0  # > 1: learn the CFG denoiser of this scale (guidance_free_loss)
     ema: float = 500_000.0
     ema_rampup: float | None = 0.05
     holdout: float = 0.0
@@ -120,6 +128,10 @@ class TrainConfig:
         if self.ema_rampup is not None:
             check_number("ema_rampup", self.ema_rampup, low=0, low_ok=False)
         check_number("--label-dropout", self.label_dropout, low=0, high=1)
+        if self.guidance_free:  # the CFG scale to learn; needs the label-dropped branch
+            check_number("--guidance-free", self.guidance_free, low=1)
+            if not (self.cond and self.label_dropout > 0):
+                raise ValueError("--guidance-free needs --cond and --label-dropout > 0")
         check_number("--holdout", self.holdout, low=0, high=1, high_ok=False)
         if self.weighting is not None and self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; allowed: {sorted(WEIGHTINGS)}")
@@ -538,8 +550,11 @@ def _train_step(run: _Run) -> tuple[Tensor, float]:
     if run.labels_all is not None:
         u = torch.rand(cfg.batch, generator=g, device=device)
         cond["class_labels"] = drop_labels(run.labels_all[idx], cfg.label_dropout, u)[rows]
+    loss_fn = denoising_loss  # guidance-free: the model's own stop-gradient CFG in the target
+    if cfg.guidance_free:
+        loss_fn = partial(guidance_free_loss, scale=cfg.guidance_free, reference=run.denoiser)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss = denoising_loss(
+        loss = loss_fn(
             run.model, run.x_all[idx][rows], sigma[rows], noise[rows], weighting=run.weighting,
             sigma_data=run.sigma_data, **cond,
         ).mean()  # fmt: skip
