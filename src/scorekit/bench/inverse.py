@@ -30,12 +30,13 @@ sample: ``NFE`` counts a call on ``K`` particles per sample as ``K`` (``scorekit
 from __future__ import annotations
 
 import argparse
+import io
 import time
 from pathlib import Path
 
 import torch
 
-from scorekit._util import atomic_write_json
+from scorekit._util import atomic_write, atomic_write_json
 from scorekit.analytic import GaussianMixture, target
 from scorekit.inverse import (
     DEFAULT,
@@ -249,3 +250,50 @@ def plot(result: dict, path: Path) -> None:
             ax.set_ylabel("sliced W2 / exact-vs-exact floor")
     fig.axes[-1].legend(fontsize=7, loc="upper right")
     fig.savefig(path, dpi=100, bbox_inches="tight")
+
+
+# -- pictures of restorations (scorekit restore --out x.png, the demo's digits panels) --------------
+
+
+def measurement_image(op, y: torch.Tensor) -> torch.Tensor:
+    """A picture of measurements ``y`` ``[M, *op.out_shape]`` in the operator's input space ``[M,
+    *op.in_shape]``: the observed pixels of a mask (NaN where missing), a downsampled image repeated
+    up to full size, an image-shaped measurement (blur, noise) itself."""
+    if isinstance(op, Mask):
+        full = torch.full((y.shape[0], *op.in_shape), float("nan"), dtype=y.dtype)
+        full.reshape(y.shape[0], -1)[:, op.mask.reshape(-1).bool()] = y.cpu()
+        return full
+    if isinstance(op, Downsample):
+        f = op.factor
+        return y.cpu().repeat_interleave(f, -2).repeat_interleave(f, -1)
+    if tuple(op.out_shape) == tuple(op.in_shape):
+        return y.cpu()
+    raise ValueError(f"no picture for the measurement of {op!r}")
+
+
+def panel(path, rows: list[dict], *, lo: float, hi: float, title: str = "") -> None:
+    """A PNG, one row per measurement: ``truth`` (optional), ``measurement``, the ``samples`` and their
+    ``mean``; each an ``[H, W]`` array in the data's units, shown on the fixed range ``[lo, hi]``."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    cols = max(len(r["samples"]) for r in rows) + 3
+    fig = Figure(figsize=(0.9 * cols, 0.95 * len(rows) + 0.4))
+    for i, r in enumerate(rows):
+        cells = [("truth", r.get("truth")), ("measured", r["measurement"])]
+        cells += [(f"sample {j + 1}", s) for j, s in enumerate(r["samples"])]
+        cells += [("mean", r["mean"])]
+        for j, (name, img) in enumerate(cells):
+            ax = fig.add_subplot(len(rows), cols, i * cols + j + 1)
+            ax.set_axis_off()
+            if img is None:
+                continue
+            img = np.ma.masked_invalid(np.asarray(img, dtype=float))
+            ax.imshow(img, cmap="gray_r", vmin=lo, vmax=hi, interpolation="nearest")
+            if i == 0:
+                ax.set_title(name, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    atomic_write(path, buf.getvalue())

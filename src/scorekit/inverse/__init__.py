@@ -42,6 +42,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import Tensor
 
 from scorekit._util import lookup
@@ -49,6 +50,7 @@ from scorekit.inverse.annealed import daps, dmps
 from scorekit.inverse.diffpir import diffpir
 from scorekit.inverse.gibbs import pnp_gibbs
 from scorekit.inverse.guided import dps, mmps, pigdm
+from scorekit.inverse.named import named
 from scorekit.inverse.operators import (
     OPERATORS,
     Blur,
@@ -65,7 +67,8 @@ from scorekit.inverse.replace import mcg, repaint
 from scorekit.inverse.smc import tds
 from scorekit.inverse.spectral import ddnm, ddrm
 from scorekit.inverse.variational import flowdps, red_diff
-from scorekit.samplers.common import check_sigmas
+from scorekit.samplers.common import check_sigmas, row_generators
+from scorekit.schedules import karras
 
 __all__ = [
     "DEFAULT",
@@ -89,12 +92,15 @@ __all__ = [
     "flowdps",
     "mcg",
     "mmps",
+    "named",
     "nfe",
     "options_of",
     "pigdm",
     "pnp_gibbs",
+    "posterior_samples",
     "red_diff",
     "repaint",
+    "steps_for_budget",
     "tds",
     "vjps",
 ]
@@ -146,3 +152,81 @@ def vjps(name: str, sigmas: Tensor | Sequence[float], **options) -> int:
     """The exact number of backward passes through the denoiser per output row ``REGISTRY[name]`` makes."""
     o = options_of(name, options)
     return REGISTRY[name].vjp_formula(len(check_sigmas(sigmas)) - 1, o)
+
+
+def steps_for_budget(
+    fn: Callable, budget: int, sigma_min: float, sigma_max: float, options: dict
+) -> int:
+    """The most steps whose cost per sample (``fn.nfe_formula``) is at most ``budget``; a ValueError if
+    even one step costs more."""
+    full = options_of(fn.__name__, options)
+    if fn.nfe_formula(1, full) > budget:
+        raise ValueError(
+            f"nfe={budget} is too small for {fn.__name__} with {options or 'its defaults'}: one step "
+            f"costs {fn.nfe_formula(1, full)}"
+        )
+    n = 1
+    while fn.nfe_formula(n + 1, full) <= budget:
+        n += 1
+    return n
+
+
+def posterior_samples(
+    denoiser: Callable,
+    y: Tensor,
+    operator: Operator,
+    *,
+    sigma_y: float,
+    n: int,
+    nfe: int,
+    solver: str,
+    sigma_min: float,
+    sigma_max: float,
+    seed: int = 0,
+    batch: int = 64,
+    progress: bool = False,
+    **options,
+) -> Tensor:
+    """``[M, n, *operator.in_shape]`` samples of ``p(x0 | y_j)`` for ``y`` ``[M, *operator.out_shape]``.
+
+    ``solver`` names ``scorekit.inverse.REGISTRY`` (``options`` are its keyword options); the schedule
+    is ``karras(steps, sigma_min, sigma_max)`` with the most steps whose cost per sample fits ``nfe``.
+    """
+    fn = lookup(REGISTRY, solver, "posterior sampler")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int; got {n!r}")
+    if tuple(y.shape[1:]) != operator.out_shape:
+        raise ValueError(
+            f"the measurement must have the operator's output shape {list(operator.out_shape)} per "
+            f"row; got {list(y.shape[1:])}"
+        )
+    steps = steps_for_budget(fn, nfe, sigma_min, sigma_max, options)
+    sigmas = karras(steps, sigma_min, sigma_max, dtype=y.dtype, device=y.device)
+    m = y.shape[0]
+    rows = [(j, i) for j in range(m) for i in range(n)]
+    out = []
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        idx = [j * n + i for j, i in chunk]
+        gens = row_generators(seed, idx, device=y.device)
+        x = torch.stack(
+            [
+                torch.randn(operator.in_shape, generator=g, dtype=y.dtype, device=y.device)
+                for g in gens
+            ]
+        )
+        yb = y[[j for j, _ in chunk]]
+        out.append(
+            fn(
+                denoiser,
+                yb,
+                operator,
+                x * sigmas[0],
+                sigmas,
+                sigma_y=sigma_y,
+                generator=gens,
+                progress=progress,
+                **options,
+            )
+        )
+    return torch.cat(out).reshape(m, n, *operator.in_shape)
