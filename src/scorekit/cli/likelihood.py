@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from scorekit._util import atomic_write
-from scorekit.cli import add_run_dir, check_output
+from scorekit.cli import add_model_source, check_output, load_model_source
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
-    add_run_dir(parser)
+    add_model_source(parser)  # --run RUN_DIR or --diffusers PATH [--subfolder unet]
     a(
         "--data",
         required=True,
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from scorekit.data import Normalization
     from scorekit.likelihood import bits_per_dim, dequantize, elbo, log_likelihood
     from scorekit.likelihood.discrete import log_det_normalization
-    from scorekit.runs import load_levels, load_run
+    from scorekit.runs import load_levels
 
     out = check_output(args.out, suffixes=(".csv",))  # before any work, like every check below
     if args.no_ode and not args.elbo:
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--n-sigma must be even (antithetic strata pairs); got {args.n_sigma}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1; got {args.limit}")
-    denoiser, info = load_run(args.run, device=args.device)
+    denoiser, info = load_model_source(args, device=args.device)
     dtype = torch.float64 if args.float64 else torch.float32
     denoiser = denoiser.to(dtype)
     raw = load_levels(args.data, info, split=args.split, holdout=args.holdout)
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     _write_csv(out, header, rows)
 
     what = "log P(levels) lower bound" if args.dequantize else "log-density"
-    print(f"scorekit likelihood: {n} examples of {args.data} under {args.run} "
+    print(f"scorekit likelihood: {n} examples of {args.data} under {args.run or args.diffusers} "
           f"(sigma_min={sigma_min:g}, sigma_max={sigma_max:g}, d={d}); {what}")  # fmt: skip
     for key, label, t in (("ode", f"ODE ({args.divergence})", t_ode), ("elbo", "ELBO", t_elbo)):
         if not cols[f"{key}_nats"]:

@@ -124,10 +124,68 @@ class DiffusersDenoiser(nn.Module):
         """The sigmas ``[n_steps + 1]`` the scheduler config would step on (its spacing or shift)."""
         return schedule_sigmas(self.scheduler_config, self.mapping, n_steps)
 
+    def as_run(self, *, null_label: int | None = None, name: str = "diffusers"):
+        """``(denoiser, info)`` shaped like ``scorekit.runs.load_run``'s, for the command line.
+
+        ``info``: image data in [-1, 1] (diffusers' convention) shown as pixels 0..255
+        (``normalization`` shift = scale = 127.5), ``sigma_data`` 0.5, ``process`` the table's
+        ``Process``, ``num_classes`` the model's class embeddings. scorekit asks for the unconditional
+        branch with label -1; a diffusers model has no such label, so ``null_label`` (the class id the
+        model was trained with as "no class") replaces it, and without one it is a one-line error.
+        """
+        if self.sample_shape is None:
+            raise ValueError(
+                "the model config has no sample_size / in_channels; cannot size samples"
+            )
+        cfg = getattr(self.model, "config", {}) or {}
+        info = {
+            "name": name,
+            "kind": "image",
+            "shape": list(self.sample_shape),
+            "num_classes": int(cfg.get("num_class_embeds") or 0),
+            "normalization": {"layout": "NCHW", "shift": [127.5], "scale": [127.5]},
+            "sigma_data": 0.5,
+            "process": self.mapping.process,
+            "param": self.mapping.prediction_type,
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+            "step": None,
+            "config": {},
+        }
+        return _NullLabel(self, null_label, info["num_classes"]), info
+
     def extra_repr(self) -> str:
         return (f"kind={self.mapping.kind}, prediction={self.mapping.prediction_type}, "
                 f"sigma=[{self.sigma_min:.4g}, {self.sigma_max:.4g}], clip_sample={self.clip_sample}, "
                 f"thresholding={self.thresholding}, timesteps={self.timesteps}")  # fmt: skip
+
+
+class _NullLabel(nn.Module):
+    """A denoiser whose label -1 (scorekit's "no class") becomes the model's own null class id."""
+
+    def __init__(self, denoiser: nn.Module, null_label: int | None, num_classes: int):
+        super().__init__()
+        self.denoiser, self.null_label, self.num_classes = denoiser, null_label, num_classes
+
+    def forward(
+        self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None, **cond
+    ) -> Tensor:
+        if class_labels is None and self.num_classes:
+            class_labels = torch.full((x.shape[0],), -1, device=x.device)  # no label given
+        if class_labels is None:
+            return self.denoiser(x, sigma, **cond)
+        drop = class_labels < 0
+        if bool(drop.any()):
+            if self.null_label is None:
+                raise ValueError(
+                    f"this diffusers model is class-conditional ({self.num_classes} class embeddings) "
+                    "and has no label -1 for its unconditional branch (used without --label and by "
+                    "guidance): give --label, or --null-label K (its 'no class' id)"
+                )
+            class_labels = torch.where(
+                drop, torch.full_like(class_labels, self.null_label), class_labels
+            )
+        return self.denoiser(x, sigma, class_labels=class_labels, **cond)
 
 
 _CLIP_KEYS = ("clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio",
@@ -183,10 +241,9 @@ def _model_folder(path: Path, subfolder: str | None) -> Path:
         return folder
     if (path / "config.json").is_file():
         return path
-    if (path / "model_index.json").is_file():
-        for name in ("unet", "transformer", "prior"):
-            if (path / name / "config.json").is_file():
-                return path / name
+    for name in ("unet", "transformer", "prior"):  # a pipeline folder's denoising model
+        if (path / name / "config.json").is_file():
+            return path / name
     raise FileNotFoundError(
         f"{path}: no model config.json here (nor a pipeline's unet/ or transformer/); give the "
         "folder written by save_pretrained, or subfolder="
