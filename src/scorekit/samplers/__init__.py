@@ -23,7 +23,7 @@ dpmpp_3m          N               third-order steps, multistep
 unipc             N               predictor-corrector; ``order`` 1-3, ``variant`` bh1/bh2
 dc_solver         N               unipc + dynamic compensation, ratios fitted by ``fit_dc``
 deis              N               Adams in sigma / log sigma; ``order`` 1-3
-ipndm             N               equal-step Adams-Bashforth up to order 4; strong at <10 NFE
+ipndm             N               Adams-Bashforth in sigma up to order 4 (variable-step; ``variant="equal"``: published)
 bespoke           N               explicit linear-solver coefficients, fitted by ``fit_bespoke``
 euler_ancestral   N               DDPM ancestral (``eta``)
 euler_maruyama    N               reverse SDE, first order; needs many steps
