@@ -1,0 +1,72 @@
+"""``scorekit bench samplers --suite random``: its problems, its tuning/held-out split and its table,
+recomputed here from the written results (the held-out ratios from the per-problem errors, a
+diffusers best and a scorekit error rerun from scratch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import pytest
+import torch
+
+from scorekit.bench.samplers import add_arguments, run
+from scorekit.bench.samplers.random_suite import build, candidates, specs
+from scorekit.pfode import pf_ode_reference
+from scorekit.process import DiscreteProcess
+from scorekit.samplers.registry import get_sampler
+from scorekit.schedules import SCHEDULES
+
+
+def test_problems_are_seeded_split_and_unit_scale():
+    a, b = specs(20, 0, False), specs(20, 0, False)
+    assert a == b and specs(20, 1, False) != a  # fixed per seed
+    assert [s.part for s in a[:4]] == ["tuning", "held-out", "tuning", "held-out"]
+    assert {s.dim for s in a} <= {2, 4, 8, 16, 32, 64, 128, 256}
+    assert all(2 <= s.components <= 64 and 0.5 <= s.separation <= 8 for s in a)
+    assert {s.covariance for s in a} == {"iso", "full"}
+    for s in a[:6]:
+        gm = build(s)
+        assert gm.dim == s.dim and gm.k == s.components
+        torch.testing.assert_close(
+            gm.mean, torch.zeros(s.dim, dtype=torch.float64), atol=1e-10, rtol=0
+        )
+        assert float(gm.covariance.diagonal().mean()) == pytest.approx(1.0, rel=1e-10)
+
+
+@pytest.mark.peer
+@pytest.mark.slow
+def test_quick_suite_table_is_recomputable_from_its_rows(tmp_path):
+    pytest.importorskip("diffusers")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args(["--suite", "random", "--quick", "--out", str(tmp_path)])) == 0
+    res = json.loads((tmp_path / "random" / "results.json").read_text())
+    assert (tmp_path / "random" / "table.txt").read_text().startswith("held-out")
+    tuning, held = res["tuning_problems"], res["held_out_problems"]
+    assert {p["spec"]["part"] for p in tuning} == {"tuning"}
+    assert {p["spec"]["part"] for p in held} == {"held-out"}
+    for row in res["held_out"]:
+        nfe, key = str(row["nfe"]), row["config"]
+        # chosen on the tuning part: no held-out problem has a better-scoring candidate recorded
+        ratios = [p["scorekit"][key][nfe] / p["diffusers"][nfe][1] for p in held]
+        assert row["median"] == pytest.approx(statistics.median(ratios))
+        assert row["worst"] == pytest.approx(max(ratios))
+        assert key == res["chosen"][nfe]["config"]
+    # One held-out scorekit error rerun from scratch: its noise, the exact ODE solution, the config.
+    p = held[0]
+    spec = specs(2, 0, True)[p["spec"]["index"]]
+    gm = build(spec)
+    sig_max = DiscreteProcess.linear().sigma_max
+    x_t = sig_max * torch.randn(
+        16, gm.dim, generator=torch.Generator().manual_seed(spec.seed + 2), dtype=torch.float64
+    )
+    ref = pf_ode_reference(gm, x_t, sig_max, 0.0, rtol=1e-6, atol=1e-6)
+    key = res["held_out"][0]["config"]
+    ((_, name, opts, sch, lo),) = [c for c in candidates(True) if f"{c[0]}/{c[3]}/{c[4]:g}" == key]
+    extra = {"process": DiscreteProcess.linear()} if sch == "uniform_t" else {}
+    nfe = res["held_out"][0]["nfe"]
+    out = get_sampler(name)(gm, x_t, SCHEDULES[sch](nfe, lo, sig_max, **extra), **opts)
+    err = float((out - ref).square().mean().sqrt())
+    assert err == pytest.approx(p["scorekit"][key][str(nfe)], rel=1e-6)
