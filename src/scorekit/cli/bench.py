@@ -14,6 +14,7 @@ BENCHES: dict[str, str] = {
     "likelihood": "bits/dim, NFE and time of ODE likelihood and ELBO; OOD AUROC",
     "guidance": "sliced W2 to the exact tilted target vs network evaluations, every guidance rule",
     "inverse": "posterior samplers vs the exact posterior of mixtures: sliced W2, coverage, NFE",
+    "models": "a diffusers DDPM UNet on the digits: scorekit samplers vs diffusers schedulers",
 }
 
 
