@@ -20,6 +20,9 @@ with ``dpmpp_2m``; ``cfg_ddpm`` (CFG with DDPM ancestral steps, the reference pr
 ``fk_smc``); ``fk_smc`` (one population of ``--n`` particles, and groups of 64); ``cfg_pc`` with 1 and
 4 Langevin corrector steps. Then, at ``--convergence-scale``, ``fk_smc`` with 50 and 200 steps and
 1, 64 and ``--n`` particles per population, and ``cfg_pc`` (25 steps) with 0, 1, 4, 16 correctors.
+
+``--digits RUN`` measures the rules on a class-conditional digits run instead (class accuracy, FD,
+MMD against held-out digits, at equal network evaluations): ``scorekit.bench.guidance_digits``.
 """
 
 from __future__ import annotations
@@ -58,6 +61,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--quick", action="store_true", help="ring6 only, 512 samples, scales 1 and 4")
     a("--convergence-scale", type=float, default=4.0, help="scale of the convergence sweeps")
     a("--seed", type=int, default=0)
+    g = parser.add_argument_group("digits (scorekit.bench.guidance_digits)")
+    g.add_argument("--digits", metavar="RUN_DIR", help="a class-conditional digits run: measure the "
+                   "rules on it (class accuracy, FD, MMD) instead of the exact mixtures")  # fmt: skip
+    g.add_argument("--weak-step", type=int, help="digits: autoguidance's weak checkpoint step")
+    g.add_argument(
+        "--classifier", metavar="CLS_DIR", help="digits: scorekit train-classifier output"
+    )
+    g.add_argument("--gf-run", metavar="RUN_DIR", help="digits: a --guidance-free run to compare")
+    g.add_argument("--per-class", type=int, default=20, help="digits per class (default 20)")
+    g.add_argument(
+        "--budget", type=int, default=20, help="network evaluations per sample (default 20)"
+    )
+    g.add_argument("--digit-scales", type=float, nargs="+", default=[1.5, 3.0, 5.0])
+    g.add_argument("--digit-rules", nargs="+", default=["cond", "cfg", "cfg_interval", "apg", "tcfg",
+                   "adaptive", "autoguidance", "classifier", "cads", "guidance_free"])  # fmt: skip
 
 
 class _Counting:
@@ -194,6 +212,12 @@ def _print_convergence(res: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.digits is not None:
+        from scorekit.bench.guidance_digits import run_digits
+
+        torch.set_num_threads(1)
+        run_digits(args)
+        return 0
     if args.quick:
         args.n, args.scales, args.targets = 512, [1.0, 4.0], ["ring6"]
     if args.n < 64 or args.n % 64:

@@ -1,0 +1,345 @@
+"""Guidance on digits: class accuracy against sample quality, per rule and scale, at equal network
+evaluations (``scorekit bench guidance --digits RUN``), and the guidance section of ``scorekit demo``.
+
+The run is a class-conditional digits run (``scorekit train --data digits --cond --holdout 0.2``).
+Every rule samples ``--per-class`` digits of each class 0-9 in one batch (per-row labels), with
+``ipndm`` and a budget of ``--budget`` network evaluations per sample: a rule that calls the network
+twice per sampler call gets half the sampler calls (``cfg`` etc.), a one-call rule (``cond``,
+``guidance_free``, ``classifier``: the classifier's pass is small and counted apart) gets all of them.
+Evaluations are counted, not assumed (adaptive guidance and a guidance interval make fewer).
+
+Judges, all fitted on the run's *training* split of the real digits only, and scored against its
+*held-out* split (the same stratified split as the run's ``--holdout``):
+
+- class accuracy: scikit-learn's logistic regression on pixels (data units 0..16, divided by 16); the fraction of
+  generated digits it assigns to the class they were generated for;
+- FD: the Fréchet distance of ``scorekit.train.quality.DigitsClassifier`` features (FD-digits)
+  between the generated digits and the held-out digits, beside its floor (as many training digits
+  against the held-out digits);
+- MMD: a two-sample statistic (``scorekit.metrics.mmd``, Gaussian kernels) on pixels, generated
+  against held-out, beside the same floor.
+
+Scale selection is honest: the sweep uses seed 0 (tuning); each rule's best scale (highest accuracy
+among the scales whose FD is within 1.25x of the rule's lowest) is measured again with seed 1
+(held-out seeds) for the summary table and the pictures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from scorekit import data as sdata
+from scorekit import guidance as G
+from scorekit.metrics import frechet_distance, mmd
+from scorekit.runs import decode, draw, load_run, picture
+from scorekit.train.quality import fit_classifier
+
+__all__ = [
+    "DEFAULT_SCALES",
+    "Judge",
+    "Setup",
+    "demo_section",
+    "measure_rule",
+    "run_digits",
+    "setup",
+]
+
+#: Each rule's scale for pictures and the demo: the held-out-seed best scales of the measured sweep
+#: (docs/guidance.md) rounded to the sweep's grid.
+DEFAULT_SCALES = {"cond": 1.0, "cfg": 3.0, "cfg_interval": 3.0, "apg": 3.0, "tcfg": 3.0,
+                  "adaptive": 3.0, "autoguidance": 3.0, "classifier": 3.0, "cads": 3.0,
+                  "guidance_free": 1.0}  # fmt: skip
+#: Network evaluations per sampler call of each rule (the budget is divided by it).
+_CALLS = {"cond": 1, "cfg": 2, "cfg_interval": 2, "apg": 2, "tcfg": 2, "adaptive": 2,
+          "autoguidance": 2, "classifier": 1, "cads": 2, "guidance_free": 1}  # fmt: skip
+
+
+@dataclass
+class Judge:
+    """The independent judges: logistic regression (accuracy) and the FD feature network."""
+
+    logreg: Any
+    fd_net: Any
+    test_pixels: np.ndarray  # held-out digits, data units, [N, 64]
+    test_feats: Tensor
+    train_pixels: np.ndarray
+    train_feats: Tensor
+    accuracy_real: float  # logistic regression on the held-out real digits
+
+
+@dataclass
+class Setup:
+    den: Any
+    info: dict
+    judge: Judge
+    weak: Any = None
+    clf: Any = None  # scorekit.train.classifier.NoisyClassifier
+    gf: Any = None  # (denoiser, info) of a guidance-free run
+    counts: dict = field(default_factory=lambda: {"net": 0, "clf": 0})
+
+
+def _judge(info: dict, seed: int = 0) -> Judge:
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    ds = sdata.load("digits")
+    frac = float(info["config"].get("holdout", 0.2)) or 0.2
+    train, test = sdata.split(ds, holdout=frac, seed=int(info["config"].get("seed", 0)))
+    pix = lambda d: d.normalization.decode(d.x).reshape(len(d.x), -1).double().numpy()  # noqa: E731
+    tr, te = pix(train), pix(test)
+    ytr, yte = np.asarray(train.labels), np.asarray(test.labels)
+    with threadpool_limits(limits=1):  # BLAS threads on a busy machine: 50 s instead of 1 s
+        logreg = LogisticRegression(max_iter=3000).fit(tr / 16, ytr)
+        acc = float((logreg.predict(te / 16) == yte).mean())
+    net = fit_classifier(train.x.float(), torch.as_tensor(train.labels), epochs=40, seed=seed)
+    with torch.no_grad():
+        ftr, fte = net.features(train.x.float()), net.features(test.x.float())
+    return Judge(logreg, net, te, fte, tr, ftr, acc)
+
+
+def setup(run_dir, *, weak_step: int | None = None, classifier_dir=None, gf_run=None) -> Setup:
+    """The run, its judges, and the optional weak checkpoint, noisy classifier and guidance-free run."""
+    den, info = load_run(run_dir)
+    if not info["num_classes"]:
+        raise ValueError(
+            f"{run_dir}: the guidance benchmark needs a class-conditional run (--cond)"
+        )
+    s = Setup(den, info, _judge(info))
+    if weak_step is not None:
+        from scorekit.train import checkpoint as ckpt
+
+        folder = Path(run_dir) / "checkpoints" / f"step_{weak_step:09d}"
+        tensors, state = ckpt.load(folder)
+        from scorekit import nets
+        from scorekit.denoiser import build_denoiser
+
+        net = nets.build(state["net"])
+        net.load_state_dict(tensors["ema"])
+        cfg = state["config"]
+        s.weak = build_denoiser(net, process=cfg["process"], param=cfg["param"],
+                                sigma_data=state["data"]["sigma_data"]).eval().requires_grad_(False)  # fmt: skip
+    if classifier_dir is not None:
+        from scorekit.train.classifier import load_classifier
+
+        s.clf = load_classifier(classifier_dir, info)
+    if gf_run is not None:
+        s.gf = load_run(gf_run)
+    return s
+
+
+def _counted(s: Setup, model, labels: Tensor):
+    def d(x: Tensor, sigma: Tensor, **extra) -> Tensor:
+        s.counts["net"] += x.shape[0]
+        if extra:
+            return model(x, sigma, **extra)
+        return model(x, sigma, class_labels=labels)
+
+    return d
+
+
+def _make(rule: str, s: Setup, w: float, labels: Tensor) -> Callable:
+    """A fresh guided denoiser of ``rule`` at scale ``w`` for per-row ``labels``."""
+    c, u = _counted(s, s.den, labels), _counted(s, s.den, torch.full_like(labels, -1))
+    if rule == "cond":
+        return c
+    if rule == "guidance_free":
+        return _counted(s, s.gf[0], labels)
+    if rule == "autoguidance":
+        return G.autoguidance(c, _counted(s, s.weak, labels), w)
+    if rule == "classifier":
+
+        def log_p(x: Tensor, sigma: Tensor) -> Tensor:
+            s.counts["clf"] += x.shape[0]
+            return F.log_softmax(s.clf(x, sigma), 1).gather(1, labels[:, None])[:, 0].to(x.dtype)
+
+        return G.classifier_guidance(u, log_p, w)
+    if rule == "cads":
+        emb = s.den.net.class_emb.embed(labels)
+        noisy = G.cads(_counted(s, s.den, labels), emb, sigma_lo=0.5, sigma_hi=5.0,
+                       key="class_embedding", generator=torch.Generator().manual_seed(0))  # fmt: skip
+        return G.cfg(noisy, u, w)
+    makers = {
+        "cfg": lambda: G.cfg(c, u, w),
+        "cfg_interval": lambda: G.cfg(c, u, w, interval=(0.3, 3.0)),
+        "apg": lambda: G.apg(c, u, w),
+        "tcfg": lambda: G.tcfg(c, u, w),
+        "adaptive": lambda: G.adaptive_guidance(c, u, w, threshold=0.999),
+    }
+    return makers[rule]()
+
+
+def _quality(s: Setup, x: Tensor, labels: Tensor) -> dict:
+    j = s.judge
+    pix = decode(x, s.info).reshape(len(x), -1).astype(np.float64)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        acc = float((j.logreg.predict(pix / 16) == labels.numpy()).mean())
+    with torch.no_grad():
+        feats = j.fd_net.features(x.float())
+    n = len(x)
+    sub = np.random.default_rng(0).permutation(len(j.train_pixels))[:n]
+    return {
+        "accuracy": acc,
+        "fd": frechet_distance(feats, j.test_feats),
+        "fd_floor": frechet_distance(j.train_feats[sub], j.test_feats),
+        "mmd": mmd(torch.as_tensor(pix), torch.as_tensor(j.test_pixels)),
+        "mmd_floor": mmd(torch.as_tensor(j.train_pixels[sub]), torch.as_tensor(j.test_pixels)),
+    }
+
+
+def measure_rule(s: Setup, rule: str, w: float, *, per_class: int, budget: int, seed: int) -> dict:
+    """Samples of one rule at one scale, and their accuracy, FD, MMD and counted evaluations."""
+    labels = torch.arange(10).repeat_interleave(per_class)
+    nfe = max(2, budget // _CALLS[rule])
+    s.counts.update(net=0, clf=0)
+    info = s.gf[1] if rule == "guidance_free" else s.info
+    x = draw(_make(rule, s, w, labels), info, len(labels), nfe=nfe, sampler="ipndm", seed=seed)
+    q = _quality(s, x, labels)
+    return {"rule": rule, "scale": w, "seed": seed, "sampler_calls": nfe,
+            "nfe_per_sample": s.counts["net"] / len(labels),
+            "classifier_per_sample": s.counts["clf"] / len(labels), **q, "samples": x}  # fmt: skip
+
+
+def best_scale(rows: list[dict]) -> float:
+    """Highest accuracy among the scales whose FD is within 1.25x of the rule's lowest FD."""
+    lo = min(r["fd"] for r in rows)
+    ok = [r for r in rows if r["fd"] <= 1.25 * lo]
+    return max(ok, key=lambda r: (r["accuracy"], -r["fd"]))["scale"]
+
+
+def demo_section(run_dir, out_dir, *, quick: bool) -> tuple[dict, str, list[str]]:
+    """Guidance on a conditional digits run for ``scorekit demo``: one PNG grid of digits 0-9 (a row
+    per class) per rule at its default scale (``DEFAULT_SCALES``), with accuracy, FD and MMD.
+
+    Rules: ``cond``, ``cfg``, ``apg``, ``tcfg``, ``cfg_interval``, ``adaptive``; ``autoguidance``
+    when the run holds an earlier complete checkpoint (the earliest is the weak model); not quick:
+    ``cads`` too. Quick: 10 digits per class and a budget of 20 evaluations; else 20 and 40.
+    Returns ``(figures, markdown, png_paths)``: ``figures[rule]`` holds scale, accuracy, fd,
+    fd_floor, mmd, mmd_floor, nfe_per_sample.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = sorted(int(p.name[5:]) for p in (Path(run_dir) / "checkpoints").glob("step_*")
+                   if p.name[5:].isdigit() and (p / "manifest.json").is_file())  # fmt: skip
+    s = setup(run_dir, weak_step=steps[0] if len(steps) > 1 else None)
+    rules = ["cond", "cfg", "apg", "tcfg", "cfg_interval", "adaptive"]
+    rules += ["autoguidance"] if s.weak is not None else []
+    rules += [] if quick else ["cads"]
+    per_class, budget = (10, 20) if quick else (20, 40)
+    figures, pngs = {}, []
+    for rule in rules:
+        w = DEFAULT_SCALES[rule]
+        r = measure_rule(s, rule, w, per_class=per_class, budget=budget, seed=1)
+        x = r.pop("samples")
+        path = out / f"guidance_{rule}.png"
+        picture(path, x[:: per_class // 10] if per_class > 10 else x, s.info,
+                title=f"{rule}, scale {w:g}: rows are classes 0-9")  # fmt: skip
+        figures[rule] = {k: r[k] for k in ("scale", "accuracy", "fd", "fd_floor", "mmd", "mmd_floor",
+                                           "nfe_per_sample")}  # fmt: skip
+        pngs.append(str(path))
+    md = _markdown(figures, s, budget, per_class, steps)
+    return figures, md, pngs
+
+
+def _markdown(figures: dict, s: Setup, budget: int, per_class: int, steps: list[int]) -> str:
+    lines = [
+        "## Guidance on digits",
+        "",
+        f"Each rule at its default scale, {per_class} digits per class, ipndm with a budget of {budget} "
+        "network evaluations per sample (two-model rules get half the sampler calls). Accuracy: "
+        "logistic regression fitted on the real training digits (accuracy on held-out real digits "
+        f"{s.judge.accuracy_real:.3f}). FD and MMD against the held-out digits, beside the floor "
+        "(as many training digits against them)."
+        + (f" Autoguidance's weak model: the checkpoint at step {steps[0]}." if s.weak else ""),
+        "",
+        "| rule | scale | class accuracy | FD (floor) | MMD (floor) | evaluations / sample |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for rule, f in figures.items():
+        lines.append(f"| {rule} | {f['scale']:g} | {f['accuracy']:.3f} | {f['fd']:.2f} "
+                     f"({f['fd_floor']:.2f}) | {f['mmd']:.4f} ({f['mmd_floor']:.4f}) | "
+                     f"{f['nfe_per_sample']:.1f} |")  # fmt: skip
+    lines += ["", *(f"![{r}](guidance_{r}.png)" for r in figures), ""]
+    return "\n".join(lines)
+
+
+def run_digits(args) -> dict:
+    """The sweep (seed 0) and the best-scale re-measure (seed 1); prints tables, writes JSON and PNGs."""
+    start = time.perf_counter()
+    s = setup(args.digits, weak_step=args.weak_step, classifier_dir=args.classifier,
+              gf_run=args.gf_run)  # fmt: skip
+    rules = [r for r in args.digit_rules if _available(r, s)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kw = {"per_class": args.per_class, "budget": args.budget}
+    sweep, best = [], []
+    for rule in rules:
+        scales = [1.0] if rule in ("cond", "guidance_free") else args.digit_scales
+        rows = [measure_rule(s, rule, w, seed=0, **kw) for w in scales]
+        for r in rows:
+            r.pop("samples")
+            _print_row("sweep", r)
+        sweep += rows
+        b = measure_rule(s, rule, best_scale(rows), seed=1, **kw)
+        x = b.pop("samples")
+        picture(out / f"guidance_{rule}.png", x[:: max(1, args.per_class // 10)], s.info,
+                title=f"{rule}, scale {b['scale']:g}")  # fmt: skip
+        _print_row("held-out seed", b)
+        best.append(b)
+    if s.gf is not None:  # the guidance-free run at half the calls of CFG's budget
+        r = measure_rule(s, "guidance_free", 1.0, seed=1, per_class=args.per_class,
+                         budget=args.budget // 2)  # fmt: skip
+        r.pop("samples")
+        r["rule"] = "guidance_free_half"
+        _print_row("held-out seed", r)
+        best.append(r)
+    result = {"run": str(args.digits), "per_class": args.per_class, "budget": args.budget,
+              "accuracy_real": s.judge.accuracy_real, "sweep": sweep, "best": best,
+              "seconds": time.perf_counter() - start}  # fmt: skip
+    (out / "guidance_digits.json").write_text(json.dumps(result, indent=1))
+    _plot(out / "guidance_digits.png", sweep)
+    print(f"wrote {out / 'guidance_digits.json'} ({result['seconds']:.0f} s)")
+    return result
+
+
+def _available(rule: str, s: Setup) -> bool:
+    need = {"autoguidance": s.weak, "classifier": s.clf, "guidance_free": s.gf}
+    if rule in need and need[rule] is None:
+        print(f"skipping {rule}: give --weak-step / --classifier / --gf-run")
+        return False
+    return True
+
+
+def _print_row(what: str, r: dict) -> None:
+    print(f"  {what:<13} {r['rule']:<18} w={r['scale']:<4g} acc {r['accuracy']:.3f}  FD {r['fd']:.2f} "
+          f"(floor {r['fd_floor']:.2f})  MMD {r['mmd']:.4f} (floor {r['mmd_floor']:.4f})  "
+          f"nfe/sample {r['nfe_per_sample']:.1f}", flush=True)  # fmt: skip
+
+
+def _plot(path: Path, rows: list[dict]) -> None:
+    from matplotlib.figure import Figure
+
+    from scorekit.train.plots import save_figure
+
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.add_subplot()
+    for rule in dict.fromkeys(r["rule"] for r in rows):
+        rs = [r for r in rows if r["rule"] == rule]
+        ax.plot([r["fd"] for r in rs], [r["accuracy"] for r in rs], "o-", label=rule)
+        for r in rs:
+            ax.annotate(f"{r['scale']:g}", (r["fd"], r["accuracy"]), fontsize=7)
+    ax.set_xlabel("FD-digits to held-out digits (lower is better)")
+    ax.set_ylabel("class accuracy (logistic regression)")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
