@@ -84,12 +84,35 @@ def test_png_panel_and_the_default_solver_from_clean_examples(run, tmp_path):
          r"unknown operator 'upsample-2'; allowed: \['denoise'"),
         (["--operator", "inpaint-box:top=7", "--sigma-y", "0.1", "--data", "Y4"], r"is not inside 8x8"),
         (["--operator", "downsample-2", "--sigma-y", "0.0", "--data", "Y4"], r"tds needs sigma_y > 0"),
+        (["--operator", "blur-gauss:reflect=1", "--sigma-y", "0.1", "--data", "Y8", "--solver", "ddrm"],
+         r"ddrm needs an operator with an SVD; got Blur"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line(run, tmp_path, capsys, extra, message):
     np.save(tmp_path / "y4.npy", np.zeros((2, 4, 4)))
-    extra = [str(tmp_path / "y4.npy") if v == "Y4" else v for v in extra]
+    np.save(tmp_path / "y8.npy", np.zeros((2, 8, 8)))
+    files = {"Y4": str(tmp_path / "y4.npy"), "Y8": str(tmp_path / "y8.npy")}
+    extra = [files.get(v, v) for v in extra]
     assert _restore(run, tmp_path, *extra, "--out", str(tmp_path / "o.npy")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert re.search(message, err), err
+
+
+def test_demo_section_panels_and_classifier(run, tmp_path):
+    """The digits panels on the tiny run (DDNM, 4 NFE): one PNG per task, and the accuracy on the true
+    digits equals a logistic regression fitted here on the same training split."""
+    from sklearn.linear_model import LogisticRegression
+
+    from scorekit.bench.inverse import DIGIT_TASKS, demo_section
+    from scorekit.data import split
+
+    figures, md, pngs = demo_section(run, tmp_path, quick=True, solver="ddnm", nfe=4)
+    assert list(figures) == [spec for spec, _ in DIGIT_TASKS]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs) and len(pngs) == 4
+    train, test = split(load("digits"), holdout=0.2, seed=0)
+    pix = lambda d: np.asarray(d.normalization.decode(d.x)).reshape(len(d.x), -1)  # noqa: E731
+    clf = LogisticRegression(max_iter=3000).fit(pix(train), train.labels)
+    want = float((clf.predict(pix(test)[:4]) == np.asarray(test.labels[:4])).mean())
+    assert all(f["accuracy_truth"] == want and f["nfe"] == 4 for f in figures.values())
+    assert "| inpaint-left |" in md

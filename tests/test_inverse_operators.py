@@ -40,6 +40,10 @@ def _cases():
         "blur_gauss": Blur([2, 8, 6], sigma=1.0),
         "blur_box": Blur([1, 7, 5], size=3),
         "blur_asym": Blur([1, 5, 5], kernel=torch.tensor([[0.5, 0.3], [0.2, 0.0]])),
+        "blur_reflect": Blur([2, 6, 7], sigma=0.9, padding="reflect"),
+        "blur_reflect_asym": Blur(
+            [1, 5, 4], kernel=torch.tensor([[0.5, 0.3], [0.2, 0.1]]), padding="reflect"
+        ),
         "compose": Compose(Downsample(2, [1, 4, 4]), Blur([1, 4, 4], size=3)),
     }
 
@@ -53,7 +57,7 @@ def test_cases_cover_every_operator():
     covered = {type(op) for op in CASES.values()} | {Saturate}
     assert covered == set(OPERATORS.values())
     assert {"blur_gauss", "blur_box", "mask_box", "downsample2", "matrix_zero"} <= set(SVD)
-    assert "blur_asym" not in SVD and "compose" not in SVD
+    assert "blur_asym" not in SVD and "compose" not in SVD and "blur_reflect" not in SVD
 
 
 @pytest.mark.parametrize("name", list(LINEAR))
@@ -148,7 +152,7 @@ def test_saturate_is_a_differentiable_nonlinear_measurement():
         (lambda: Matrix(torch.ones(2, 3)).adjoint(torch.ones(1, 3)), "y given to Matrix.adjoint"),
         (lambda: Downsample(2, [1, 5, 4]), "divisible by factor 2"),
         (lambda: Downsample(0, [1, 4, 4]), "factor must be a positive int"),
-        (lambda: Blur([1, 4, 4], sigma=1.0, padding="reflect"), "allowed: 'circular'"),
+        (lambda: Blur([1, 4, 4], sigma=1.0, padding="zero"), "allowed: 'circular', 'reflect'"),
         (lambda: Blur([1, 4, 4]), "exactly one of"),
         (lambda: Blur([1, 4, 4], size=2), "odd positive"),
         (lambda: Compose(Downsample(2, [1, 4, 4]), Identity([3])), "cannot compose"),
@@ -173,3 +177,31 @@ def test_matrix_svd_is_float64_for_a_float32_matrix():
     vt = op.svd_vt(torch.eye(6, dtype=torch.float64)).T
     u = op.svd_u(torch.eye(4, dtype=torch.float64)).T
     assert torch.allclose(u @ torch.diag(op.singular_values) @ vt[:4], a.double(), atol=1e-12)
+
+
+def test_reflect_blur_is_the_convolution_of_the_mirrored_image():
+    """Against ``numpy.pad(mode="reflect")`` and a direct sum ``sum_ab k[a, b] x[i - a + 1, j - b + 1]``
+    (3x3 kernel centred at (1, 1)); the interior equals the circular blur; DDRM refuses it by name."""
+    import numpy as np
+
+    from scorekit.inverse import ddrm
+
+    k = torch.rand(3, 3, generator=_g(3), dtype=torch.float64)
+    x = torch.randn(2, 1, 5, 6, generator=_g(4), dtype=torch.float64)
+    op = Blur([1, 5, 6], kernel=k, padding="reflect")
+    xp = np.pad(x.numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    want = np.zeros(x.shape)
+    for i in range(5):
+        for j in range(6):
+            for a in range(3):
+                for b in range(3):
+                    want[..., i, j] += float(k[a, b]) * xp[..., i - a + 2, j - b + 2]
+    assert np.abs(op.forward(x).numpy() - want).max() < 1e-13
+    circ = Blur([1, 5, 6], kernel=k).forward(x)
+    assert torch.allclose(op.forward(x)[..., 1:4, 1:5], circ[..., 1:4, 1:5], atol=1e-13)
+    with pytest.raises(ValueError, match="ddrm needs an operator with an SVD; got Blur") as err:
+        ddrm(lambda v, s: v, torch.zeros(1, 1, 5, 6), op, torch.zeros(1, 1, 5, 6),
+             torch.tensor([1.0, 0.0]), sigma_y=0.1)  # fmt: skip
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="reflect padding needs kernel half-widths below"):
+        Blur([1, 3, 3], size=7, padding="reflect")

@@ -13,8 +13,9 @@ inpaint-box         ``Mask`` with a missing rectangle ``top, left, height, width
                     centred box of half the height and width)
 inpaint-random      ``Mask`` with a fraction ``p`` (default 0.5) of values missing, drawn with ``seed``
 downsample-N        ``Downsample(N)``: N x N average pooling (images; N divides H and W)
-blur-gauss          ``Blur(sigma=...)`` circular Gaussian blur (default ``sigma = 1`` pixel)
-blur-uniform        ``Blur(size=...)`` circular box blur (default ``size = 3``, odd)
+blur-gauss          ``Blur(sigma=...)`` Gaussian blur (default ``sigma = 1`` pixel), circular padding, or
+                    reflect padding with ``reflect=1`` (no SVD then)
+blur-uniform        ``Blur(size=...)`` box blur (default ``size = 3``, odd); ``reflect=1`` as above
 ==================  ===========================================================================
 """
 
@@ -32,7 +33,7 @@ __all__ = ["NAMES", "named"]
 NAMES = ("denoise", "inpaint-left", "inpaint-right", "inpaint-top", "inpaint-bottom", "inpaint-box",
          "inpaint-random", "downsample-N", "blur-gauss", "blur-uniform")  # fmt: skip
 _KEYS = {"inpaint-box": ("top", "left", "height", "width"), "inpaint-random": ("p", "seed"),
-         "blur-gauss": ("sigma",), "blur-uniform": ("size",)}  # fmt: skip
+         "blur-gauss": ("sigma", "reflect"), "blur-uniform": ("size", "reflect")}  # fmt: skip
 
 
 def _parse(spec: str) -> tuple[str, dict[str, float]]:
@@ -75,6 +76,13 @@ def _half_mask(name: str, shape: tuple[int, ...]) -> torch.Tensor:
     else:
         mask[..., hh // 2 :, :] = 0
     return mask
+
+
+def _padding(p: dict) -> str:
+    flag = p.get("reflect", 0)
+    if flag not in (0, 1):
+        raise ValueError(f"blur: reflect must be 0 (circular padding) or 1 (reflect); got {flag}")
+    return "reflect" if flag else "circular"
 
 
 def named(spec: str, shape: Sequence[int]) -> Operator:
@@ -122,8 +130,8 @@ def named(spec: str, shape: Sequence[int]) -> Operator:
         sigma = p.get("sigma", 1.0)
         if not (math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"blur-gauss: sigma must be a finite number > 0; got {sigma}")
-        return Blur(shape, sigma=sigma)
+        return Blur(shape, sigma=sigma, padding=_padding(p))
     size = p.get("size", 3)
     if size != int(size):
         raise ValueError(f"blur-uniform: size must be an odd positive integer; got {size}")
-    return Blur(shape, size=int(size))
+    return Blur(shape, size=int(size), padding=_padding(p))

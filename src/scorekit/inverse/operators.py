@@ -328,22 +328,30 @@ def _hartley(x: Tensor) -> Tensor:
 
 
 class Blur(Operator):
-    """Blur: 2-D convolution of each channel of ``[B, C, H, W]`` with periodic (circular) padding.
+    """Blur: 2-D convolution of each channel of ``[B, C, H, W]``, with circular or reflect padding.
 
     Args:
         shape: one sample's shape ``[C, H, W]``.
         kernel: ``[k1, k2]`` kernel, centred at ``(k1 // 2, k2 // 2)``; or
         sigma: the standard deviation in pixels of a Gaussian kernel of size ``2 ceil(3 sigma) + 1``; or
         size: the side of a uniform (box) kernel (odd).
-        padding: only ``"circular"`` (the image is periodic, so ``A`` is block-circulant).
+        padding: ``"circular"`` (default: the image is periodic, so ``A`` is block-circulant) or
+            ``"reflect"`` (the image mirrored about its edge pixels, without repeating them, as
+            ``numpy.pad(mode="reflect")``; the kernel's half-widths must be below H and W).
 
-    ``A x = IFFT(FFT(k) FFT(x))``. When the kernel is point-symmetric (``k[-i, -j] = k[i, j]``, true of
+    Circular: ``A x = IFFT(FFT(k) FFT(x))``. When the kernel is point-symmetric (``k[-i, -j] = k[i, j]``, true of
     the Gaussian and odd box kernels), ``A`` is symmetric and diagonalised by the real orthonormal 2-D
     Hartley basis ``cas(2 pi (k1 n1 / H + k2 n2 / W))``, with eigenvalues ``lambda = Re FFT(k)``: the
     SVD is ``V = Hartley``, ``s = |lambda|``, ``U = V diag(sign lambda)``, at FFT cost.
 
     References:
         Bracewell, "Discrete Hartley transform", JOSA 1983 (the convolution theorem).
+
+    Reflect: ``A x = k * pad_reflect(x)`` ("valid" part), and ``A^T`` is the exact transpose of that
+    linear map, taken by one backward pass through it (``pad_reflect``'s transpose folds the mirrored
+    border back onto the pixels it copied). Reflect padding breaks the circulant structure, so there
+    is no cheap SVD (``has_svd = False``): DDRM, DDNM, RePaint and MCG refuse it, the others solve
+    with conjugate gradients; ``Matrix(as_matrix(blur))`` gives an exact SVD for small images.
     """
 
     def __init__(
@@ -358,8 +366,10 @@ class Blur(Operator):
         shape = _shape(shape, "shape")
         if len(shape) != 3:
             raise ValueError(f"shape must be [C, H, W]; got {list(shape)}")
-        if padding != "circular":
-            raise ValueError(f"padding {padding!r} is not supported; allowed: 'circular'")
+        if padding not in ("circular", "reflect"):
+            raise ValueError(
+                f"padding {padding!r} is not supported; allowed: 'circular', 'reflect'"
+            )
         if sum(v is not None for v in (kernel, sigma, size)) != 1:
             raise ValueError("Blur needs exactly one of kernel, sigma or size")
         if sigma is not None:
@@ -380,6 +390,16 @@ class Blur(Operator):
                 f"kernel must be a finite [k1, k2] tensor; got shape {tuple(kernel.shape)}"
             )
         self.kernel, self.in_shape, self.out_shape = kernel, shape, shape
+        self.padding = padding
+        if padding == "reflect":
+            k1, k2 = kernel.shape
+            if k1 // 2 >= h or k2 // 2 >= w or (k1 - 1) // 2 >= h or (k2 - 1) // 2 >= w:
+                raise ValueError(
+                    f"reflect padding needs kernel half-widths below the image size {h}x{w}; got a "
+                    f"{k1}x{k2} kernel (use padding='circular' or a smaller kernel)"
+                )
+            self.has_svd = False
+            return
         # the kernel wrapped onto the periodic H x W grid with its centre at (0, 0)
         k1, k2 = kernel.shape
         rows = (torch.arange(k1) - k1 // 2) % h
@@ -398,10 +418,26 @@ class Blur(Operator):
     def _conv(self, x, spectrum):
         return torch.fft.ifft2(torch.fft.fft2(x) * spectrum.to(x.device)).real.to(x.dtype)
 
+    def _reflect(self, x):
+        k1, k2 = self.kernel.shape
+        c = x.shape[1]
+        # conv2d correlates: flip the kernel so that this is a convolution centred at (k1//2, k2//2)
+        weight = torch.flip(self.kernel, (0, 1)).to(x)[None, None].expand(c, 1, k1, k2)
+        pad = (k2 - 1 - k2 // 2, k2 // 2, k1 - 1 - k1 // 2, k1 // 2)  # left, right, top, bottom
+        return F.conv2d(F.pad(x, pad, mode="reflect"), weight, groups=c)
+
     def _forward(self, x):
+        if self.padding == "reflect":
+            return self._reflect(x)
         return self._conv(x, self.spectrum)
 
     def _adjoint(self, y):
+        if self.padding == "reflect":  # the transpose of a linear map: one backward pass through it
+            with torch.enable_grad():
+                z = torch.zeros(y.shape[0], *self.in_shape, dtype=y.dtype, device=y.device)
+                z.requires_grad_(True)
+                (g,) = torch.autograd.grad(self._reflect(z), z, y, create_graph=y.requires_grad)
+            return g
         return self._conv(y, self.spectrum.conj())
 
     def _vt(self, x):
