@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -61,3 +62,60 @@ def test_unet_refuses_incomplete_folder(tmp_path):
         digits_unet.train_ddpm_unet(tmp_path / "half", minutes=0.01)
     with pytest.raises(ValueError, match="not a folder written by train_ddpm_unet"):
         digits_unet.load_ddpm_unet(tmp_path / "half")
+
+
+# --------------------------------------------------------------------------------------------------
+# The robustness suite's pieces (scorekit.bench.samplers.robust).
+
+
+def test_perturbed_adds_c_out_times_a_unit_rms_smooth_error():
+    from scorekit.analytic import target
+    from scorekit.bench.samplers.robust import PARAMS, Perturbed
+
+    gm = target("ring8")
+    z = 3 * torch.randn(4000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for name, make in PARAMS.items():
+        param = make()
+        zero = Perturbed(gm.denoise, param, 2, 0.0)
+        den = Perturbed(gm.denoise, param, 2, 0.2)
+        for s in (0.01, 1.0, 50.0):
+            x = z * math.sqrt(1 + s**2)  # the network's input c_in x is then ~3 z (phases spread)
+            sigma = torch.full((len(x),), s, dtype=torch.float64)
+            torch.testing.assert_close(zero(x, sigma), gm.denoise(x, sigma))
+            _, c_out, _, _ = param.scalings(sigma)
+            diff = den(x, sigma) - gm.denoise(x, sigma)
+            # the D error is the raw error times c_out, |c_out| capped at sigma (x0 only)
+            scale = torch.minimum(c_out.abs(), sigma)
+            rms = float((diff / scale[:, None]).square().mean().sqrt())
+            assert 0.15 < rms < 0.25, (name, s, rms)  # level 0.2, unit-RMS field
+            assert float(diff.abs().max()) <= 0.2 * 4 * s + 1e-12  # never above ~4 level sigma
+
+
+def test_nn_accuracy_against_a_brute_force_count():
+    from scorekit.bench.samplers.robust import nn_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(30, 3, generator=g), torch.randn(30, 3, generator=g) + 0.7
+    pool, lab = torch.cat([a, b]), [0] * 30 + [1] * 30
+    hits = 0
+    for i in range(60):
+        best = min((float((pool[i] - pool[j]).norm()), j) for j in range(60) if j != i)[1]
+        hits += lab[best] == lab[i]
+    assert nn_accuracy(a, b) == pytest.approx(hits / 60)
+    assert nn_accuracy(a, a.clone()) == 0.0  # each point's neighbour is its twin in the other set
+    assert nn_accuracy(a, a + 100.0) == 1.0
+    with pytest.raises(ValueError, match="equal sizes"):
+        nn_accuracy(a, b[:10])
+
+
+def test_divergence_is_judged_against_euler_on_the_same_model_and_nfe():
+    from scorekit.bench.samplers.robust import diverged, divergences
+
+    def row(sampler, nfe, distance, bounded=True, model="m"):
+        return {"model": model, "sampler": sampler, "target_nfe": nfe, "distance": distance,
+                "floor": 1.0, "bounded": bounded}  # fmt: skip
+
+    rows = [row("euler", 5, 3.0), row("a", 5, 11.0), row("b", 5, 2.0, bounded=False),
+            row("euler", 10, 20.0), row("a", 10, 30.0), row("c", 5, math.inf)]  # fmt: skip
+    assert [diverged(r) for r in rows] == [False, True, True, True, True, True]
+    assert divergences(rows) == ["m a 5", "m b 5", "m c 5"]  # at NFE 10 euler diverges too
