@@ -77,6 +77,7 @@ __all__ = [
     "diverged",
     "nn_accuracy",
     "robust_samplers",
+    "run",
     "run_mixtures",
     "run_networks",
     "run_robust",
@@ -130,23 +131,37 @@ class Perturbed:
         return self.denoiser(x, sigma) + append_dims(scale, x.ndim) * self.error(x, sigma)
 
 
+def _parse(spec: str) -> tuple[str, dict]:
+    """``"name"`` or ``"name:key=value,key=value"`` -> (registry name, options)."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        options[key] = value
+    return name, options
+
+
 def robust_samplers(names: list[str] | None = None) -> list[str]:
-    """Every fixed-NFE sampler of ``REGISTRY`` (adaptive ones choose their own NFE), or ``names``."""
+    """Every fixed-NFE sampler of ``REGISTRY`` (adaptive ones choose their own NFE), or ``names``
+    (each ``name`` or ``name:key=value,...``, e.g. ``ipndm:variant=equal``)."""
     fixed = [n for n in REGISTRY if n not in ADAPTIVE]
     if names is None:
         return fixed
-    unknown = sorted(set(names) - set(fixed))
+    unknown = sorted({_parse(n)[0] for n in names} - set(fixed))
     if unknown:
         raise ValueError(f"--robust-samplers: unknown or adaptive {unknown}; allowed: {fixed}")
     return list(names)
 
 
-def _label(name: str, options: dict) -> str:
-    return name + "".join(f" {k}={v}" for k, v in sorted(options.items()))
-
-
-def _draw(den, name: str, options: dict, nfe: int, z: Tensor, schedule: str, lo: float, hi: float):
-    """Samples of ``name`` from noise ``z`` at the largest NFE <= ``nfe`` it can make, and that NFE."""
+def _draw(den, spec: str, nfe: int, z: Tensor, schedule: str, lo: float, hi: float):
+    """Samples of sampler ``spec`` from noise ``z`` at the largest NFE <= ``nfe`` it can make, and that NFE."""
+    name, options = _parse(spec)
     n = steps_within(name, options, nfe)
     if n is None:
         return None, 0
@@ -191,13 +206,15 @@ def run_mixtures(samplers, nfes, *, targets=("ring8", "gmm64"), levels=(0.1,), r
                     f"SW2 of the perturbed field's ODE {ref_sw:.3f} (two-sample {noise_floor:.3f})")  # fmt: skip
                 for name in samplers:
                     for nfe in nfes:
-                        x, made = _draw(den, name, {}, nfe, z, DEFAULT_SCHEDULE,
+                        x, made = _draw(den, name, nfe, z, DEFAULT_SCHEDULE,
                                         DEFAULT_SIGMA_MIN, DEFAULT_SIGMA_MAX)  # fmt: skip
                         if x is None:
                             continue
                         bounded = bool(torch.isfinite(x).all()) and float(x.abs().max()) <= radius
                         ode = (
-                            (x - ref).square().mean().sqrt() if name not in STOCHASTIC else math.nan
+                            (x - ref).square().mean().sqrt()
+                            if _parse(name)[0] not in STOCHASTIC
+                            else math.nan
                         )
                         out.append({
                             "model": f"{tname}/{pname}/{level:g}", "sampler": name, "target_nfe": nfe,
@@ -291,7 +308,7 @@ def run_networks(samplers, nfes, *, cache: Path, nets=("ddpm-unet", "digits-eps"
         for name in samplers:
             for nfe in nfes:
                 t0 = time.perf_counter()
-                x, made = _draw(den, name, {}, nfe, z, DEFAULT_SCHEDULE, lo, hi)
+                x, made = _draw(den, name, nfe, z, DEFAULT_SCHEDULE, lo, hi)
                 if x is None:
                     continue
                 q = _quality(x, held)
@@ -332,7 +349,7 @@ def divergences(rows: list[dict]) -> list[str]:
             if diverged(r) and not euler.get((r["model"], r["target_nfe"]), True)]  # fmt: skip
 
 
-def run_robust(out: Path, *, samplers=None, nfes=(5, 10, 20), cache=Path("/work/cache"),
+def run_robust(out: Path, *, samplers=None, nfes=(5, 10, 20), cache=Path("bench_out/robust_cache"),
                parts=("mixtures", "networks"), rows=400, n=360, nets=None, seed=0) -> dict:  # fmt: skip
     """Run the suite; write ``robust.json`` and ``robust.md`` into ``out``; return the results."""
     out = Path(out)
@@ -370,6 +387,33 @@ def run_robust(out: Path, *, samplers=None, nfes=(5, 10, 20), cache=Path("/work/
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
+
+
+def add_arguments(parser) -> None:
+    """The ``--robust-*`` options of ``scorekit bench samplers --suite robust``."""
+    a = parser.add_argument
+    a("--robust-parts", nargs="+", default=["mixtures", "networks"], choices=["mixtures", "networks"],
+      help="--suite robust: which parts (default both)")  # fmt: skip
+    a("--robust-samplers", nargs="+", default=None,
+      help="--suite robust: samplers, name or name:key=value (default every fixed-NFE one)")  # fmt: skip
+    a("--robust-nets", nargs="+", default=None,
+      help="--suite robust: networks under --robust-cache (default ddpm-unet digits-eps digits-edm "
+      "digits-cond; ddpm-unet is trained there if absent, 10 CPU-minutes)")  # fmt: skip
+    a(
+        "--robust-cache",
+        default="bench_out/robust_cache",
+        help="--suite robust: where the networks live",
+    )
+    a("--robust-rows", type=int, default=400, help="--suite robust: rows per perturbed mixture")
+    a("--robust-samples", type=int, default=360, help="--suite robust: samples per network")
+
+
+def run(args) -> int:
+    """``scorekit bench samplers --suite robust``: ``run_robust`` into ``<out>/robust``."""
+    run_robust(Path(args.out) / "robust", samplers=args.robust_samplers, nfes=tuple(args.nfe),
+               cache=Path(args.robust_cache), parts=tuple(args.robust_parts), rows=args.robust_rows,
+               n=args.robust_samples, nets=args.robust_nets, seed=args.seed)  # fmt: skip
+    return 0
 
 
 def load_results(path: str | Path) -> dict:
