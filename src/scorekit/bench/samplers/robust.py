@@ -149,7 +149,8 @@ def _parse(spec: str) -> tuple[str, dict]:
 
 def robust_samplers(names: list[str] | None = None) -> list[str]:
     """Every fixed-NFE sampler of ``REGISTRY`` (adaptive ones choose their own NFE), or ``names``
-    (each ``name`` or ``name:key=value,...``, e.g. ``ipndm:variant=equal``)."""
+    (each ``name`` or ``name:key=value,...``, e.g. ``ipndm:variant=equal``; the keys ``schedule``,
+    ``sigma_min`` and ``sigma_max`` set the schedule instead of a sampler option)."""
     fixed = [n for n in REGISTRY if n not in ADAPTIVE]
     if names is None:
         return fixed
@@ -162,6 +163,8 @@ def robust_samplers(names: list[str] | None = None) -> list[str]:
 def _draw(den, spec: str, nfe: int, z: Tensor, schedule: str, lo: float, hi: float):
     """Samples of sampler ``spec`` from noise ``z`` at the largest NFE <= ``nfe`` it can make, and that NFE."""
     name, options = _parse(spec)
+    schedule = options.pop("schedule", schedule)  # a spec may carry its own schedule and range
+    lo, hi = options.pop("sigma_min", lo), options.pop("sigma_max", hi)
     n = steps_within(name, options, nfe)
     if n is None:
         return None, 0
@@ -287,7 +290,7 @@ def _diffusers_dpmpp(unet_dir: Path, z: Tensor, nfe: int) -> Tensor:
 
 
 def run_networks(samplers, nfes, *, cache: Path, nets=("ddpm-unet", "digits-eps", "digits-edm",
-                 "digits-cond"), n=360, seed=0, log=print) -> list[dict]:  # fmt: skip
+                 "digits-cond"), n=360, seed=0, with_diffusers=True, log=print) -> list[dict]:  # fmt: skip
     """One row per (network, sampler, NFE) and diffusers' DPM-Solver++ on the UNet; see the docstring."""
     from scorekit.bench import digits_unet
 
@@ -299,7 +302,7 @@ def run_networks(samplers, nfes, *, cache: Path, nets=("ddpm-unet", "digits-eps"
     z = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
     out = []
     for net, (den, lo, hi) in _networks(Path(cache), list(nets), log).items():
-        if net == "ddpm-unet":
+        if net == "ddpm-unet" and with_diffusers:
             for nfe in nfes:
                 q = _quality(_diffusers_dpmpp(Path(cache) / net, z, nfe), held)
                 out.append({"model": net, "sampler": "diffusers DPMSolverMultistep", "target_nfe": nfe,
