@@ -15,7 +15,7 @@ def _args(tmp_path, **kw):
     bench.add_arguments(parser)
     argv = ["--out", str(tmp_path), "--n", "40", "--nfe", "6,10", "--problems", "ring8-observe-x"]
     argv.append("--no-plot")  # matplotlib's import alone can take seconds on a busy machine
-    return parser.parse_args(argv + [f"--{k}={v}" for k, v in kw.items()])
+    return parser.parse_args(argv + [f"--{k}={v}" if v != "" else f"--{k}" for k, v in kw.items()])
 
 
 def test_bench_writes_one_row_per_solver_and_budget(tmp_path):
@@ -32,3 +32,20 @@ def test_bench_writes_one_row_per_solver_and_budget(tmp_path):
 def test_bench_rejects_an_unknown_solver(tmp_path):
     with pytest.raises(ValueError, match="unknown solver 'nope'; allowed"):
         bench.run(_args(tmp_path, solvers="nope"))
+
+
+def test_peers_absent_are_skipped_with_a_clear_message(tmp_path, capsys):
+    """deepinv and azula are not installed here: --peers records one skipped row per peer saying so."""
+    from scorekit.bench import inverse_peers
+
+    missing = [lib for lib, v in inverse_peers.available().items() if v is None]
+    if not missing:
+        pytest.skip("deepinv and azula are installed: the peer rows are measured instead")
+    assert bench.run(_args(tmp_path, solvers="ddrm", peers="")) == 0
+    rows = json.loads((tmp_path / "inverse.json").read_text())["problems"][0]["rows"]
+    skipped = [r for r in rows if "skipped" in r]
+    assert {r["solver"].split("-")[0] for r in skipped} == set(missing)
+    assert all("is not installed (pip install" in r["skipped"] for r in skipped)
+    assert (
+        "skipped: deepinv is not installed" in capsys.readouterr().out or "deepinv" not in missing
+    )

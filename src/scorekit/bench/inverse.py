@@ -75,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--set", default="tuning", choices=sorted(SETS), help="problem set (default tuning)")
     a("--device", default="cpu")
     a("--no-plot", action="store_true", help="skip the PNG (and the matplotlib import)")
+    a("--peers", action="store_true",
+      help="also run deepinv/azula posterior samplers (scorekit.bench.inverse_peers; skipped if absent)")  # fmt: skip
 
 
 def _mixture(d: int, g: torch.Generator) -> GaussianMixture:
@@ -207,8 +209,31 @@ def _bench_problem(p: dict, args, budgets: list[int], solvers: list[str]) -> dic
                   f"{row['mean_rms']:>10.4f}{row['coverage90']:>8.3f}{row['comp_tv']:>7.3f}"
                   f"{row['residual_rms']:>8.4f}"
                   f"{row['seconds']:>7.2f}", flush=True)  # fmt: skip
+    if getattr(args, "peers", False):
+        rows += _peer_rows(p, ref, budgets, args.n)
     return {"problem": p["name"], "set": args.set, "default": DEFAULT, "d": p["A"].shape[1], "m": p["A"].shape[0], "sigma_y": p["sy"],
             "floor_sw2": floor, "exact": exact_row, "rows": rows}  # fmt: skip
+
+
+def _peer_rows(p: dict, ref: torch.Tensor, budgets: list[int], n: int) -> list[dict]:
+    """deepinv/azula rows (``inverse_peers``), or one ``skipped`` row per peer naming what is missing."""
+    from scorekit.bench import inverse_peers as peers
+
+    have, rows = peers.available(), []
+    for name, (lib, what) in peers.PEERS.items():
+        if have[lib] is None:
+            why = f"{lib} is not installed (pip install {lib}); {what} not run"
+            print(f"  {name:<16} skipped: {why}")
+            rows.append({"solver": name, "skipped": why})
+            continue
+        for budget in budgets:
+            t = time.perf_counter()
+            out = peers.run_peer(name, p["gm"], p["y"], p["A"], p["sy"], n, budget, seed=p["seed"])
+            row = {"solver": name, "nfe": budget, "version": have[lib],
+                   "seconds": time.perf_counter() - t, **_metrics(p, out, ref)}  # fmt: skip
+            print(f"  {name:<16}{budget:>5} SW2 {row['sw2']:.4f} cover90 {row['coverage90']:.3f}")
+            rows.append(row)
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -244,7 +269,7 @@ def plot(result: dict, path: Path) -> None:
         names = sorted({r["solver"] for r in prob["rows"]})
         for name in names:
             pts = [(r["nfe"], r["sw2"] / prob["floor_sw2"]) for r in prob["rows"]
-                   if r["solver"] == name and "sw2" in r]  # fmt: skip
+                   if r["solver"] == name and "sw2" in r and "nfe" in r]  # fmt: skip
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=name)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
