@@ -18,6 +18,7 @@ from scorekit.analytic import GaussianMixture, gaussian, target
 from scorekit.samplers import REGISTRY, sample
 from scorekit.samplers.common import row_generators
 from scorekit.samplers.dc import DCSolver, fit_dc
+from scorekit.samplers.dpm3 import EMS, fit_ems
 from scorekit.schedules import karras, loglinear
 
 
@@ -298,3 +299,40 @@ def test_fit_dc_lowers_the_error_on_held_out_noise_and_round_trips_through_json(
     torch.testing.assert_close(again(g, x), fitted, rtol=0, atol=0)
     with pytest.raises(ValueError, match="ratios"):
         DCSolver.from_dict({**solver.to_dict(), "ratios": [1.0, 1.0]})
+
+
+# -- DPM-Solver-v3 ------------------------------------------------------------------------------------
+
+
+def test_dpm_solver_v3_without_statistics_is_dpmpp_3m():
+    # l = 1, s = b = 0 reduces the v3 step to DPM-Solver++ with exact exponential moments; the
+    # quadrature (Simpson, 64 intervals per step) agrees with dpmpp_3m's closed-form weights.
+    g = target("ring8")
+    x = 20.0 * torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sig = karras(8, 0.02, 20.0)
+    want = REGISTRY["dpmpp_3m"](g, x, sig)
+    for stats in (None, EMS.degenerate((2,))):
+        got = REGISTRY["dpm_solver_v3"](g, x, sig, statistics=stats)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+
+
+def test_fit_ems_on_a_gaussian_has_the_exact_l_and_beats_dpmpp_3m():
+    from scorekit.pfode import pf_ode_reference
+
+    mean = torch.tensor([0.5, -0.3], dtype=torch.float64)
+    var = torch.tensor([1.0, 0.05], dtype=torch.float64)
+    g = gaussian(mean, var)
+    ems = fit_ems(g, (32, 2), sigma_min=0.02, sigma_max=20.0, grid=8, seed=1, reference_rtol=1e-5)
+    # For a Gaussian, d(x - D)/dx = sigma^2 / (var + sigma^2) is diagonal: Hutchinson is exact.
+    sig2 = torch.exp(-2 * ems.lambdas)[:, None]
+    torch.testing.assert_close(ems.l, sig2 / (var + sig2), rtol=0, atol=1e-10)
+    again = EMS.from_dict(json.loads(json.dumps(ems.to_dict())))
+    assert torch.equal(again.s, ems.s) and torch.equal(again.b, ems.b)
+    x = 20.0 * torch.randn(64, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref = pf_ode_reference(g, x, 20.0, 0.0, rtol=1e-8, atol=1e-8)
+    sig = karras(6, 0.02, 20.0)
+    e3 = (REGISTRY["dpmpp_3m"](g, x, sig) - ref).square().mean().sqrt()
+    ev3 = (REGISTRY["dpm_solver_v3"](g, x, sig, statistics=again) - ref).square().mean().sqrt()
+    assert ev3 < e3 / 5, (ev3, e3)
+    with pytest.raises(ValueError, match="shape"):
+        REGISTRY["dpm_solver_v3"](g, torch.ones(2, 3), sig, statistics=ems)

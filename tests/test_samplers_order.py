@@ -49,6 +49,7 @@ CASES = [
     ("unipc", {"order": 2, "variant": "bh2"}, 3),
     ("unipc", {"order": 3, "variant": "bh2"}, 3),  # UniC-1 start: second-order first step
     ("dc_solver", {}, 3),  # without fitted ratios: unipc(3, bh2)
+    ("dpm_solver_v3", {}, 2),  # without statistics: dpmpp_3m through the quadrature
     ("deis", {"order": 1}, 1),
     ("deis", {"order": 2}, 2),
     ("deis", {"order": 3}, 2),  # first step is first order (warm-up)

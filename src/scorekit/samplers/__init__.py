@@ -22,6 +22,7 @@ dpmpp_2m          N               order 2, multistep; a good default at 10-30 NF
 dpmpp_3m          N               third-order steps, multistep
 unipc             N               predictor-corrector; ``order`` 1-3, ``variant`` bh1/bh2
 dc_solver         N               unipc + dynamic compensation, ratios fitted by ``fit_dc``
+dpm_solver_v3     N               multistep with empirical model statistics (``fit_ems``)
 deis              N               Adams in sigma / log sigma; ``order`` 1-3
 ipndm             N               Adams-Bashforth in sigma up to order 4 (variable-step; ``variant="equal"``: published)
 bespoke           N               explicit linear-solver coefficients, fitted by ``fit_bespoke``
@@ -56,6 +57,7 @@ from scorekit.samplers.adaptive import adaptive_ode, adaptive_sde
 from scorekit.samplers.bespoke import BespokeSolver, bespoke, linear_coefficients
 from scorekit.samplers.common import check_sigmas, row_generators
 from scorekit.samplers.dc import DCSolver, dc_solver, fit_dc
+from scorekit.samplers.dpm3 import EMS, dpm_solver_v3, fit_ems
 from scorekit.samplers.fitted import fit_bespoke, optimized
 from scorekit.samplers.ode import (
     deis,
@@ -92,6 +94,7 @@ from scorekit.schedules import get_schedule
 
 __all__ = [
     "ADAPTIVE",
+    "EMS",
     "REGISTRY",
     "STOCHASTIC",
     "BespokeSolver",
@@ -103,6 +106,7 @@ __all__ = [
     "deis",
     "dpm_solver_2",
     "dpm_solver_3",
+    "dpm_solver_v3",
     "dpmpp_2m",
     "dpmpp_2m_sde",
     "dpmpp_2s",
@@ -114,6 +118,7 @@ __all__ = [
     "euler_maruyama",
     "fit_bespoke",
     "fit_dc",
+    "fit_ems",
     "get_sampler",
     "heun",
     "ipndm",

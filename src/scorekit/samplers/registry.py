@@ -16,6 +16,7 @@ from scorekit.samplers.adaptive import adaptive_ode, adaptive_sde
 from scorekit.samplers.bespoke import bespoke
 from scorekit.samplers.common import check_sigmas
 from scorekit.samplers.dc import dc_solver
+from scorekit.samplers.dpm3 import dpm_solver_v3
 from scorekit.samplers.ode import (
     deis,
     dpm_solver_2,
@@ -52,6 +53,7 @@ REGISTRY: dict[str, Callable] = {
     "dpmpp_3m": dpmpp_3m,
     "unipc": unipc,
     "dc_solver": dc_solver,
+    "dpm_solver_v3": dpm_solver_v3,
     "deis": deis,
     "ipndm": ipndm,
     "bespoke": bespoke,
