@@ -310,3 +310,27 @@ def test_svdd_moves_towards_the_exact_reward_tilted_mixture():
     # measured: 0.58, 0.35, 0.19 (floor 0.03): closer with more candidates, not exact (SVDD values
     # a candidate by r(D(x)), an approximation of the soft value)
     assert dist[1] > 1.5 * dist[2] > 1.5 * dist[16], dist
+
+
+def test_fk_smc_resample_move_correctors_reach_the_exact_tilted_variance():
+    # cond N(0, 0.25 I), uncond N(0, I) in 4-D, scale 4: the tilted target is N(0, I / 13) exactly
+    # (precisions 4 * 4 - 3 * 1). 30 steps without correctors are far off (time discretisation of the
+    # move and weights); 4 Langevin steps per level on the tilted score after each move close the gap.
+    from scorekit.analytic import GaussianMixture
+
+    d = 4
+    mk = lambda v: GaussianMixture(torch.zeros(1, d, dtype=torch.float64),  # noqa: E731
+                                   torch.full((1, d), v, dtype=torch.float64))  # fmt: skip
+    c, u = mk(0.25), mk(1.0)
+    var = {}
+    for n_corr in (0, 4):
+        g = torch.Generator().manual_seed(0)
+        sig = karras(30, 0.002, 80.0, dtype=torch.float64)
+        x = 80 * torch.randn(4096, d, generator=g, dtype=torch.float64)
+        st = {}
+        out = fk_smc(
+            c, u, x, sig, scale=4.0, generator=g, particles=256, n_corrector=n_corr, stats=st
+        )
+        assert st["nfe"] == 2 * 30 + 2 * n_corr * 29
+        var[n_corr] = float(out.var(0).mean())
+    assert abs(var[4] - 1 / 13) < 0.004 and abs(var[0] - 1 / 13) > 0.03, var

@@ -94,6 +94,8 @@ def fk_smc(
     particles: int | None = None,
     ess_threshold: float = 0.5,
     stats: dict | None = None,
+    n_corrector: int = 0,
+    corrector_step: float = 0.5,
 ) -> Tensor:
     """SMC with Feynman-Kac weights whose particles target ``p_w(x) ∝ p(x | y)^w p(x)^(1 - w)``.
 
@@ -137,8 +139,13 @@ def fk_smc(
             populations. ess_threshold: in ``[0, 1]`` (0: never resample before the end, 1: always).
         stats: a dict, filled with ``"ess"`` (min ESS over groups per step), ``"resampled"`` (steps),
             ``"nfe"`` (network evaluations).
+        n_corrector: ``C >= 0`` Langevin steps on the tilted score after each move (resample-move),
+            ``x <- x + eps g + sqrt(2 eps) z`` at ``sigma_{i+1}`` with ``g = (D_w - x) / sigma^2`` and
+            ``eps = corrector_step (sigma_i^2 - sigma_{i+1}^2) / 2``. They leave the weights as they
+            are (a kernel about invariant for the current target) and spread the copies resampling
+            makes. corrector_step: ``> 0``.
 
-    Cost: ``2 N`` network evaluations for ``N = len(sigmas) - 1`` steps.
+    Cost: ``2 N + 2 C (N - 1)`` network evaluations for ``N = len(sigmas) - 1`` steps.
 
     Raises:
         FloatingPointError: a group's weights are NaN or all zero at some step (names the step).
@@ -162,6 +169,8 @@ def fk_smc(
         particles=particles,
         ess_threshold=ess_threshold,
         stats=stats,
+        n_corrector=n_corrector,
+        corrector_step=corrector_step,
     )
 
 
@@ -177,6 +186,8 @@ def fk_product(
     particles: int | None = None,
     ess_threshold: float = 0.5,
     stats: dict | None = None,
+    n_corrector: int = 0,
+    corrector_step: float = 0.5,
 ) -> Tensor:
     """SMC with Feynman-Kac weights for ``q(x) ∝ prod_k p_k(x)^beta_k``: products of experts,
     annealing ``p^beta`` (one denoiser) and CFG's tilted target (``fk_smc``).
@@ -203,7 +214,9 @@ def fk_product(
         betas: ``K`` finite exponents with a positive sum (negative ones allowed, as CFG's ``1 - w``).
         x, sigmas, generator, callback, progress, particles, ess_threshold, stats: as ``fk_smc``.
 
-    Cost: ``K N`` network evaluations for ``N = len(sigmas) - 1`` steps.
+        n_corrector, corrector_step: resample-move Langevin steps on ``q``'s score, as ``fk_smc``.
+
+    Cost: ``K N + K C (N - 1)`` network evaluations for ``N = len(sigmas) - 1`` steps.
 
     References:
         Skreta et al., "Feynman-Kac Correctors in Diffusion: Annealing, Guidance, and Product of
@@ -221,6 +234,8 @@ def fk_product(
     if not total > 0:
         raise ValueError(f"betas must have a positive sum; got {bs} (sum {total:g})")
     thr = check_number("ess_threshold", ess_threshold, low=0, high=1)
+    c = check_int("n_corrector", n_corrector, least=0)
+    eps_rel = check_number("corrector_step", corrector_step, low=0, low_ok=False)
     s, models = None, []
     for d in denoisers:
         s, model = prepare(d, x, sigmas)
@@ -247,9 +262,24 @@ def fk_product(
         else:
             r = 1.0 - (s1 * s1) / (s0 * s0)
             x = torch.lerp(x, d, r) + s1 * math.sqrt(r) * randn_like(x, generator)
+            x = _move(models, bs, x, s0, s1, c, eps_rel, generator, info)
     # the returned rows are equally weighted: resample every group whose weights are not uniform
     x, _, _ = _resample(x, x, log_w, 1.0 - 1e-9, generator, len(s) - 1, info)
     return finish(x)
+
+
+def _move(models, bs, x, s0, s1, c, eps_rel, generator, info) -> Tensor:
+    """``c`` Langevin steps at ``s1`` on ``q``'s score (resample-move: a kernel that leaves the current
+    target about invariant keeps the weights and spreads the copies that resampling made)."""
+    total = sum(bs)
+    eps = eps_rel * (s0 * s0 - s1 * s1) / 2
+    for _ in range(c):
+        outs = [m(x, s1) for m in models]
+        info["nfe"] += len(outs)
+        d_bar = sum(bk * dk for bk, dk in zip(bs, outs, strict=True)) / total
+        score = total * (d_bar - x) / (s1 * s1)
+        x = x + eps * score + math.sqrt(2 * eps) * randn_like(x, generator)
+    return x
 
 
 def _increment(outs, bs, d_bar, x, s, i) -> Tensor:
