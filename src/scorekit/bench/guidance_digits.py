@@ -54,10 +54,10 @@ __all__ = [
     "setup",
 ]
 
-#: Each rule's scale for pictures and the demo: the held-out-seed best scales of the measured sweep
-#: (docs/guidance.md) rounded to the sweep's grid.
-DEFAULT_SCALES = {"cond": 1.0, "cfg": 3.0, "cfg_interval": 3.0, "apg": 3.0, "tcfg": 3.0,
-                  "adaptive": 3.0, "autoguidance": 3.0, "classifier": 3.0, "cads": 3.0,
+#: Each rule's scale for pictures and the demo: the best scale of the measured sweep on the
+#: 457-step digits run (docs/guidance.md; grid 2, 4: 4 for classifier guidance, 2 for the rest).
+DEFAULT_SCALES = {"cond": 1.0, "cfg": 2.0, "cfg_interval": 2.0, "apg": 2.0, "tcfg": 2.0,
+                  "adaptive": 2.0, "autoguidance": 2.0, "classifier": 4.0, "cads": 2.0,
                   "guidance_free": 1.0}  # fmt: skip
 #: Network evaluations per sampler call of each rule (the budget is divided by it).
 _CALLS = {"cond": 1, "cfg": 2, "cfg_interval": 2, "apg": 2, "tcfg": 2, "adaptive": 2,
@@ -137,19 +137,23 @@ def setup(run_dir, *, weak_step: int | None = None, classifier_dir=None, gf_run=
     return s
 
 
-def _counted(s: Setup, model, labels: Tensor):
+def _counted(s: Setup, model, labels: Tensor | int):
+    """``model`` with per-row ``labels [B]``, or one label for every row (the unconditional branch,
+    which adaptive guidance calls on a subset of the rows), counting the rows evaluated."""
+
     def d(x: Tensor, sigma: Tensor, **extra) -> Tensor:
         s.counts["net"] += x.shape[0]
         if extra:
             return model(x, sigma, **extra)
-        return model(x, sigma, class_labels=labels)
+        lab = torch.full((x.shape[0],), labels) if isinstance(labels, int) else labels
+        return model(x, sigma, class_labels=lab)
 
     return d
 
 
 def _make(rule: str, s: Setup, w: float, labels: Tensor) -> Callable:
     """A fresh guided denoiser of ``rule`` at scale ``w`` for per-row ``labels``."""
-    c, u = _counted(s, s.den, labels), _counted(s, s.den, torch.full_like(labels, -1))
+    c, u = _counted(s, s.den, labels), _counted(s, s.den, -1)
     if rule == "cond":
         return c
     if rule == "guidance_free":
@@ -173,9 +177,14 @@ def _make(rule: str, s: Setup, w: float, labels: Tensor) -> Callable:
         "cfg_interval": lambda: G.cfg(c, u, w, interval=(0.3, 3.0)),
         "apg": lambda: G.apg(c, u, w),
         "tcfg": lambda: G.tcfg(c, u, w),
-        "adaptive": lambda: G.adaptive_guidance(c, u, w, threshold=0.999),
+        "adaptive": lambda: G.adaptive_guidance(c, u, w, threshold=_threshold(rule)),
     }
-    return makers[rule]()
+    return makers[rule.partition("@")[0]]()
+
+
+def _threshold(rule: str) -> float:
+    """``adaptive`` (0.999) or ``adaptive@T``: adaptive guidance's cosine threshold."""
+    return float(rule.partition("@")[2] or 0.999)
 
 
 def _quality(s: Setup, x: Tensor, labels: Tensor) -> dict:
@@ -201,7 +210,7 @@ def _quality(s: Setup, x: Tensor, labels: Tensor) -> dict:
 def measure_rule(s: Setup, rule: str, w: float, *, per_class: int, budget: int, seed: int) -> dict:
     """Samples of one rule at one scale, and their accuracy, FD, MMD and counted evaluations."""
     labels = torch.arange(10).repeat_interleave(per_class)
-    nfe = max(2, budget // _CALLS[rule])
+    nfe = max(2, budget // _CALLS[rule.partition("@")[0]])
     s.counts.update(net=0, clf=0)
     info = s.gf[1] if rule == "guidance_free" else s.info
     x = draw(_make(rule, s, w, labels), info, len(labels), nfe=nfe, sampler="ipndm", seed=seed)
