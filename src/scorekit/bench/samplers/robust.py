@@ -32,7 +32,7 @@ All samplers start from the same noise; the UNet is sampled with ``scorekit.samp
 (karras, sigma 0.002..80), a run with ``scorekit sample``'s range for its process. Measured against the
 held-out 20 % of the digits (never trained on): the 1-nearest-neighbour two-sample accuracy on pixels
 (leave-one-out over the pooled generated and held-out sets, equal sizes; 0.5 = indistinguishable;
-Lopez-Paz & Oquab 2017) and the Fréchet distance on pixels, both on samples clipped to the pixel range
+Lopez-Paz & Oquab 2017) and the Fréchet distance on pixels (in the digits' own units, 0..16), both on samples clipped to the pixel range
 [-1, 1] (as diffusers' pipelines clip), beside their floor (training digits against held-out digits at
 the same sizes). On the UNet diffusers' own ``DPMSolverMultistepScheduler`` loop (its defaults:
 DPM-Solver++(2M), ``lower_order_final``) runs from the same noise at the same NFEs.
@@ -90,6 +90,9 @@ PARAMS: dict[str, Callable[[], Parameterization]] = {
     "v": lambda: VPred(DiscreteProcess.linear()),
     "edm": lambda: EDMPrecond(1.0),
 }
+
+#: FD is reported in the digits' own pixel units (0..16; the models see [-1, 1]): a factor 8 in length.
+PIXEL_UNITS = 8.0
 
 #: sample()'s documented defaults: the schedule and range the suite uses where a model has no other.
 DEFAULT_SCHEDULE, DEFAULT_SIGMA_MIN, DEFAULT_SIGMA_MAX = "karras", 0.002, 80.0
@@ -250,7 +253,7 @@ def _quality(x: Tensor, held: Tensor) -> dict:
     xc = x.clamp(-1, 1)
     m = min(len(xc), len(held))
     return {"bounded": True, "nn": nn_accuracy(xc[:m], held[:m]),
-            "distance": frechet_distance(xc.flatten(1).double(), held.flatten(1).double())}  # fmt: skip
+            "distance": PIXEL_UNITS**2 * frechet_distance(xc.flatten(1).double(), held.flatten(1).double())}  # fmt: skip
 
 
 def _networks(cache: Path, want: list[str], log) -> dict:
