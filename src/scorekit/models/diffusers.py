@@ -408,7 +408,9 @@ def from_diffusers(
             model = _load_model(diffusers, folder, allow_pickle=allow_pickle)
     sched_cfg = _scheduler_config(scheduler, path, folder)
     mapping = map_config(sched_cfg)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if device is not None or dtype is not None:  # (diffusers warns on every .to() call)
+        model = model.to(device=device, dtype=dtype)
+    model = model.eval().requires_grad_(False)
     clip = {k: v for k, v in (("clip_sample", clip_sample), ("clip_sample_range", clip_sample_range),
                               ("thresholding", thresholding)) if v is not None}  # fmt: skip
     return DiffusersDenoiser(model, mapping, sched_cfg, timesteps=timesteps, clip=clip)
