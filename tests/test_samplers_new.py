@@ -336,3 +336,29 @@ def test_fit_ems_on_a_gaussian_has_the_exact_l_and_beats_dpmpp_3m():
     assert ev3 < e3 / 5, (ev3, e3)
     with pytest.raises(ValueError, match="shape"):
         REGISTRY["dpm_solver_v3"](g, torch.ones(2, 3), sig, statistics=ems)
+
+
+# -- parallel sampling (Picard iterations) ------------------------------------------------------------
+
+
+def test_parallel_euler_matches_euler_in_fewer_rounds():
+    from scorekit.samplers.parallel import parallel_euler
+
+    g = target("ring8")
+    x = 80.0 * torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sig = karras(60, 0.002, 80.0)
+    want = REGISTRY["euler"](g, x, sig)
+    st: dict = {}
+    exact = parallel_euler(g, x, sig, tol=0.0, stats=st)  # no tolerance: one state per round
+    torch.testing.assert_close(exact, want, rtol=0, atol=1e-12)
+    assert st == {"rounds": 60, "evaluations": 60 * 61 // 2, "steps": 60}
+    for window in (None, 12):
+        st = {}
+        out = parallel_euler(g, x, sig, window=window, tol=1e-3, stats=st)
+        assert (out - want).abs().max() < 1e-3
+        assert st["rounds"] < 60 / 2, st  # measured: 25 rounds for 60 steps
+        assert st["evaluations"] > 60  # the price: more denoiser work in total
+    with pytest.raises(ValueError, match="tol"):
+        parallel_euler(g, x, sig, tol=-1.0)
+    with pytest.raises(ValueError, match="window"):
+        parallel_euler(g, x, sig, window=0)

@@ -41,7 +41,9 @@ adaptive_sde      stats["nfe"]    Gotta Go Fast (EM + improved Euler), per-sampl
 Modules: ``common`` (the plumbing every sampler shares, public for guidance and posterior solvers),
 ``ode``, ``sde``, ``adaptive``, ``bespoke`` (the samplers), ``registry`` (``REGISTRY``, ``nfe``),
 ``fitted`` (``optimized`` schedules and ``fit_bespoke`` solvers, fitted to one denoiser: they run the
-samplers, so they sit above them), ``accelerators`` (teleport start, exposure-bias corrections).
+samplers, so they sit above them), ``accelerators`` (teleport start, exposure-bias corrections),
+``sa``, ``dc``, ``dpm3`` (SA-Solver, DC-Solver with ``fit_dc``, DPM-Solver-v3 with ``fit_ems``) and
+``parallel`` (``parallel_euler``: Picard iterations, fewer sequential rounds; not in the registry).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ from scorekit.samplers.ode import (
     ipndm,
     unipc,
 )
+from scorekit.samplers.parallel import parallel_euler
 from scorekit.samplers.registry import (
     ADAPTIVE,
     REGISTRY,
@@ -125,6 +128,7 @@ __all__ = [
     "linear_coefficients",
     "nfe",
     "optimized",
+    "parallel_euler",
     "pc_langevin",
     "restart",
     "sa_solver",
