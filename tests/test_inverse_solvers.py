@@ -437,3 +437,20 @@ def test_tds_handles_a_nonlinear_measurement():
     with pytest.raises(ValueError, match="twist='tweedie' needs a linear operator") as err:
         inverse.tds(RING, op.forward(x0), op, _start(6), _sigmas(3), sigma_y=0.01)
     assert "\n" not in str(err.value)
+
+
+def test_posterior_samples_fits_the_budget_and_does_not_depend_on_the_batch():
+    """``posterior_samples``: the most steps whose cost per sample fits ``nfe`` (counted rows / samples),
+    and sample ``i`` of measurement ``j`` the same whatever the batch it is solved in."""
+    from scorekit.inverse import posterior_samples, steps_for_budget
+
+    y = torch.tensor([[0.3], [-0.8]], dtype=F64)
+    kw = {"sigma_y": 0.1, "n": 3, "solver": "tds", "sigma_min": 2e-3, "sigma_max": 80.0, "seed": 4}
+    den = Counting(RING)
+    one = posterior_samples(den, y, Matrix(OBSERVE_X), nfe=21, batch=64, **kw)
+    assert steps_for_budget(inverse.tds, 21, 2e-3, 80.0, {}) == 10  # 10 steps x 2 particles
+    assert den.calls == 6 * 20 and one.shape == (2, 3, 2)
+    two = posterior_samples(RING, y, Matrix(OBSERVE_X), nfe=21, batch=4, **kw)
+    assert torch.allclose(one, two, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="nfe=1 is too small for tds"):
+        posterior_samples(RING, y, Matrix(OBSERVE_X), nfe=1, **kw)
