@@ -9,8 +9,9 @@ pipelines do.
 Protocol (tuned vs held-out):
     * candidates: diffusers' DDIM (leading spacing as in its pipelines, trailing; clip_sample on, its
       default, and off), DPM-Solver++(2M) (uniform and Karras sigmas), UniPC (bh2, orders 2 and 3);
-      scorekit's ``dpmpp_2m``, ``dpmpp_3m``, ``unipc`` (order 3), ``deis`` on the ``karras`` and
-      ``loglinear`` schedules from the table's ``sigma_max`` (one from 10), some with the x0 clip
+      scorekit's ``dpmpp_2m``, ``dpmpp_3m``, ``unipc`` (order 3), ``deis`` on the ``karras``,
+      ``loglinear`` and ``uniform_t`` (uniform in the table's time, continuous) schedules from the
+      table's ``sigma_max`` (one from 10), some with the x0 clip
       (``SCOREKIT``). Every candidate makes exactly the NFE of its row (the UNet's calls are counted).
     * tuning: each side's best candidate per NFE (lowest Fréchet distance) is chosen on ``--tune-n``
       samples of seed ``--tune-seed`` scored against as many training digits;
@@ -19,7 +20,8 @@ Protocol (tuned vs held-out):
     * scores: the 1-NN two-sample test (leave-one-out accuracy of a 1-nearest-neighbour classifier
       between samples and reference; 0.5 = indistinguishable, 1 = fully separable; Lopez-Paz & Oquab
       2017) and the Fréchet distance of pixel-space Gaussians (``scorekit.metrics.frechet_distance``),
-      both at equal sample and reference counts.
+      both at equal sample and reference counts, on samples clamped to [-1, 1] (as diffusers'
+      pipelines clamp images before writing pixels).
     * overhead: seconds of one scorekit sampling run around the UNet against the UNet's own calls on
       the same inputs (interleaved, best of ``--repeats``, one process): ``ours / model - 1``.
 
@@ -35,6 +37,7 @@ import json
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -61,15 +64,16 @@ DIFFUSERS = [
 #: scorekit candidates: (sampler, options, schedule, sigma_max ("table" = the table's), x0 clip)
 SCOREKIT = [
     ("dpmpp_2m", {}, "karras", "table", False),
-    ("dpmpp_2m", {}, "loglinear", "table", False),
     ("dpmpp_3m", {}, "karras", "table", False),
     ("dpmpp_3m", {}, "loglinear", "table", False),
     ("unipc", {"order": 3}, "karras", "table", False),
-    ("deis", {}, "karras", "table", False),
+    ("dpmpp_2m", {}, "uniform_t", "table", False),
+    ("dpmpp_3m", {}, "uniform_t", "table", False),
+    ("unipc", {"order": 3}, "uniform_t", "table", False),
+    ("deis", {}, "uniform_t", "table", False),
     ("dpmpp_3m", {}, "karras", 10.0, False),
-    ("dpmpp_2m", {}, "karras", "table", True),
-    ("dpmpp_3m", {}, "karras", "table", True),
-    ("unipc", {"order": 3}, "karras", "table", True),
+    ("dpmpp_3m", {}, "uniform_t", "table", True),
+    ("unipc", {"order": 3}, "uniform_t", "table", True),
 ]
 
 
@@ -109,6 +113,10 @@ def nn1_accuracy(x: Tensor, y: Tensor) -> float:
 
 
 def _score(x: Tensor, ref: Tensor) -> dict:
+    """Both scores of samples ``x`` against ``ref``, on images clamped to [-1, 1] as diffusers'
+    pipelines clamp them before writing pixels (a few out-of-range pixels would otherwise dominate
+    the Fréchet distance)."""
+    x = x.clamp(-1, 1)
     return {"nn1": nn1_accuracy(x, ref), "fd": frechet_distance(x.reshape(len(x), -1).double(),
                                                                 ref.reshape(len(ref), -1).double())}  # fmt: skip
 
@@ -177,12 +185,16 @@ def _scorekit_denoiser(folder: Path, clip: bool):
 def scorekit_sample(folder: Path, cand: dict, z: Tensor, nfe: int) -> tuple[Tensor, int]:
     """scorekit's sampler on ``from_diffusers(folder)`` from ``sigma_max * z``: ``(x0, UNet calls)``."""
     from scorekit.samplers import sample
+    from scorekit.schedules import uniform_t
 
     den = _scorekit_denoiser(folder, cand["clip"])
     calls = _Calls(den.model)
     hi = den.sigma_max if cand["sigma_max"] == "table" else float(cand["sigma_max"])
+    schedule = cand["schedule"]
+    if schedule == "uniform_t":  # uniform in the table's own time (DDIM-like), continuous
+        schedule = partial(uniform_t, process=den.mapping.process)
     with torch.no_grad():
-        x = sample(den, tuple(z.shape), nfe=nfe, sampler=cand["sampler"], schedule=cand["schedule"],
+        x = sample(den, tuple(z.shape), nfe=nfe, sampler=cand["sampler"], schedule=schedule,
                    sigma_min=den.sigma_min, sigma_max=hi, noise=z, **cand["options"])  # fmt: skip
     return x, calls.close()
 
