@@ -61,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--quick", action="store_true", help="ring6 only, 512 samples, scales 1 and 4")
     a("--convergence-scale", type=float, default=4.0, help="scale of the convergence sweeps")
     a("--seed", type=int, default=0)
+    f = parser.add_argument_group("fk_smc with resample-move correctors on gmm16 (--fk-sweep)")
+    f.add_argument("--fk-sweep", action="store_true", help="only the fk_smc corrector sweep")
+    f.add_argument("--fk-seeds", type=int, nargs="+", default=[2, 3, 4])
+    f.add_argument("--fk-steps", type=int, nargs="+", default=[100, 200])
+    f.add_argument("--fk-correctors", type=int, nargs="+", default=[0, 4])
+    f.add_argument("--fk-particles", type=int, default=256)
     g = parser.add_argument_group("digits (scorekit.bench.guidance_digits)")
     g.add_argument("--digits", metavar="RUN_DIR", help="a class-conditional digits run: measure the "
                    "rules on it (class accuracy, FD, MMD) instead of the exact mixtures")  # fmt: skip
@@ -211,7 +217,41 @@ def _print_convergence(res: dict) -> None:
         print(f"    {what}  sw2 {r['sw2']:.4f}  nfe/sample {r['nfe_per_sample']:.0f}")
 
 
+def _fk_sweep(args) -> list[dict]:
+    """``fk_smc`` on gmm16 at ``--convergence-scale``: ratio to the exact floor per steps, correctors, seed."""
+    t, w, n = class_target("gmm16"), args.convergence_scale, args.n
+    g = torch.Generator().manual_seed(1000)
+    exact, *others = (t.tilted_sample(0, w, n, g) for _ in range(4))
+    floor = sum(sliced_wasserstein(exact, o) for o in others) / len(others)
+    print(
+        f"fk_smc on gmm16, w={w:g}, {n} samples, groups of {args.fk_particles}, floor {floor:.4f}"
+    )
+    rows = []
+    for steps in args.fk_steps:
+        for c in args.fk_correctors:
+            for seed in args.fk_seeds:
+                g = torch.Generator().manual_seed(seed)
+                x = 80.0 * torch.randn(n, t.dim, generator=g, dtype=torch.float64)
+                st: dict = {}
+                out = fk_smc(t.cond(0), t.uncond, x, karras(steps, 0.002, 80.0, dtype=torch.float64),
+                             scale=w, generator=g, particles=args.fk_particles, n_corrector=c,
+                             stats=st)  # fmt: skip
+                sw = sliced_wasserstein(out, exact)
+                rows.append({"steps": steps, "n_corrector": c, "seed": seed, "sw2": sw,
+                             "ratio": sw / floor, "nfe_per_sample": st["nfe"]})  # fmt: skip
+                print(f"  steps {steps:<4} C {c:<2} seed {seed}: sw2 {sw:.4f}  ratio {sw / floor:.2f}"
+                      f"  nfe/sample {st['nfe']}", flush=True)  # fmt: skip
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.fk_sweep:
+        torch.set_num_threads(1)
+        rows = _fk_sweep(args)
+        out = Path(args.out) / "guidance_fk.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1))
+        return 0
     if args.digits is not None:
         from scorekit.bench.guidance_digits import run_digits
 
