@@ -16,6 +16,8 @@ A rule with state across calls (``apg``'s momentum, ``adaptive``'s finished rows
 sampling pass: ``scorekit.runs.generate`` draws in chunks, and a pass starts where the noise level
 rises to the highest seen so far (``PerPass``). The network evaluations actually made (rows passed to
 the run's network, the weak model and the classifier) are counted and reported per sample.
+``cads`` and ``minority`` draw noise from torch's global generator, seeded by ``--seed``: reproducible,
+but their samples depend on ``--batch``.
 """
 
 from __future__ import annotations
@@ -241,6 +243,9 @@ def build(args: argparse.Namespace, denoiser, info: dict, *, device) -> tuple[An
         return d
 
     make()  # a bad option value is a one-line error now, not after the first chunk
+    # cads and minority draw their noise from torch's global generator: seeded, so a command is
+    # reproducible (their samples do depend on --batch, unlike the deterministic rules').
+    torch.manual_seed(args.seed)
     for key in m.counts:
         m.counts[key] = 0
     return PerPass(make), m

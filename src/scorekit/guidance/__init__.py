@@ -32,11 +32,16 @@ reward_guidance         ``D + w sigma^2 grad_x r(D(x, sigma))``       1 + a back
 minority_guidance       climb |D(x) - D(D(x) + s z, s)|^2             2 + a backward pass per call
 eps_scaling             exposure bias: eps / lambda(sigma)            the wrapped denoiser's
 time_shift              exposure bias: D at the sample's own sigma    the wrapped denoiser's
-fk_smc (sampler)        FK-weighted SMC on the tilted target          2 N
-fk_product (sampler)    FK SMC for prod_k p_k^beta_k (experts, p^b)   K N
+fk_smc (sampler)        FK-weighted SMC on the tilted target, C       2 N + 2 C (N - 1)
+                        resample-move Langevin steps per level
+fk_product (sampler)    FK SMC for prod_k p_k^beta_k (experts, p^b)   K N + K C (N - 1)
 cfg_pc (sampler)        DDIM(cond) + C Langevin on tilted density     (N - 1)(1 + 2C) + 2
 svdd (sampler)          M DDPM candidates per step, kept by value     1 + M (N - 1)
 ======================  ============================================  ===============================
+
+Trained guidance lives with training: ``scorekit.train.classifier`` (a noise-conditional classifier
+for ``classifier_guidance``, with the DLSM loss) and ``scorekit.train.loss.guidance_free_loss``
+(``scorekit train --guidance-free S``: the network learns the CFG denoiser of scale ``S``).
 
 The exact ground truth these are tested against is in ``scorekit.guidance.exact``:
 ``ClassMixture`` (exact conditional and unconditional denoisers, the exact noisy classifier and
