@@ -61,7 +61,7 @@ def test_digits_demo_section_writes_a_grid_per_rule(tmp_path):
     assert list(figures) == rules and len(pngs) == len(rules)
     for p in pngs:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "| cfg | 3 |" in md and "guidance_apg.png" in md
+    assert "| cfg | 2 |" in md and "guidance_apg.png" in md
     # Network evaluations at a budget of 20: 20 calls of one model, 10 calls of two.
     assert figures["cond"]["nfe_per_sample"] == 20 and figures["cfg"]["nfe_per_sample"] == 20
     assert figures["cfg_interval"]["nfe_per_sample"] < 20
