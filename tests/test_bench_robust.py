@@ -85,10 +85,10 @@ def test_perturbed_adds_c_out_times_a_unit_rms_smooth_error():
             _, c_out, _, _ = param.scalings(sigma)
             diff = den(x, sigma) - gm.denoise(x, sigma)
             # the D error is the raw error times c_out, |c_out| capped at sigma (x0 only)
-            scale = torch.minimum(c_out.abs(), sigma)
+            scale = torch.minimum(c_out.abs(), sigma) * (0.1 + 1 / (1 + s**2))  # cap, profile
             rms = float((diff / scale[:, None]).square().mean().sqrt())
             assert 0.15 < rms < 0.25, (name, s, rms)  # level 0.2, unit-RMS field
-            assert float(diff.abs().max()) <= 0.2 * 4 * s + 1e-12  # never above ~4 level sigma
+            assert float(diff.abs().max()) <= 0.2 * 4 * 1.1 * s + 1e-12  # below ~4 level sigma
 
 
 def test_nn_accuracy_against_a_brute_force_count():
