@@ -59,6 +59,7 @@ from scorekit.samplers.adaptive import adaptive_ode, adaptive_sde
 from scorekit.samplers.bespoke import BespokeSolver, bespoke, linear_coefficients
 from scorekit.samplers.common import check_sigmas, row_generators
 from scorekit.samplers.dc import DCSolver, dc_solver, fit_dc
+from scorekit.samplers.defaults import AUTO, auto_config
 from scorekit.samplers.dpm3 import EMS, dpm_solver_v3, fit_ems
 from scorekit.samplers.fitted import fit_bespoke, optimized
 from scorekit.samplers.ode import (
@@ -97,6 +98,7 @@ from scorekit.schedules import get_schedule
 
 __all__ = [
     "ADAPTIVE",
+    "AUTO",
     "EMS",
     "REGISTRY",
     "STOCHASTIC",
@@ -154,9 +156,9 @@ def sample(
     shape: Sequence[int],
     *,
     nfe: int | None = None,
-    sampler: str = "dpmpp_2m",
-    schedule: str | Callable = "karras",
-    sigma_min: float = 0.002,
+    sampler: str = "auto",
+    schedule: str | Callable | None = None,
+    sigma_min: float | None = None,
     sigma_max: float = 80.0,
     seed: int = 0,
     index_offset: int = 0,
@@ -179,9 +181,14 @@ def sample(
         nfe: exact number of denoiser calls; the number of steps is chosen to match it (ValueError
             naming the nearest achievable values if the sampler cannot). Leave ``None`` with explicit
             ``sigmas`` or an adaptive sampler.
-        sampler: a name in ``REGISTRY``.
+        sampler: a name in ``REGISTRY``, or ``"auto"`` (the default): the sampler, its options, the
+            schedule and the last sigma chosen for this NFE by the random-mixture suite
+            (``samplers.defaults.AUTO``; needs ``nfe``). An explicit ``schedule`` or ``sigma_min``
+            still wins over the table.
         schedule: a name for ``scorekit.schedules.get_schedule`` or a callable
-            ``(n, sigma_min, sigma_max) -> sigmas [n + 1]``.
+            ``(n, sigma_min, sigma_max) -> sigmas [n + 1]``; default: the table's with ``"auto"``,
+            ``"karras"`` otherwise.
+        sigma_min: the last nonzero sigma; default: the table's with ``"auto"``, 0.002 otherwise.
         seed: the seed; row ``i`` of the result is sample number ``index_offset + i`` of this seed.
         index_offset: first sample number (for sharding: rank ``r`` draws rows ``start_r ...``).
         sigmas: explicit noise levels (overrides ``schedule``, ``sigma_min``, ``sigma_max``).
@@ -195,6 +202,17 @@ def sample(
     Returns:
         ``[B, ...]`` samples in ``dtype`` on ``device``.
     """
+    if sampler == "auto":
+        if nfe is None:
+            raise ValueError(
+                "sampler='auto' picks the sampler for an NFE: give nfe (or a sampler name)"
+            )
+        sampler, auto_opts, auto_schedule, auto_min = auto_config(check_int("nfe", nfe))
+        options = {**auto_opts, **options}
+        schedule = auto_schedule if schedule is None else schedule
+        sigma_min = auto_min if sigma_min is None else sigma_min
+    schedule = "karras" if schedule is None else schedule
+    sigma_min = 0.002 if sigma_min is None else sigma_min
     fn = get_sampler(sampler)
     options_of(sampler, options)
     shape = tuple(int(v) for v in shape)
