@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "train on built-in data, sample fast, write a report folder (the main job)"),
     "train": ("train", "train a denoiser on a built-in data set or your own files"),
     "sample": ("sample", "draw samples from a trained run (.npy or .png)"),
-    "train-classifier": ("train_classifier", "a noise-conditional classifier for classifier guidance (+ DLSM)"),
+    "train-classifier": ("train_classifier", "a noisy classifier for classifier guidance"),
     "likelihood": ("likelihood", "per-example log-likelihoods of a data file under a trained run"),
     "restore": ("restore", "posterior samples given a measurement (inpaint, super-resolve, deblur, denoise)"),
     "bench": ("bench", "benchmarks on exact targets (samplers, training, likelihood)"),
