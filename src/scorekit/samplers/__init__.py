@@ -6,7 +6,9 @@ Every sampler has the signature
 
 with ``x`` ``[B, ...]`` already at ``sigmas[0]`` and ``sigmas`` 1-D, strictly decreasing, ending in 0.
 ``REGISTRY`` maps each name to its function; ``nfe(name, sigmas, **options)`` is the exact number of
-denoiser calls it makes; ``sample()`` picks the number of steps that gives a requested NFE exactly.
+denoiser calls it makes; ``sample()`` picks the number of steps that gives a requested NFE exactly,
+and by default (``sampler="auto"``) the sampler, schedule and last sigma that the random-mixture
+suite chose for that NFE (``defaults.AUTO``, ``docs/choosing-a-sampler.md``).
 
 Choosing (``N`` steps = ``len(sigmas) - 1``; orders as measured in ``tests/test_samplers_order.py``):
 
