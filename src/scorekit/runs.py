@@ -134,7 +134,7 @@ def draw(
     n: int,
     *,
     nfe: int,
-    sampler: str = "ipndm",
+    sampler: str = "dpmpp_2m",
     schedule: str = "karras",
     seed: int = 0,
     device: str | torch.device = "cpu",

@@ -37,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--nfe", type=int, default=None, help="denoiser calls per sample (default 20)")
     a(
         "--sampler",
-        default="ipndm",
-        help="sampler name (see scorekit.samplers.REGISTRY; default ipndm)",
+        default="dpmpp_2m",
+        help="sampler name (see scorekit.samplers.REGISTRY; default dpmpp_2m: bounded and among the "
+        "best on trained networks, docs/choosing-a-sampler.md)",
     )
     a("--schedule", default="karras", help="noise schedule name (default karras)")
     a("--seed", type=int, default=0)

@@ -99,7 +99,7 @@ class TrainConfig:
     sample_every: int = 0
     sample_n: int = 64
     sample_nfe: int = 20
-    sample_sampler: str = "ipndm"
+    sample_sampler: str = "dpmpp_2m"
     log_every: int = 50
     seed: int = 0
     device: str = "cpu"
