@@ -183,6 +183,25 @@ def test_demo_quick_writes_report(tmp_path, capsys):
                  "digits_real_vs_generated", "digits_loss"):  # fmt: skip
         assert (out / f"{name}.png").stat().st_size > 1000, name
     assert "FD-digits" in (out / "report.md").read_text()
+    # The extras drawn from the (conditional) digits run: a grid per guidance rule and a panel per
+    # inverse task, each named in report.md; the classifier's accuracy on the true digits of each
+    # task is that of a logistic regression fitted here on the same real training pixels.
+    md = (out / "report.md").read_text()
+    for rule in rep["guidance"]:
+        assert (out / f"guidance_{rule}.png").stat().st_size > 1000, rule
+    assert {"cond", "cfg", "apg"} <= set(rep["guidance"])
+    from sklearn.linear_model import LogisticRegression
+
+    from scorekit import data as sdata
+
+    tr, te = sdata.split(sdata.load("digits"), holdout=0.2, seed=0)
+    pix = lambda ds: ds.normalization.decode(ds.x).reshape(len(ds.x), -1).double().numpy()  # noqa: E731
+    judge = LogisticRegression(max_iter=3000).fit(pix(tr), tr.labels)
+    truth_acc = float((judge.predict(pix(te)[:4]) == np.asarray(te.labels[:4])).mean())
+    for spec, row in rep["inverse"].items():
+        name = f"inverse_{spec.split(':')[0]}.png"
+        assert (out / name).stat().st_size > 1000 and name in md, spec
+        assert row["solver"] == "ddnm" and row["accuracy_truth"] == pytest.approx(truth_acc)
 
 
 def test_every_option_survives_torchrun_or_has_a_spelling_that_does():
