@@ -11,7 +11,8 @@ Protocol (tuned vs held-out):
       default, and off), DPM-Solver++(2M) (uniform and Karras sigmas), UniPC (bh2, orders 2 and 3);
       scorekit's ``dpmpp_2m``, ``dpmpp_3m``, ``unipc`` (order 3), ``deis`` on the ``karras``,
       ``loglinear`` and ``uniform_t`` (uniform in the table's time, continuous) schedules from the
-      table's ``sigma_max`` (one from 10), some with the x0 clip
+      table's ``sigma_max`` down to the table's ``sigma_min`` or to 0.1 / 0.3 (see ``SCOREKIT``),
+      some with the x0 clip
       (``SCOREKIT``). Every candidate makes exactly the NFE of its row (the UNet's calls are counted).
     * tuning: each side's best candidate per NFE (lowest Fréchet distance) is chosen on ``--tune-n``
       samples of seed ``--tune-seed`` scored against as many training digits;
@@ -61,19 +62,23 @@ DIFFUSERS = [
     ("unipc-2", "UniPCMultistepScheduler", {"solver_order": 2}),
     ("unipc-3", "UniPCMultistepScheduler", {"solver_order": 3}),
 ]  # fmt: skip
-#: scorekit candidates: (sampler, options, schedule, sigma_max ("table" = the table's), x0 clip)
+#: scorekit candidates: (sampler, options, schedule, sigma_max, last positive sigma, x0 clip);
+#: "table" is the table's end. Ending above the table's sigma_min (the last step then returns the
+#: posterior mean at that noise level) is what diffusers' multistep schedulers do with their default
+#: spacing (their last model call is at timestep ~1000/n), so scorekit's side may choose it too.
 SCOREKIT = [
-    ("dpmpp_2m", {}, "karras", "table", False),
-    ("dpmpp_3m", {}, "karras", "table", False),
-    ("dpmpp_3m", {}, "loglinear", "table", False),
-    ("unipc", {"order": 3}, "karras", "table", False),
-    ("dpmpp_2m", {}, "uniform_t", "table", False),
-    ("dpmpp_3m", {}, "uniform_t", "table", False),
-    ("unipc", {"order": 3}, "uniform_t", "table", False),
-    ("deis", {}, "uniform_t", "table", False),
-    ("dpmpp_3m", {}, "karras", 10.0, False),
-    ("dpmpp_3m", {}, "uniform_t", "table", True),
-    ("unipc", {"order": 3}, "uniform_t", "table", True),
+    ("dpmpp_2m", {}, "karras", "table", "table", False),
+    ("dpmpp_2m", {}, "karras", "table", 0.1, False),
+    ("dpmpp_2m", {}, "karras", "table", 0.3, False),
+    ("dpmpp_2m", {}, "uniform_t", "table", "table", False),
+    ("dpmpp_2m", {}, "uniform_t", "table", 0.1, False),
+    ("dpmpp_2m", {}, "uniform_t", "table", 0.3, False),
+    ("dpmpp_3m", {}, "karras", "table", 0.1, False),
+    ("dpmpp_3m", {}, "karras", "table", 0.3, False),
+    ("unipc", {"order": 3}, "karras", "table", 0.1, False),
+    ("unipc", {"order": 3}, "karras", "table", 0.3, False),
+    ("dpmpp_2m", {}, "karras", "table", 0.1, True),
+    ("unipc", {"order": 3}, "karras", "table", 0.3, True),
 ]
 
 
@@ -190,20 +195,21 @@ def scorekit_sample(folder: Path, cand: dict, z: Tensor, nfe: int) -> tuple[Tens
     den = _scorekit_denoiser(folder, cand["clip"])
     calls = _Calls(den.model)
     hi = den.sigma_max if cand["sigma_max"] == "table" else float(cand["sigma_max"])
+    lo = den.sigma_min if cand["sigma_min"] == "table" else float(cand["sigma_min"])
     schedule = cand["schedule"]
     if schedule == "uniform_t":  # uniform in the table's own time (DDIM-like), continuous
         schedule = partial(uniform_t, process=den.mapping.process)
     with torch.no_grad():
         x = sample(den, tuple(z.shape), nfe=nfe, sampler=cand["sampler"], schedule=schedule,
-                   sigma_min=den.sigma_min, sigma_max=hi, noise=z, **cand["options"])  # fmt: skip
+                   sigma_min=lo, sigma_max=hi, noise=z, **cand["options"])  # fmt: skip
     return x, calls.close()
 
 
 def _candidates(quick: bool) -> tuple[list[dict], list[dict]]:
     theirs = [{"label": lab, "cls": c, "cfg": cfg} for lab, c, cfg in DIFFUSERS]
-    ours = [{"label": f"{sampler}{opts.get('order', '')}-{sched}-from{hi}" + ("-clip" if clip else ""),
-             "sampler": sampler, "options": opts, "schedule": sched, "sigma_max": hi, "clip": clip}
-            for sampler, opts, sched, hi, clip in SCOREKIT]  # fmt: skip
+    ours = [{"label": f"{sampler}{opts.get('order', '')}-{sched}-{hi}-to-{lo}" + ("-clip" if clip else ""),
+             "sampler": sampler, "options": opts, "schedule": sched, "sigma_max": hi, "sigma_min": lo,
+             "clip": clip} for sampler, opts, sched, hi, lo, clip in SCOREKIT]  # fmt: skip
     if quick:
         theirs, ours = theirs[::3], ours[::4]
     return theirs, ours
