@@ -24,7 +24,9 @@ Protocol (tuned vs held-out):
       both at equal sample and reference counts, on samples clamped to [-1, 1] (as diffusers'
       pipelines clamp images before writing pixels).
     * overhead: seconds of one scorekit sampling run around the UNet against the UNet's own calls on
-      the same inputs (interleaved, best of ``--repeats``, one process): ``ours / model - 1``.
+      the same inputs (interleaved, best of ``--repeats``, one process): ``ours / model - 1``; and,
+      free of the timing noise of a busy machine, the loop alone (the UNet replaced by a stub that
+      returns at once) as a fraction of the UNet's calls.
 
 References:
     Lopez-Paz & Oquab, "Revisiting Classifier Two-Sample Tests", ICLR 2017 (1-NN test).
@@ -272,13 +274,32 @@ def overhead(folder: Path, *, batch: int, nfe: int, repeats: int) -> dict:
                 unet(x, t)
             t_model.append(time.perf_counter() - t0)
     ours, model = min(t_ours), min(t_model)
-    return {
-        "batch": batch,
-        "nfe": nfe,
-        "scorekit_s": ours,
-        "model_s": model,
-        "overhead": ours / model - 1,
-    }
+    # The loop alone: the same run with the UNet replaced by a stub that returns zeros at once, so
+    # what is timed is scorekit's own work (scalings, t(sigma) on the table, the sampler's update).
+    den.model = _Stub()
+    t_loop = []
+    try:
+        with torch.no_grad():
+            for _ in range(4 * repeats):
+                t0 = time.perf_counter()
+                sample(den, tuple(z.shape), **kw)
+                t_loop.append(time.perf_counter() - t0)
+    finally:
+        den.model = unet
+    loop = min(t_loop)
+    return {"batch": batch, "nfe": nfe, "scorekit_s": ours, "model_s": model,
+            "overhead": ours / model - 1, "loop_s": loop, "loop_fraction": loop / model}  # fmt: skip
+
+
+class _Stub(torch.nn.Module):
+    """A model that costs nothing: zeros of the input's shape (for timing the loop alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1))  # the denoiser reads the model's dtype
+
+    def forward(self, x, t, **kw):
+        return (torch.zeros_like(x),)
 
 
 def benchmark(args: argparse.Namespace, log=print) -> dict:
@@ -340,7 +361,9 @@ def table(res: dict) -> str:
         "1-NN within its noise of 0.02).",
         f"Overhead of scorekit's loop around the UNet (dpmpp_2m, NFE {o['nfe']}, batch {o['batch']}): "
         f"{100 * o['overhead']:+.1f} % of the UNet's own calls ({o['scorekit_s']:.3f} s vs "
-        f"{o['model_s']:.3f} s, best of the repeats, one process).",
+        f"{o['model_s']:.3f} s, best of the repeats, one process); the loop alone (the UNet replaced "
+        f"by a stub) costs {1e3 * o['loop_s']:.1f} ms, {100 * o['loop_fraction']:.2f} % of the UNet's "
+        "calls.",
     ]
     return "\n".join(lines)
 
