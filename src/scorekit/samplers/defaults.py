@@ -21,14 +21,14 @@ __all__ = ["AUTO", "auto_config"]
 #: NFE -> (registry name, options, schedule name, last nonzero sigma), from the tuning part of
 #: ``scorekit bench samplers --suite random`` (seed 0, 20 problems, 64 rows each).
 AUTO: dict[int, tuple[str, dict, str, float]] = {
-    3: ("dpmpp_3m", {}, "loglinear", 0.02),
+    3: ("dpmpp_3m", {}, "loglinear", 0.01),
     4: ("dpmpp_3m", {}, "uniform_t", 0.25),
-    5: ("dpmpp_3m", {}, "loglinear", 0.25),
-    6: ("unipc", {"order": 2}, "uniform_t", 0.25),
+    5: ("deis", {"order": 3}, "uniform_t", 0.25),
+    6: ("deis", {"order": 3}, "uniform_t", 0.25),
     8: ("unipc", {"order": 2}, "loglinear", 0.1),
     10: ("dpmpp_2m", {}, "loglinear", 0.1),
-    15: ("dpmpp_2m", {}, "loglinear", 0.1),
-    20: ("unipc", {"order": 3}, "loglinear", 0.02),
+    15: ("unipc", {"order": 3}, "loglinear", 0.05),
+    20: ("unipc", {"order": 3}, "loglinear", 0.05),
 }
 
 

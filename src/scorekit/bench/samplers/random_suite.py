@@ -63,10 +63,11 @@ CANDIDATE_SAMPLERS = [
     ("dpmpp_3m", "dpmpp_3m", {}),
     ("unipc2", "unipc", {"order": 2}),
     ("unipc3", "unipc", {"order": 3}),
+    ("deis3", "deis", {"order": 3}),
 ]
 SCHEDULE_NAMES = ("karras", "loglinear", "uniform_t")
 #: the last nonzero sigma (the step after it is the Tweedie jump to 0).
-SIGMA_LAST = (0.002, 0.02, 0.1, 0.25, 0.5, 1.0)
+SIGMA_LAST = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
 
 
 @dataclass(frozen=True)
