@@ -50,7 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"posterior sampler (default {DEFAULT}; see docs/inverse-problems.md)",
     )
     a("--nfe", type=int, default=100, help="network evaluations per sample (default 100)")
-    a("--n", type=int, default=8, help="posterior samples per measurement (default 8)")
+    a(
+        "--n",
+        "--num-samples",
+        dest="n",
+        type=int,
+        default=8,
+        help="posterior samples per measurement (default 8)",
+    )
     a("--out", required=True, metavar="FILE", help="output .npy (samples in data units) or .png")
     a("--seed", type=int, default=0)
     a("--batch", type=int, default=64, help="samples solved together (default 64)")
