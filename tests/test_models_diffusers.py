@@ -425,3 +425,19 @@ def test_missing_diffusers_is_one_line(monkeypatch, saved):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'scorekit\[diffusers\]'"):
         from_diffusers(saved["eps"][0])
+
+
+def test_bind_expands_batch_one_conditioning_inside_dicts():
+    seen = {}
+
+    def spy(x, sigma, **cond):
+        seen.update(cond)
+        return x
+
+    text = torch.randn(1, 5, 6)
+    extra = {"text_embeds": torch.randn(1, 7), "time_ids": torch.randn(3, 6)}
+    bind(spy, encoder_hidden_states=text, added_cond_kwargs=extra)(torch.zeros(3, 2), torch.ones(3))
+    assert seen["encoder_hidden_states"].shape == (3, 5, 6)
+    assert torch.equal(seen["encoder_hidden_states"][2], text[0])
+    assert seen["added_cond_kwargs"]["text_embeds"].shape == (3, 7)
+    assert seen["added_cond_kwargs"]["time_ids"] is extra["time_ids"]  # already the batch's size
