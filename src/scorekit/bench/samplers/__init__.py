@@ -57,7 +57,7 @@ import argparse
 import sys
 import time
 
-from scorekit.bench.samplers import random_suite
+from scorekit.bench.samplers import random_suite, robust
 from scorekit.bench.samplers.candidates import SCOREKIT_SAMPLERS
 from scorekit.bench.samplers.config import Config
 from scorekit.bench.samplers.diffusers_harness import (
@@ -104,10 +104,12 @@ METRIC = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench_out/samplers", help="output folder (JSON, PNG)")
     parser.add_argument(
-        "--suite", choices=("exact", "random"), default="exact",
+        "--suite", choices=("exact", "random", "robust"), default="exact",
         help="exact: ring8 and gmm64 with every sampler x schedule (default); random: random "
-        "Gaussian mixtures split into tuning and held-out parts (random_suite), into <out>/random",
+        "Gaussian mixtures split into tuning and held-out parts (random_suite), into <out>/random; "
+        "robust: imperfect denoisers and trained digits networks (robust), into <out>/robust",
     )  # fmt: skip
+    robust.add_arguments(parser)
     parser.add_argument("--problems", type=int, default=20, help="--suite random: problems")
     parser.add_argument("--rows", type=int, default=64, help="--suite random: rows per problem")
     parser.add_argument("--quick", action="store_true", help="small batches and subsets: < 1 min")
@@ -205,6 +207,11 @@ def run(args: argparse.Namespace) -> int:
 
     Without diffusers (the peer it compares against) it prints which extra to install and returns 2.
     """
+    if args.suite == "robust":
+        if diffusers is None:
+            print(MISSING, file=sys.stderr)
+            return 2
+        return robust.run(args)
     config = None if args.suite == "random" else Config.from_args(args)
     if diffusers is None:
         print(MISSING, file=sys.stderr)
