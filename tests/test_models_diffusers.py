@@ -441,3 +441,17 @@ def test_bind_expands_batch_one_conditioning_inside_dicts():
     assert torch.equal(seen["encoder_hidden_states"][2], text[0])
     assert seen["added_cond_kwargs"]["text_embeds"].shape == (3, 7)
     assert seen["added_cond_kwargs"]["time_ids"] is extra["time_ids"]  # already the batch's size
+
+
+def test_rounded_timesteps_for_integer_only_models(saved):
+    folder, sched = saved["eps"]
+    den = _load64(folder, clip_sample=False, timesteps="round")
+    calls = _spy(den)
+    _, sig = _table(sched)
+    mid = (
+        sig[100] * sig[101]
+    ).sqrt()  # halfway in log sigma: t = 100.5 rounds to 100 (half to even)
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        den(x, torch.stack([sig[7], mid, sig[640]]))
+    assert calls[0][1].tolist() == [7.0, 100.0, 640.0]
