@@ -448,10 +448,11 @@ def test_rounded_timesteps_for_integer_only_models(saved):
     den = _load64(folder, clip_sample=False, timesteps="round")
     calls = _spy(den)
     _, sig = _table(sched)
-    mid = (
-        sig[100] * sig[101]
-    ).sqrt()  # halfway in log sigma: t = 100.5 rounds to 100 (half to even)
-    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+
+    def between(i, w):  # w of the way from step i to i + 1 in log sigma: t = i + w
+        return torch.exp(torch.lerp(sig[i].log(), sig[i + 1].log(), w))
+
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
     with torch.no_grad():
-        den(x, torch.stack([sig[7], mid, sig[640]]))
-    assert calls[0][1].tolist() == [7.0, 100.0, 640.0]
+        den(x, torch.stack([sig[7], between(100, 0.3), between(100, 0.7), sig[640]]))
+    assert calls[0][1].tolist() == [7.0, 100.0, 101.0, 640.0]
