@@ -22,7 +22,7 @@ ROOT = Path(scorekit.__file__).parent
 #: DESIGN.md's layer table, top (imports nothing of scorekit) to bottom (may import anything).
 LAYERS: list[tuple[str, ...]] = [
     ("_util",),
-    ("metrics", "data", "pfode", "threads"),
+    ("metrics", "data", "pfode", "threads", "_diffusers_unet"),
     ("process", "nets"),
     ("denoiser", "analytic"),
     ("schedules",),

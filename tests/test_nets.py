@@ -190,7 +190,9 @@ def test_default_config_takes_plain_values():
 
 
 def test_build_errors():
-    with pytest.raises(ValueError, match=r"config\['type'\].*\['mlp', 'unet'\].*'transformer'"):
+    with pytest.raises(
+        ValueError, match=r"config\['type'\].*\['diffusers-unet2d', 'mlp', 'unet'\].*'transformer'"
+    ):
         build({"type": "transformer", "dim": 2})
     with pytest.raises(TypeError, match="hiden"):
         build({"type": "mlp", "dim": 2, "hiden": 64})

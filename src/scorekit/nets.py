@@ -494,10 +494,25 @@ class UNet(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Build from a JSON-able config.
 
-#: Network type -> class. ``build`` looks names up here only (no import-by-name).
-NETS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "unet": UNet}
 
-_POSITIONAL = {"mlp": "dim", "unet": "in_channels"}
+def _diffusers_unet2d(in_channels: int, **kwargs) -> nn.Module:
+    """A diffusers ``UNet2DModel`` as a raw network (``scorekit._diffusers_unet``; diffusers is lazy)."""
+    from scorekit._diffusers_unet import DiffusersUNet2D
+
+    return DiffusersUNet2D(in_channels, **kwargs)
+
+
+def _diffusers_unet2d_size(in_channels: int, **kwargs) -> int:
+    from scorekit._diffusers_unet import num_parameters_meta
+
+    return num_parameters_meta(in_channels, **kwargs)
+
+
+#: Network type -> class. ``build`` looks names up here only (no import-by-name).
+NETS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "unet": UNet,
+                                             "diffusers-unet2d": _diffusers_unet2d}  # fmt: skip
+
+_POSITIONAL = {"mlp": "dim", "unet": "in_channels", "diffusers-unet2d": "in_channels"}
 
 
 #: Bounds ``(least, most)`` on every size in a network config (each entry of a list-valued one),
@@ -507,7 +522,8 @@ LIMITS: dict[str, tuple[int, int]] = {
     "dim": (1, 1 << 20), "hidden": (1, 1 << 14), "depth": (1, 256), "emb_dim": (1, 1 << 14),
     "num_classes": (0, 100_000), "in_channels": (1, 1024), "image_size": (1, 4096),
     "base_channels": (1, 4096), "channel_mults": (1, 64), "num_res_blocks": (1, 64),
-    "attn_resolutions": (1, 4096),
+    "attn_resolutions": (1, 4096), "block_out_channels": (1, 4096), "layers_per_block": (1, 64),
+    "norm_num_groups": (1, 4096),
 }  # fmt: skip
 #: Most entries of a list-valued size (``channel_mults``: levels; ``image_size``: 2).
 _MAX_ENTRIES = 8
@@ -590,7 +606,8 @@ def _unet_size(in_channels: int, *, image_size: int | Sequence[int] = 8, base_ch
     return n + 2 * ch + _conv(ch, in_channels, 3)
 
 
-_SIZES: dict[str, Callable[..., int]] = {"mlp": _mlp_size, "unet": _unet_size}
+_SIZES: dict[str, Callable[..., int]] = {"mlp": _mlp_size, "unet": _unet_size,
+                                         "diffusers-unet2d": _diffusers_unet2d_size}  # fmt: skip
 
 
 def build(config: dict[str, Any]) -> nn.Module:
@@ -623,13 +640,16 @@ def build(config: dict[str, Any]) -> nn.Module:
         raise TypeError(f"bad config for {kind!r}: {err}") from None
 
 
-def default_config(kind: str, shape: Sequence[int], num_classes: int = 0) -> dict[str, Any]:
+def default_config(
+    kind: str, shape: Sequence[int], num_classes: int = 0, net_type: str | None = None
+) -> dict[str, Any]:
     """CPU-sized defaults for data of ``kind`` and per-example ``shape``, a JSON-able config for ``build``.
 
     Args:
         kind: ``"vector"`` (``shape = [dim]``) or ``"image"`` (``shape = [C, H, W]``).
         shape: one example's shape.
         num_classes: the number of class labels (0: unconditional).
+        net_type: ``"diffusers-unet2d"`` for a small diffusers ``UNet2DModel`` (images); else the default.
 
     Vectors: ``MLP(hidden=256, depth=4, emb_dim=128)`` (about 0.8M parameters for 2-D data).
     Images: a two-level U-Net (32 and 64 channels, two residual blocks per level, attention at the
@@ -648,6 +668,10 @@ def default_config(kind: str, shape: Sequence[int], num_classes: int = 0) -> dic
             "num_classes": int(num_classes),
             "dropout": 0.0,
         }
+    if kind == "image" and net_type == "diffusers-unet2d":
+        from scorekit._diffusers_unet import default_config as diffusers_default
+
+        return diffusers_default(shape, num_classes)
     if kind == "image":
         c, h, w = shape
         mults = [1, 2] if h % 2 == 0 and w % 2 == 0 else [1]

@@ -8,7 +8,11 @@ The folder holds ``model.safetensors`` (the run's EMA weights, or ``--weights mo
 ``README.md`` model card; see ``scorekit.models.export`` for the layout. Loading reads JSON and
 safetensors only, and gives the run's denoiser bit for bit.
 
-A diffusers pipeline folder is not written: scorekit's networks are not diffusers classes, and a
+A run whose network is a diffusers class (``scorekit train --net '{"type": "diffusers-unet2d"}'``)
+also gets ``DIR/diffusers/``, a diffusers pipeline folder (``unet/``, ``scheduler/`` with an
+``EDMEulerScheduler``, ``model_index.json``; see ``scorekit.models.diffusers_export``), loadable by
+``scorekit.models.from_diffusers`` and by diffusers itself; ``--diffusers-pipeline`` demands it
+(an error when the run cannot have one). scorekit's own networks are not diffusers classes, and a
 diffusers folder whose model needs scorekit's code to load would have to run that code.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--out", required=True, metavar="DIR", help="the folder to write (new or empty)")
     a("--weights", choices=("ema", "model"), default="ema", help="which weights (default ema)")
     a("--overwrite", action="store_true", help="write into a folder that already holds files")
+    a("--diffusers-pipeline", action="store_true", help="also write DIR/diffusers/, a diffusers "
+      "pipeline folder (default: when the run's network is a diffusers class and the run is EDM)")  # fmt: skip
     a("--debug", action="store_true", help="show tracebacks")
 
 
@@ -58,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--run {run_dir}: no complete checkpoint (is it a training run?)")
     _, info = load_run(run_dir, weights=args.weights)  # validates the checkpoint as sampling would
     tensors, state = ckpt.load(folder)
+    if args.diffusers_pipeline:  # refused before anything is written
+        from scorekit.models.diffusers_export import check_pipeline
+
+        check_pipeline(state["net"], info["process"], info["param"])
     training = {
         "step": int(state["step"]),
         "elapsed_s": float(state.get("elapsed", 0.0)) or None,
@@ -73,4 +84,22 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(f"scorekit export: wrote {out}/ (model.safetensors, config.json, README.md) from "
           f"{folder.name} of {run_dir}", file=sys.stdout)  # fmt: skip
+    _pipeline(args, out, state, tensors[args.weights], info)
     return 0
+
+
+def _pipeline(args: argparse.Namespace, out: Path, state: dict, weights: dict, info: dict) -> None:
+    """``out/diffusers/`` when asked, or by default when the run's network is a diffusers class."""
+    from scorekit.models.diffusers_export import DIFFUSERS_NETS, save_diffusers_pipeline
+
+    auto = state["net"].get("type") in DIFFUSERS_NETS and info["process"] == info["param"] == "edm"
+    if not (args.diffusers_pipeline or auto):
+        return
+    target = out / "diffusers"
+    if target.exists() and args.overwrite:
+        shutil.rmtree(target)
+    save_diffusers_pipeline(target, net_config=state["net"], weights=weights,
+                            process=info["process"], param=info["param"],
+                            sigma_data=info["sigma_data"])  # fmt: skip
+    print(f"scorekit export: wrote {target}/ (a diffusers pipeline: unet/, scheduler/, "
+          "model_index.json)", file=sys.stdout)  # fmt: skip

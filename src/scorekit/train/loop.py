@@ -394,7 +394,9 @@ def _setup(cfg: TrainConfig, dataset, state: dict | None) -> _Run:
     if state is None:
         info = {**_dataset_info(dataset, float(x_all.std())), "sha256": digest}
         net_cfg = {
-            **nets.default_config(dataset.kind, dataset.shape, dataset.num_classes),
+            **nets.default_config(
+                dataset.kind, dataset.shape, dataset.num_classes, net_type=cfg.net.get("type")
+            ),
             **cfg.net,
         }
         if not cfg.cond:
