@@ -153,7 +153,7 @@ def test_demo_quick_writes_report(tmp_path, capsys):
     r, d = rep["ring"], rep["digits"]
     # The ring figures against an independent sliced W2: the 2-D directions integrated by a
     # 720-angle midpoint rule (not scorekit.metrics' 256 random ones), on the run's 10,000 samples
-    # (seed 12345, NFE 10, ipndm: sample i depends only on the seed) and the exact samples (seeds 1, 2).
+    # (seed 12345, NFE 10, dpmpp_2m: sample i depends only on the seed) and the exact samples (seeds 1, 2).
     from scorekit.analytic import target
     from scorekit.runs import decode, generate, load_run
 
@@ -165,7 +165,7 @@ def test_demo_quick_writes_report(tmp_path, capsys):
 
     den, info = load_run(out / "ring_run")
     x = generate(
-        den, info, 10_000, batch=10_000, progress=False, nfe=10, sampler="ipndm", seed=12345
+        den, info, 10_000, batch=10_000, progress=False, nfe=10, sampler="dpmpp_2m", seed=12345
     )
     gen = decode(x, info).astype(np.float64)
     ring8 = target("ring8")

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="torch threads (default 1: with more threads than free cores training slows many-fold)")  # fmt: skip
     a("--repeats", type=int, default=3, help="alternating timing repeats for the overhead part")
     a("--nfe", type=int, default=10)
-    a("--sampler", default="ipndm", help="sampler for the quality parts (default ipndm)")
+    a("--sampler", default="dpmpp_2m", help="sampler for the quality parts (default dpmpp_2m)")
     a("--contention", action="store_true",
       help="instead: digits steps/s alone and next to a busy process, for --threads auto, 1 and 2")  # fmt: skip
     a("--contention-seconds", type=float, default=25.0,

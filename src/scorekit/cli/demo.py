@@ -40,7 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--ring-steps", type=int, help="ring training steps (default 2000, quick 400)")
     a("--digits-net", type=json.loads, help=argparse.SUPPRESS)  # tests: a smaller U-Net
     a("--nfe", type=int, default=10, help="denoiser calls per sample (default 10)")
-    a("--sampler", default="ipndm", help="sampler (default ipndm, a 4th-order multistep method)")
+    a(
+        "--sampler",
+        default="dpmpp_2m",
+        help="sampler (default dpmpp_2m, bounded on every trained network of the robustness suite)",
+    )
     a("--overwrite", action="store_true",
       help="the report folder holds an earlier report: delete it (report, pictures, runs) and start afresh")  # fmt: skip
     a("--threads", default="auto", help="torch CPU threads: auto (default: all cores, dropping to "

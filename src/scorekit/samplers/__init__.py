@@ -7,8 +7,11 @@ Every sampler has the signature
 with ``x`` ``[B, ...]`` already at ``sigmas[0]`` and ``sigmas`` 1-D, strictly decreasing, ending in 0.
 ``REGISTRY`` maps each name to its function; ``nfe(name, sigmas, **options)`` is the exact number of
 denoiser calls it makes; ``sample()`` picks the number of steps that gives a requested NFE exactly,
-and by default (``sampler="auto"``) the sampler, schedule and last sigma that the random-mixture
-suite chose for that NFE (``defaults.AUTO``, ``docs/choosing-a-sampler.md``).
+by default ``dpmpp_2m`` on karras steps to 0.002 (the one multistep method that stayed bounded on
+every network of the robustness suite, ``scorekit bench samplers --suite robust``), and with
+``sampler="auto"`` the sampler, schedule and last sigma that the random-mixture suite chose for that
+NFE on exact mixtures (``defaults.AUTO``, ``docs/choosing-a-sampler.md``; not yet checked on trained
+networks: its NFE 3-4 choice, ``dpmpp_3m``, diverges on eps networks at NFE 5).
 
 Choosing (``N`` steps = ``len(sigmas) - 1``; orders as measured in ``tests/test_samplers_order.py``):
 
@@ -158,7 +161,7 @@ def sample(
     shape: Sequence[int],
     *,
     nfe: int | None = None,
-    sampler: str = "auto",
+    sampler: str = "dpmpp_2m",
     schedule: str | Callable | None = None,
     sigma_min: float | None = None,
     sigma_max: float = 80.0,
@@ -183,10 +186,10 @@ def sample(
         nfe: exact number of denoiser calls; the number of steps is chosen to match it (ValueError
             naming the nearest achievable values if the sampler cannot). Leave ``None`` with explicit
             ``sigmas`` or an adaptive sampler.
-        sampler: a name in ``REGISTRY``, or ``"auto"`` (the default): the sampler, its options, the
-            schedule and the last sigma chosen for this NFE by the random-mixture suite
-            (``samplers.defaults.AUTO``; needs ``nfe``). An explicit ``schedule`` or ``sigma_min``
-            still wins over the table.
+        sampler: a name in ``REGISTRY`` (default ``dpmpp_2m``), or ``"auto"``: the sampler, its
+            options, the schedule and the last sigma chosen for this NFE by the random-mixture suite
+            on exact mixtures (``samplers.defaults.AUTO``; needs ``nfe``). An explicit ``schedule``
+            or ``sigma_min`` still wins over the table.
         schedule: a name for ``scorekit.schedules.get_schedule`` or a callable
             ``(n, sigma_min, sigma_max) -> sigmas [n + 1]``; default: the table's with ``"auto"``,
             ``"karras"`` otherwise.
