@@ -99,20 +99,5 @@ def test_bad_input_is_one_line(run, tmp_path, capsys, extra, message):
     assert re.search(message, err), err
 
 
-def test_demo_section_panels_and_classifier(run, tmp_path):
-    """The digits panels on the tiny run (DDNM, 4 NFE): one PNG per task, and the accuracy on the true
-    digits equals a logistic regression fitted here on the same training split."""
-    from sklearn.linear_model import LogisticRegression
-
-    from scorekit.bench.inverse import DIGIT_TASKS, demo_section
-    from scorekit.data import split
-
-    figures, md, pngs = demo_section(run, tmp_path, quick=True, solver="ddnm", nfe=4)
-    assert list(figures) == [spec for spec, _ in DIGIT_TASKS]
-    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs) and len(pngs) == 4
-    train, test = split(load("digits"), holdout=0.2, seed=0)
-    pix = lambda d: np.asarray(d.normalization.decode(d.x)).reshape(len(d.x), -1)  # noqa: E731
-    clf = LogisticRegression(max_iter=3000).fit(pix(train), train.labels)
-    want = float((clf.predict(pix(test)[:4]) == np.asarray(test.labels[:4])).mean())
-    assert all(f["accuracy_truth"] == want and f["nfe"] == 4 for f in figures.values())
-    assert "| inpaint-left |" in md
+# bench.inverse.demo_section (panels, classifier accuracy on the true digits against a logistic
+# regression fitted in the test) is checked end to end by test_cli_train.test_demo_quick_writes_report.
