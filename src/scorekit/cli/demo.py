@@ -1,6 +1,6 @@
 """``scorekit demo``: the main job. Train on a 2-D shape and on digits, sample fast, write a report.
 
-On a 2-core CPU machine the default run takes about 4-5 minutes:
+On a 2-core CPU machine the default run takes about 6 minutes (5 with --skip-extras):
 
 1. ``ring`` (8 Gaussians; the exact distribution is known): a small MLP denoiser, then 10,000
    samples at NFE 10; sliced W2 to exact samples next to the floor (two exact sample sets).
@@ -208,7 +208,7 @@ Total time {rep["total_seconds"]:.0f} s{" (--quick)" if rep["quick"] else ""}. S
 ## Digits (8x8, 80% train / 20% held out)
 
 - training: {d["steps"]} steps, {d["train_wall_s"]:.0f} s on {d["threads"]} threads
-- FD-digits (generated vs held-out, classifier features): **{d["fd"]:.2f}**;
+- FD-digits (class-conditional samples in the training split's class mix vs held-out, classifier features): **{d["fd"]:.2f}**;
   floor (training vs held-out): {d["fd_floor"]:.2f}; ratio **{d["fd_ratio"]:.2f}** (3 or less is good)
 - classifier confidence on generated digits: **{d["confidence"]:.3f}** (held-out real digits:
   {d["confidence_real"]:.3f}; classifier accuracy on held-out {d["accuracy_heldout"]:.3f})
