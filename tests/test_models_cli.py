@@ -21,20 +21,9 @@ from scorekit.cli import main
 from scorekit.likelihood import log_likelihood
 from scorekit.models import from_diffusers
 from scorekit.schedules import karras
+from test_models_diffusers import UNET  # the same tiny UNet config
 
 pytestmark = pytest.mark.peer
-
-UNET = {
-    "sample_size": 4,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": (4, 8),
-    "layers_per_block": 1,
-    "down_block_types": ("DownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "UpBlock2D"),
-    "norm_num_groups": 2,
-    "add_attention": False,
-}
 
 
 @pytest.fixture(scope="module")

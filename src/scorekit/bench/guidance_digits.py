@@ -88,15 +88,23 @@ class Setup:
     counts: dict = field(default_factory=lambda: {"net": 0, "clf": 0})
 
 
+def real_digits(info: dict):
+    """The run's own split of the real digits, ``(train, test)``, as its config made it."""
+    frac = float(info["config"].get("holdout", 0.2)) or 0.2
+    return sdata.split(sdata.load("digits"), holdout=frac, seed=int(info["config"].get("seed", 0)))
+
+
+def pixels(ds) -> np.ndarray:
+    """A digits data set's images as ``[N, 64]`` float64 pixels in data units (0..16)."""
+    return ds.normalization.decode(ds.x).reshape(len(ds.x), -1).double().numpy()
+
+
 def _judge(info: dict, seed: int = 0) -> Judge:
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
 
-    ds = sdata.load("digits")
-    frac = float(info["config"].get("holdout", 0.2)) or 0.2
-    train, test = sdata.split(ds, holdout=frac, seed=int(info["config"].get("seed", 0)))
-    pix = lambda d: d.normalization.decode(d.x).reshape(len(d.x), -1).double().numpy()  # noqa: E731
-    tr, te = pix(train), pix(test)
+    train, test = real_digits(info)
+    tr, te = pixels(train), pixels(test)
     ytr, yte = np.asarray(train.labels), np.asarray(test.labels)
     with threadpool_limits(limits=1):  # BLAS threads on a busy machine: 50 s instead of 1 s
         logreg = LogisticRegression(max_iter=3000).fit(tr / 16, ytr)

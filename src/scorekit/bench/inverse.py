@@ -336,14 +336,15 @@ DIGIT_TASKS = (("inpaint-left", 0.05), ("downsample-2", 0.05), ("blur-gauss:sigm
 def _digit_judge(info: dict):
     """A logistic regression on real digit pixels (the run's training split) and the held-out split."""
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
-    from scorekit import data as sdata
+    from scorekit.bench.guidance_digits import pixels, real_digits
 
-    ds = sdata.load("digits")
-    frac = float(info["config"].get("holdout", 0.2)) or 0.2
-    train, test = sdata.split(ds, holdout=frac, seed=int(info["config"].get("seed", 0)))
-    pix = train.normalization.decode(train.x).reshape(len(train.x), -1).double().numpy()
-    return LogisticRegression(max_iter=3000).fit(pix, train.labels), test
+    train, test = real_digits(info)
+    with threadpool_limits(
+        limits=1
+    ):  # BLAS threads on a busy machine: tens of seconds instead of one
+        return LogisticRegression(max_iter=3000).fit(pixels(train), train.labels), test
 
 
 def demo_section(run_dir, out_dir, *, quick: bool = False, solver: str = DEFAULT,
