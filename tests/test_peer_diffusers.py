@@ -59,8 +59,9 @@ CASES = [
     ("ddim", "DDIMScheduler", {"timestep_spacing": "trailing"}, "euler", {}, 10),
     ("euler", "EulerDiscreteScheduler", {}, "euler", {}, 10),
     ("euler-karras", "EulerDiscreteScheduler", KARRAS, "euler", {}, 7),
-    ("heun", "HeunDiscreteScheduler", {}, "heun", {}, 6),
-    ("heun-karras", "HeunDiscreteScheduler", KARRAS, "heun", {}, 5),
+    # diffusers' Heun is EDM Alg. 1 on every step: compare with long_step=None (see common.LONG_STEP)
+    ("heun", "HeunDiscreteScheduler", {}, "heun", {"long_step": None}, 6),
+    ("heun-karras", "HeunDiscreteScheduler", KARRAS, "heun", {"long_step": None}, 5),
     ("dpmpp_2m", "DPMSolverMultistepScheduler", {**DPMPP, "solver_order": 2}, "dpmpp_2m", {}, 10),
     (
         "dpmpp_2m-karras",

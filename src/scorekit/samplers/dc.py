@@ -24,11 +24,14 @@ from torch import Tensor
 from scorekit._util import check_int
 from scorekit.pfode import pf_ode_reference
 from scorekit.samplers.common import (
+    LONG_STEP,
     GeneratorLike,
+    check_long_step,
     check_sigmas,
     combine,
     emit,
     finish,
+    is_long,
     lagrange_weights,
     prepare,
     sampler,
@@ -73,6 +76,7 @@ def dc_solver(
     order: int = 3,
     variant: str = "bh2",
     dc_order: int = 2,
+    long_step: float | None = LONG_STEP,
 ) -> Tensor:
     """DC-Solver: ``unipc`` (``order``, ``variant``) whose latest output is dynamically compensated.
 
@@ -80,7 +84,9 @@ def dc_solver(
     history is replaced by ``D^_i`` (module docstring) with ``rho = ratios[i]``; the predictor, the
     next corrector and later compensations all use ``D^_i``, and the step to ``sigma = 0`` returns
     ``D^_{N-1}``. ``ratios`` has one entry per step (``len(sigmas) - 1``; entries ``i < dc_order`` are
-    not used); ``None`` (or all ones) is exactly ``unipc``. The ratios belong to one ``sigmas`` and
+    not used); ``None`` (or all ones) with ``long_step=None`` is exactly ``unipc``. A long step
+    (``sigma_i / sigma_{i+1} > long_step``, default 10, ``common.LONG_STEP``) is first order and its
+    end point is not corrected (as ``sa_solver``). The ratios belong to one ``sigmas`` and
     one denoiser: ``fit_dc`` fits them. ``NFE = N``. The compensation moves ``D_i`` by ``O(h)``, so
     with fixed ratios ``!= 1`` the method trades its asymptotic order for accuracy at the fitted few
     steps (measured in ``tests/test_samplers_new.py``).
@@ -97,6 +103,7 @@ def dc_solver(
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"variant must be 'bh1' or 'bh2'; got {variant!r}")
     check_int("dc_order", dc_order, least=1, most=3)
+    long_step = check_long_step(long_step)
     s, model = prepare(denoiser, x, sigmas)
     rho = _check_ratios(ratios, len(s) - 1)
     keep = max(order, dc_order + 1)
@@ -117,9 +124,10 @@ def dc_solver(
             x = hist[0][1]
             break
         h = math.log(s0 / s1)
-        p = min(order, len(hist))
+        long = is_long(s0, s1, long_step)
+        p = 1 if long else min(order, len(hist))
         w = _unipc_weights(hist[:p], h, p, variant, corrector=False)
-        plan = (x, h, hist, p)
+        plan = None if long else (x, h, hist, p)
         x = combine(x, s1 / s0, w, [t for _, t in hist[:p]])
     return finish(x)
 

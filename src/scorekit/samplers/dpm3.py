@@ -30,10 +30,13 @@ from torch import Tensor
 from scorekit._util import check_int
 from scorekit.pfode import pf_ode_reference
 from scorekit.samplers.common import (
+    LONG_STEP,
     GeneratorLike,
+    check_long_step,
     check_sigmas,
     emit,
     finish,
+    is_long,
     lagrange_weights,
     prepare,
     sampler,
@@ -120,6 +123,7 @@ def dpm_solver_v3(
     progress: bool = False,
     statistics: EMS | None = None,
     order: int = 3,
+    long_step: float | None = LONG_STEP,
 ) -> Tensor:
     """DPM-Solver-v3 (multistep predictor) with empirical model statistics ``statistics``.
 
@@ -137,7 +141,8 @@ def dpm_solver_v3(
     same through the quadrature). The step to ``sigma = 0`` is ``x = D``. Orders as ``dpmpp_3m``: the
     first-order warm-up step makes the asymptotic global order 2. ``NFE = N``. Statistics come from
     ``fit_ems`` for one denoiser and one range of noise levels. The paper's pseudo-order corrector is
-    not implemented (predictor only).
+    not implemented (predictor only). A long step (``sigma_i / sigma_{i+1} > long_step``, as
+    ``dpmpp_3m``) uses the latest output only (order 1); ``long_step=None``: ``order`` on every step.
 
     References:
         Zheng, Lu, Chen & Zhu, "DPM-Solver-v3: Improved Diffusion ODE Solver with Empirical Model
@@ -145,6 +150,7 @@ def dpm_solver_v3(
         Sec. 3.2 (the optimal l, s, b and their estimation), Alg. 1 (the multistep predictor).
     """
     check_int("order", order, least=1, most=3)
+    long_step = check_long_step(long_step)
     if statistics is not None and not isinstance(statistics, EMS):
         raise TypeError(
             f"statistics must be an EMS (from fit_ems) or None; got {type(statistics).__name__}"
@@ -177,18 +183,19 @@ def dpm_solver_v3(
         L, S, B = cum
         f = (1 - l[0]).to(x.dtype) * x - d
         hist = [(lam_s, f, L, S, B), *hist[: order - 1]]
+        nodes = hist[:1] if is_long(s0, s1, long_step) else hist
         # g_j at lambda_s: e^{-(S_j - S_s)} f_j - e^{-S_s}... all relative to the first node.
         g = [
             (torch.exp(S - Sj) * fj.to(torch.float64) - torch.exp(S) * (Bj - B))
-            for _, fj, _, Sj, Bj in hist
+            for _, fj, _, Sj, Bj in nodes
         ]
         Lr, Sr = _cumtrapz(l, dx), _cumtrapz(sv, dx)
         Br = _cumtrapz(torch.exp(-Sr) * bv, dx)  # relative to lambda_s
         e = torch.exp(Lr + Sr)
         tau = grid - lam_s
         taus = tau.reshape(-1, *([1] * (e.ndim - 1)))
-        moments = [_simpson(e * taus**m, dx) for m in range(len(hist))]
-        w = lagrange_weights([lj - lam_s for lj, *_ in hist], moments)
+        moments = [_simpson(e * taus**m, dx) for m in range(len(nodes))]
+        w = lagrange_weights([lj - lam_s for lj, *_ in nodes], moments)
         rest = _simpson(e * Br, dx)
         x64 = x.to(torch.float64) - sum(wj * gj for wj, gj in zip(w, g, strict=True)) - rest
         x = (torch.exp(-Lr[-1]) * x64).to(x.dtype)

@@ -29,10 +29,13 @@ from torch import Tensor
 
 from scorekit._util import check_number, to_d
 from scorekit.samplers.common import (
+    LONG_STEP,
     GeneratorLike,
+    check_long_step,
     combine,
     emit,
     finish,
+    is_long,
     lagrange_weights,
     phi,
     phis,
@@ -106,6 +109,7 @@ def heun(
     generator: GeneratorLike = None,
     callback: Callable | None = None,
     progress: bool = False,
+    long_step: float | None = LONG_STEP,
 ) -> Tensor:
     """Heun's second-order method (EDM Alg. 1 with ``S_churn = 0``).
 
@@ -116,29 +120,55 @@ def heun(
 
     The last step, to ``sigma = 0``, is Euler (``x = D``). Order 2; ``NFE = 2N - 1``.
 
+    A long step (``sigma_i / sigma_{i+1} > long_step``, default 10; see ``common.LONG_STEP``) is
+    taken instead with the same two calls in the data-prediction form (DPM-Solver++(2S) with the
+    geometric midpoint ``s = sqrt(sigma_i sigma_{i+1})``: ``u = lerp(D_i, x_i, s / sigma_i)``,
+    ``x_{i+1} = lerp(D(u, s), x_i, sigma_{i+1} / sigma_i)``), also second order and a convex
+    combination at every stage: the trapezoid's slope at ``sigma_{i+1}`` amplifies the denoiser's
+    error by about ``sigma_i / sigma_{i+1}`` (a 5-call karras schedule to 0.002 ends with a step of
+    ratio 1250, where Alg. 1 diverges on a network-sized error). ``long_step=None`` is Alg. 1 on
+    every step.
+
     References:
         Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models",
-        NeurIPS 2022, Alg. 1.
+        NeurIPS 2022, Alg. 1. Lu et al., "DPM-Solver++", arXiv:2211.01095 (2022), Alg. 1 (the
+        long-step form).
     """
+    long_step = check_long_step(long_step)
     s, model = prepare(denoiser, x, sigmas)
     for i in steps(len(s) - 1, progress):
         s0, s1 = s[i], s[i + 1]
         d = model(x, s0)
         emit(callback, i, s0, x, d)
-        x = heun_step(model, x, d, s0, s1)
+        x = heun_step(model, x, d, s0, s1, long_step)
     return finish(x)
 
 
-def heun_step(model: Callable, x: Tensor, d: Tensor, s0: float, s1: float) -> Tensor:
-    """One step of ``heun`` from ``x`` at ``s0`` (with ``d = D(x, s0)``) to ``s1``; Euler if ``s1 = 0``.
+def heun_step(
+    model: Callable, x: Tensor, d: Tensor, s0: float, s1: float, long_step: float | None = None
+) -> Tensor:
+    """One step of ``heun`` from ``x`` at ``s0`` (with ``d = D(x, s0)``) to ``s1``; Euler if ``s1 = 0``,
+    the data-prediction midpoint step if the step is long (``heun``'s docstring).
 
     Shared by ``heun``, ``edm_stochastic`` and ``restart``; one call (none if ``s1 = 0``).
     """
     if s1 == 0:
         return d
+    if is_long(s0, s1, long_step):
+        return midpoint_step(model, x, d, s0, s1, math.sqrt(s0 * s1))
     x1 = torch.lerp(d, x, s1 / s0)
     h = s1 - s0
     return x + (0.5 * h / s0) * (x - d) + (0.5 * h / s1) * (x1 - model(x1, s1))
+
+
+def midpoint_step(
+    model: Callable, x: Tensor, d: Tensor, s0: float, s1: float, sm: float, r: float = 0.5
+) -> Tensor:
+    """DPM-Solver++(2S) from ``x`` at ``s0`` (``d = D(x, s0)``) via ``sm`` to ``s1`` (``dpmpp_2s``'s
+    update with ``sm = s0 e^{-r h}``); one call. The long-step form of the second-order singlestep
+    samplers."""
+    u = torch.lerp(d, x, sm / s0)
+    return torch.lerp(torch.lerp(d, model(u, sm), 0.5 / r), x, s1 / s0)
 
 
 @sampler(nfe=lambda n, o: n)
@@ -195,6 +225,7 @@ def dpm_solver_2(
     callback: Callable | None = None,
     progress: bool = False,
     r1: float = 0.5,
+    long_step: float | None = LONG_STEP,
 ) -> Tensor:
     """DPM-Solver-2: second-order singlestep exponential integrator in the noise-prediction form.
 
@@ -207,12 +238,16 @@ def dpm_solver_2(
     (``sigma_{i+1} (e^h - 1) = sigma_i - sigma_{i+1}`` exactly in this frame). Steps are not grouped:
     every interval ending at ``sigma > 0`` costs 2 calls; the interval to ``sigma = 0`` (``h = inf``,
     no intermediate level exists) is the first-order step ``x = D``. Order 2; ``NFE = 2N - 1``.
+    A long step (``sigma_i / sigma_{i+1} > long_step``, as ``heun``) is taken in the data-prediction
+    form, ``dpmpp_2s`` with ``r = r1`` (same calls): the noise-prediction form's stage error grows
+    with the step's sigma ratio. ``long_step=None``: Alg. 1 on every step.
 
     References:
         Lu et al., "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling in Around
         10 Steps", NeurIPS 2022, Alg. 1 (DPM-Solver-2).
     """
     check_number("r1", r1, low=0, high=1, low_ok=False, what=_FRACTION)
+    long_step = check_long_step(long_step)
     s, model = prepare(denoiser, x, sigmas)
     for i in steps(len(s) - 1, progress):
         s0, s1 = s[i], s[i + 1]
@@ -222,6 +257,9 @@ def dpm_solver_2(
             x = d
             break
         sm = s0 * math.exp(-r1 * math.log(s0 / s1))
+        if is_long(s0, s1, long_step):
+            x = midpoint_step(model, x, d, s0, s1, sm, r1)
+            continue
         eps0 = to_d(x, s0, d)
         u = x - (s0 - sm) * eps0
         eps1 = (u - model(u, sm)) / sm
@@ -238,6 +276,7 @@ def dpm_solver_3(
     generator: GeneratorLike = None,
     callback: Callable | None = None,
     progress: bool = False,
+    long_step: float | None = LONG_STEP,
 ) -> Tensor:
     """DPM-Solver-3: third-order singlestep exponential integrator in the noise-prediction form.
 
@@ -251,12 +290,17 @@ def dpm_solver_3(
 
     Steps are not grouped: every interval ending at ``sigma > 0`` is a third-order step (3 calls);
     the interval to ``sigma = 0`` is the first-order step ``x = D``. Order 3; ``NFE = 3N - 2``.
+    A long step (``sigma_i / sigma_{i+1} > long_step``, as ``heun``) is taken with the same three
+    calls in the data-prediction form: ``u = lerp(D_i, x_i, s_1 / sigma_i)`` (first order to
+    ``s_1``), then ``dpmpp_2s`` from ``s_1`` to ``sigma_{i+1}`` through their geometric mean.
+    ``long_step=None``: Alg. 2 on every step.
 
     References:
         Lu et al., "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling in Around
         10 Steps", NeurIPS 2022, Alg. 2 (DPM-Solver-3).
     """
     r1, r2 = 1.0 / 3.0, 2.0 / 3.0
+    long_step = check_long_step(long_step)
     s, model = prepare(denoiser, x, sigmas)
     for i in steps(len(s) - 1, progress):
         s0, s1 = s[i], s[i + 1]
@@ -267,6 +311,10 @@ def dpm_solver_3(
             break
         h = math.log(s0 / s1)
         sa, sb = s0 * math.exp(-r1 * h), s0 * math.exp(-r2 * h)
+        if is_long(s0, s1, long_step):
+            u1 = torch.lerp(d, x, sa / s0)
+            x = midpoint_step(model, u1, model(u1, sa), sa, s1, math.sqrt(sa * s1))
+            continue
         eps0 = to_d(x, s0, d)
         u1 = x - (s0 - sa) * eps0
         d1 = (u1 - model(u1, sa)) / sa - eps0
@@ -328,6 +376,7 @@ def dpmpp_3m(
     callback: Callable | None = None,
     progress: bool = False,
     variant: str = "exact",
+    long_step: float | None = LONG_STEP,
 ) -> Tensor:
     """DPM-Solver++(3M): third-order multistep exponential integrator in the data-prediction form.
 
@@ -352,6 +401,11 @@ def dpmpp_3m(
     order; it is less accurate than the default at 25 steps and can be slightly more accurate at
     100+ steps, where the warm-up's O(h^2) term dominates and the two errors partly cancel.
 
+    A long step (``sigma_i / sigma_{i+1} > long_step``, default 10, ``common.LONG_STEP``) is first
+    order (``x_{i+1} = lerp(D_i, x_i, sigma_{i+1} / sigma_i)``): the quadratic through the history
+    extrapolated over it amplifies the history's errors (on an eps network the largest, from the
+    largest sigmas). ``long_step=None`` keeps order 3 on every step.
+
     References:
         Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
         arXiv:2211.01095 (2022), Sec. 4 (multistep solvers; third order by the same Taylor
@@ -360,6 +414,7 @@ def dpmpp_3m(
     """
     if variant not in ("exact", "k-diffusion"):
         raise ValueError(f"variant must be 'exact' or 'k-diffusion'; got {variant!r}")
+    long_step = check_long_step(long_step)
     s, model = prepare(denoiser, x, sigmas)
     hist: list[tuple[float, Tensor]] = []  # (lambda, D), most recent first
     for i in steps(len(s) - 1, progress):
@@ -371,6 +426,9 @@ def dpmpp_3m(
             break
         lam, h = -math.log(s0), math.log(s0 / s1)
         hist = [(lam, d), *hist[:2]]
+        if is_long(s0, s1, long_step):
+            x = torch.lerp(d, x, s1 / s0)
+            continue
         moments = _exp_moments(h, len(hist))
         if variant == "k-diffusion":
             moments[2:] = [0.5 * m for m in moments[2:]]  # half the D'' weight

@@ -26,10 +26,13 @@ from torch import Tensor
 
 from scorekit._util import append_dims, check_int, check_number
 from scorekit.samplers.common import (
+    LONG_STEP,
     GeneratorLike,
+    check_long_step,
     combine,
     emit,
     finish,
+    is_long,
     lagrange_weights,
     prepare,
     randn_like,
@@ -99,6 +102,7 @@ def euler_maruyama(
     generator: GeneratorLike = None,
     callback: Callable | None = None,
     progress: bool = False,
+    long_step: float | None = 2.0,
 ) -> Tensor:
     """Euler-Maruyama on the reverse SDE ``dx = 2 (x - D)/sigma dsigma + sqrt(2 sigma) dW_bar``.
 
@@ -108,11 +112,22 @@ def euler_maruyama(
     sense; needs small steps (the drift factor ``2 sigma_{i+1}/sigma_i - 1`` turns negative for steps
     wider than a halving). The step to ``sigma = 0`` is ``x = D``. ``NFE = N``.
 
+    A long step (``sigma_i / sigma_{i+1} > long_step``, default 2: wider than a halving, where the
+    Euler-Maruyama drift factor is negative and its added variance ``2 sigma_i (sigma_i - sigma_{i+1})``
+    exceeds ``sigma_i^2``; measured: sliced W2 2.0 at NFE 5 on gmm64 with 10, 0.3 with 2) is the
+    reverse SDE integrated exactly with ``D`` held at ``D_i`` (the exponential-integrator form:
+    ``x - D`` shrinks like ``sigma^2``, so ``x_{i+1} = lerp(D_i, x_i, r^2) + sigma_{i+1} sqrt(1 - r^2)
+    z`` with ``r = sigma_{i+1} / sigma_i``, the first-order ``dpmpp_2m_sde``), which agrees with the
+    Euler-Maruyama step to first order in the step and, unlike it, keeps the drift factor in
+    ``[0, 1]`` and the added variance below ``sigma_{i+1}^2``. ``long_step=None``: Euler-Maruyama on
+    every step.
+
     References:
         Song et al., "Score-Based Generative Modeling through Stochastic Differential Equations",
         ICLR 2021, eq. 6 (reverse SDE) and App. F; Kloeden & Platen, "Numerical Solution of SDEs",
         1992, Sec. 9.1 (Euler-Maruyama).
     """
+    long_step = check_long_step(long_step)
     s, model = prepare(denoiser, x, sigmas)
     for i in steps(len(s) - 1, progress):
         s0, s1 = s[i], s[i + 1]
@@ -121,17 +136,28 @@ def euler_maruyama(
         if s1 == 0:
             x = d
             break
+        if is_long(s0, s1, long_step):
+            x = _exact_sde_step(x, d, s0, s1, generator)
+            continue
         x = torch.lerp(d, x, 2 * s1 / s0 - 1) + math.sqrt(2 * s0 * (s0 - s1)) * randn_like(
             x, generator
         )
     return finish(x)
 
 
+def _exact_sde_step(x: Tensor, d: Tensor, s0: float, s1: float, generator: GeneratorLike) -> Tensor:
+    """The reverse SDE from ``s0`` to ``s1`` solved exactly with ``D = d`` held fixed (one long step)."""
+    r2 = (s1 / s0) ** 2
+    return torch.lerp(d, x, r2) + (s1 * math.sqrt(1 - r2)) * randn_like(x, generator)
+
+
 def _dpmpp_sde(
-    denoiser, x, sigmas, generator, callback, progress, eta, order, variant="bounded"
-) -> Tensor:
+    denoiser, x, sigmas, generator, callback, progress, eta, order, variant="bounded",
+    long_step=None,
+) -> Tensor:  # fmt: skip
     """Shared body of ``dpmpp_2m_sde`` / ``dpmpp_3m_sde`` (their docstrings give the update)."""
     check_number("eta", eta, low=0)
+    long_step = check_long_step(long_step)
     if variant not in ("bounded", "k-diffusion"):
         raise ValueError(f"variant must be 'bounded' or 'k-diffusion'; got {variant!r}")
     s, model = prepare(denoiser, x, sigmas)
@@ -145,13 +171,14 @@ def _dpmpp_sde(
             break
         lam, h = -math.log(s0), math.log(s0 / s1)
         hist = [(lam, d), *hist[: order - 1]]
+        nodes = hist[:1] if is_long(s0, s1, long_step) else hist  # first order on a long step
         if variant == "k-diffusion":  # exact exponential moments, half of m_2 (dpmpp_3m_sde)
-            moments = _exp_moments(h, len(hist), eta)
+            moments = _exp_moments(h, len(nodes), eta)
             moments[2:] = [0.5 * m for m in moments[2:]]
         else:  # m_k = (1 - e^{-a h}) h^k / (k + 1): see dpmpp_2m_sde for why not the exact moments
-            moments = [-math.expm1(-(1 + eta) * h) * h**k / (k + 1) for k in range(len(hist))]
-        w = lagrange_weights([l - lam for l, _ in hist], moments)
-        x = combine(x, math.exp(-(1 + eta) * h), w, [t for _, t in hist])
+            moments = [-math.expm1(-(1 + eta) * h) * h**k / (k + 1) for k in range(len(nodes))]
+        w = lagrange_weights([l - lam for l, _ in nodes], moments)
+        x = combine(x, math.exp(-(1 + eta) * h), w, [t for _, t in nodes])
         if eta > 0:
             x = x + s1 * math.sqrt(-math.expm1(-2 * eta * h)) * randn_like(x, generator)
     return finish(x)
@@ -205,6 +232,7 @@ def dpmpp_3m_sde(
     progress: bool = False,
     eta: float = 1.0,
     variant: str = "bounded",
+    long_step: float | None = LONG_STEP,
 ) -> Tensor:
     """SDE-DPM-Solver++(3M): as ``dpmpp_2m_sde`` with ``D`` interpolated through three outputs.
 
@@ -223,13 +251,17 @@ def dpmpp_3m_sde(
     ``m_2 / 2`` for the curvature term (as its ODE limit, see ``dpmpp_3m``), with the same noise
     term. ``variant="k-diffusion"`` is that update (its ``eta = 0`` path is ``dpmpp_3m(...,
     variant="k-diffusion")``); with the same noise draws it gives k-diffusion's path. The default
-    ``"bounded"`` form keeps the moments bounded for large steps (less noise amplification).
+    ``"bounded"`` form keeps the moments bounded for large steps (less noise amplification). A long
+    step (``sigma_i / sigma_{i+1} > long_step``, as ``dpmpp_3m``) is first order (``D`` held at
+    ``D_i``); ``long_step=None``: the parabola on every step.
 
     References:
         Lu et al. 2022b (as ``dpmpp_2m_sde``); Hochbruck & Ostermann, "Exponential integrators",
         Acta Numerica 2010, Sec. 2. Crowson, k-diffusion, ``sampling.py: sample_dpmpp_3m_sde``.
     """
-    return _dpmpp_sde(denoiser, x, sigmas, generator, callback, progress, eta, 3, variant)
+    return _dpmpp_sde(
+        denoiser, x, sigmas, generator, callback, progress, eta, 3, variant, long_step
+    )
 
 
 @sampler(nfe=lambda n, o: 2 * n - 1, stochastic=True)
@@ -245,6 +277,7 @@ def edm_stochastic(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
+    long_step: float | None = LONG_STEP,
 ) -> Tensor:
     """EDM's stochastic sampler: churn (add noise to raise sigma), then a Heun step back down.
 
@@ -253,8 +286,8 @@ def edm_stochastic(
         sigma_hat = sigma_i (1 + gamma_i),    x_hat = x_i + sqrt(sigma_hat^2 - sigma_i^2) S_noise z
         x_{i+1}   = Heun step of the PF-ODE from (x_hat, sigma_hat) to sigma_{i+1} (Euler to 0)
 
-    ``S_churn = 0`` is ``heun``. ``gamma_i`` is computed on the host from ``sigmas``.
-    ``NFE = 2N - 1``.
+    ``S_churn = 0`` is ``heun``, long steps included (``long_step``, as ``heun``). ``gamma_i`` is
+    computed on the host from ``sigmas``. ``NFE = 2N - 1``.
 
     References:
         Karras et al., "Elucidating the Design Space of Diffusion-Based Generative Models",
@@ -263,6 +296,7 @@ def edm_stochastic(
     for name, v in {"s_churn": s_churn, "s_tmin": s_tmin, "s_noise": s_noise}.items():
         check_number(name, v, low=0)
     check_number("s_tmax", s_tmax, low=0, finite=False)
+    long_step = check_long_step(long_step)
     s, model = prepare(denoiser, x, sigmas)
     n = len(s) - 1
     for i in steps(n, progress):
@@ -274,7 +308,7 @@ def edm_stochastic(
             s0 = s_hat
         d = model(x, s0)
         emit(callback, i, s0, x, d)
-        x = heun_step(model, x, d, s0, s1)
+        x = heun_step(model, x, d, s0, s1, long_step)
     return finish(x)
 
 
@@ -292,6 +326,7 @@ def restart(
     restarts: int = 2,
     restart_steps: int = 4,
     s_noise: float = 1.0,
+    long_step: float | None = LONG_STEP,
 ) -> Tensor:
     """Restart sampling: Heun on the PF-ODE, with K forward-noise / backward-ODE cycles in [t_min, t_max].
 
@@ -302,13 +337,15 @@ def restart(
         x <- Heun on the PF-ODE from t_max back to sigma_j over ``restart_steps`` karras(rho=7) steps
 
     then the main trajectory continues. Each restart adds ``2 * restart_steps`` calls:
-    ``NFE = 2N - 1 + 2 K restart_steps``.
+    ``NFE = 2N - 1 + 2 K restart_steps``. Long steps of either trajectory (``long_step``) are taken
+    as ``heun`` takes them.
 
     References:
         Xu et al., "Restart Sampling for Improving Generative Processes", NeurIPS 2023, Alg. 1 and
         Sec. 3 (the restart interval and K).
     """
 
+    long_step = check_long_step(long_step)
     check_int("restarts", restarts, least=0)
     check_int("restart_steps", restart_steps, least=1)
     check_number("s_noise", s_noise, low=0)
@@ -328,10 +365,10 @@ def restart(
             for _ in range(restarts):
                 x = x + s_noise * math.sqrt(t_max**2 - s[j] ** 2) * randn_like(x, generator)
                 for a, b in itertools.pairwise(inner):
-                    x = heun_step(model, x, model(x, a), a, b)
+                    x = heun_step(model, x, model(x, a), a, b, long_step)
         d = model(x, s[i])
         emit(callback, i, s[i], x, d)
-        x = heun_step(model, x, d, s[i], s[i + 1])
+        x = heun_step(model, x, d, s[i], s[i + 1], long_step)
     return finish(x)
 
 
@@ -348,6 +385,7 @@ def pc_langevin(
     n_corrector: int = 1,
     predictor: str = "reverse_diffusion",
     step_size: str = "sigma",
+    long_step: float | None = LONG_STEP,
 ) -> Tensor:
     """Predictor-corrector sampling: a reverse-SDE predictor, then Langevin MCMC at the new sigma.
 
@@ -366,7 +404,9 @@ def pc_langevin(
     ``step_size="sigma"`` uses the value the rule takes when the norms are typical,
     ``|z| / |g| = sigma_{i+1}`` (``g ~ -z / sigma`` in the noise-dominated regime):
     ``eps = 2 (snr sigma_{i+1})^2``. The step to ``sigma = 0`` is ``x = D``.
-    ``NFE = N + n_corrector (N - 1)``.
+    ``NFE = N + n_corrector (N - 1)``. On a long step (``long_step``, as ``euler_maruyama``) both
+    predictors leave ``x`` with noise of size ``sigma_i`` at ``sigma_{i+1}``; the predictor is then
+    the reverse SDE solved with ``D_i`` held fixed, as in ``euler_maruyama``.
 
     References:
         Song et al., "Score-Based Generative Modeling through Stochastic Differential Equations",
@@ -380,6 +420,7 @@ def pc_langevin(
         )
     if step_size not in ("sigma", "norms"):
         raise ValueError(f"step_size must be 'sigma' or 'norms'; got {step_size!r}")
+    long_step = check_long_step(long_step)
     s, model = prepare(denoiser, x, sigmas)
     for i in steps(len(s) - 1, progress):
         s0, s1 = s[i], s[i + 1]
@@ -388,8 +429,11 @@ def pc_langevin(
         if s1 == 0:
             x = d
             break
-        var = s0 * s0 - s1 * s1 if predictor == "reverse_diffusion" else 2 * s0 * (s0 - s1)
-        x = torch.lerp(x, d, var / (s0 * s0)) + math.sqrt(var) * randn_like(x, generator)
+        if is_long(s0, s1, long_step):
+            x = _exact_sde_step(x, d, s0, s1, generator)
+        else:
+            var = s0 * s0 - s1 * s1 if predictor == "reverse_diffusion" else 2 * s0 * (s0 - s1)
+            x = torch.lerp(x, d, var / (s0 * s0)) + math.sqrt(var) * randn_like(x, generator)
         for _ in range(n_corrector):
             g = (model(x, s1) - x) / (s1 * s1)
             z = randn_like(x, generator)
