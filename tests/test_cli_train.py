@@ -60,10 +60,8 @@ def test_sample_npy_is_decoded_and_per_sample_seeded(vector_run, tmp_path):
     # Independently: the same samples from the sampler entry point, decoded by the data's map.
     denoiser, info = load_run(vector_run)
     smax = min(80.0, 20 * info["sigma_data"])  # where draw() starts (see scorekit.runs.draw)
-    with torch.no_grad():
-        x = sample(
-            denoiser, (7, 2), nfe=4, sampler="euler", sigma_min=0.002, sigma_max=smax, seed=3
-        )
+    with torch.no_grad():  # and it ends on sample()'s default grid (sigma_min not given)
+        x = sample(denoiser, (7, 2), nfe=4, sampler="euler", sigma_max=smax, seed=3)
     expected = Normalization.from_dict(info["normalization"]).decode(x).numpy()
     np.testing.assert_allclose(a, expected, rtol=1e-4, atol=1e-4)
     assert abs(a[:, 0].mean() - 10) < 8  # data units (the data has mean (10, -5)), not normalised

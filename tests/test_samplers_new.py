@@ -382,14 +382,20 @@ def test_auto_default_is_the_suite_choice_for_the_nfe():
         want = REGISTRY[name](gm, 80.0 * z, sig, **opts)
         got = sample(gm, (4, 2), nfe=nfe, noise=z, dtype=torch.float64, sampler="auto")
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
-    # an explicit schedule or sigma_min wins over the table; a sampler name leaves karras/0.002
+    # an explicit schedule or sigma_min wins over the table; a sampler name leaves karras on the
+    # default grid (laid to 0.002 on one more step, that last point dropped)
     a = sample(gm, (4, 2), nfe=8, noise=z, dtype=torch.float64, sigma_min=0.5, sampler="auto")
     want = REGISTRY[AUTO[8][0]](gm, 80.0 * z, SCHEDULES[AUTO[8][2]](8, 0.5, 80.0), **AUTO[8][1])
     torch.testing.assert_close(a, want, rtol=0, atol=1e-12)
     b = sample(gm, (4, 2), nfe=8, noise=z, dtype=torch.float64, sampler="euler")
-    torch.testing.assert_close(b, REGISTRY["euler"](gm, 80.0 * z, karras(8, 0.002, 80.0)))
+    grid = karras(9, 0.002, 80.0)
+    torch.testing.assert_close(
+        b, REGISTRY["euler"](gm, 80.0 * z, torch.cat([grid[:-2], grid[-1:]]))
+    )
     with pytest.raises(ValueError, match="auto"):
         sample(gm, (4, 2), sigmas=karras(5, 0.1, 10.0), sampler="auto")
-    # the default is dpmpp_2m on karras steps to 0.002 (bounded on every robust-suite network)
+    # the default is dpmpp_2m on the same grid (bounded on every robust-suite network)
     c = sample(gm, (4, 2), nfe=8, noise=z, dtype=torch.float64)
-    torch.testing.assert_close(c, REGISTRY["dpmpp_2m"](gm, 80.0 * z, karras(8, 0.002, 80.0)))
+    torch.testing.assert_close(
+        c, REGISTRY["dpmpp_2m"](gm, 80.0 * z, torch.cat([grid[:-2], grid[-1:]]))
+    )

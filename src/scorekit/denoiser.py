@@ -46,6 +46,7 @@ __all__ = [
     "VPred",
     "X0Pred",
     "build_denoiser",
+    "data_scale",
     "get_parameterization",
 ]
 
@@ -199,13 +200,19 @@ class NetDenoiser(nn.Module):
     """Wrap a raw network ``net(x_in [B, ...], c_noise [B], **cond)`` into a denoiser ``D(x, sigma, **cond)``.
 
     The result is a ``torch.nn.Module`` (so ``.to``, ``.eval`` and ``state_dict`` reach the network)
-    and satisfies the denoiser contract of DESIGN.md.
+    and satisfies the denoiser contract of DESIGN.md. ``sigma_data`` (the data's RMS scale, default
+    ``param``'s when it has one, as ``EDMPrecond``) is what ``data_scale`` reports for it.
     """
 
-    def __init__(self, net: nn.Module | Callable, param: Parameterization):
+    def __init__(
+        self, net: nn.Module | Callable, param: Parameterization, *, sigma_data: float | None = None
+    ):
         super().__init__()
         self.net = net
         self.param = param
+        if sigma_data is None:
+            sigma_data = getattr(param, "sigma_data", None)
+        self.sigma_data = None if sigma_data is None else float(sigma_data)
 
     def forward(self, x: Tensor, sigma: Tensor | float, **cond) -> Tensor:
         sigma = as_sigma(sigma, x)
@@ -227,4 +234,17 @@ def build_denoiser(net: nn.Module, *, process: str, param: str, sigma_data: floa
     """
     if param == "edm":
         return NetDenoiser(net, EDMPrecond(sigma_data))
-    return NetDenoiser(net, get_parameterization(param, process=get_process(process)))
+    return NetDenoiser(
+        net, get_parameterization(param, process=get_process(process)), sigma_data=sigma_data
+    )
+
+
+def data_scale(denoiser: Callable) -> float | None:
+    """The RMS scale of the data ``denoiser`` was trained on, if it declares one: a positive finite
+    ``sigma_data`` attribute (``NetDenoiser`` of an ``EDMPrecond`` or with ``sigma_data=``, scorekit's
+    runs, ``from_diffusers`` models); ``None`` otherwise. ``scorekit.sample`` starts at
+    ``min(80, 20 sigma_data)`` when it is known."""
+    v = getattr(denoiser, "sigma_data", None)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"):
+        return float(v)
+    return None

@@ -159,7 +159,9 @@ def draw(
             nfe=nfe,
             sampler=sampler,
             schedule=schedule,
-            sigma_min=lo,
+            sigma_min=None
+            if lo <= 0.002
+            else lo,  # None: sample()'s grid to 0.002, last point dropped
             sigma_max=hi,
             seed=seed,
             device=device,

@@ -195,11 +195,16 @@ class _UNetEps(nn.Module):
         return self.unet(x_t, t).sample
 
 
-def load_ddpm_unet(path: str | os.PathLike) -> NetDenoiser:
+def load_ddpm_unet(path: str | os.PathLike, *, sigma_data: float | None = 0.5) -> NetDenoiser:
     """The sigma-frame denoiser of a folder written by ``train_ddpm_unet`` (eval mode, float32, CPU).
 
     The process is ``DiscreteProcess`` on the scheduler's linear betas; the adapter is ``EpsPred``
     (``D = x - sigma F(alpha x, t(sigma))``, with ``t`` continuous between the table's steps).
+    ``sigma_data`` is the data scale it declares (``scorekit.denoiser.data_scale``): 0.5, what
+    ``scorekit.models.from_diffusers`` declares for diffusers' pixel models, so ``scorekit.sample``
+    starts it at sigma 10 as it would the same UNet loaded by ``from_diffusers`` (which also clips
+    the x0 estimate as its scheduler config says; this loader does not); ``None`` declares none
+    (sigma_max 80).
     """
     path = Path(path)
     if not _complete(path):
@@ -219,4 +224,5 @@ def load_ddpm_unet(path: str | os.PathLike) -> NetDenoiser:
     unet = diffusers.UNet2DModel.from_pretrained(
         path / "unet", use_safetensors=True, low_cpu_mem_usage=False
     )
-    return NetDenoiser(_UNetEps(unet), EpsPred(process)).eval().requires_grad_(False)
+    den = NetDenoiser(_UNetEps(unet), EpsPred(process), sigma_data=sigma_data)
+    return den.eval().requires_grad_(False)

@@ -67,6 +67,8 @@ class DiffusersDenoiser(nn.Module):
         model: the diffusers module. mapping: ``scorekit.models.config.Mapping`` (process, adapter).
         sigma_min, sigma_max: the trained noise range (table ends), for schedules and likelihoods.
         sample_shape: one example's shape from the model config (``[C, H, W]``), if it says.
+        sigma_data: 0.5, the RMS scale of images in [-1, 1] that diffusers' pixel models are trained
+            on (``scorekit.sample`` starts at ``20 sigma_data = 10``; set it for other data).
         scheduler_config: the scheduler config dict used.
         clip_sample, clip_sample_range, thresholding, dynamic_thresholding_ratio, sample_max_value:
             the x0 clipping options (see ``from_diffusers``).
@@ -87,6 +89,7 @@ class DiffusersDenoiser(nn.Module):
             setattr(self, k, type(getattr(mapping, k))(opts[k]))
         self.sigma_min = float(mapping.process.sigma_min)
         self.sigma_max = float(mapping.process.sigma_max)
+        self.sigma_data = 0.5
         cfg = getattr(model, "config", {}) or {}
         size, chans = cfg.get("sample_size"), cfg.get("in_channels")
         if isinstance(size, int):
@@ -144,7 +147,7 @@ class DiffusersDenoiser(nn.Module):
             "shape": list(self.sample_shape),
             "num_classes": int(cfg.get("num_class_embeds") or 0),
             "normalization": {"layout": "NCHW", "shift": [127.5], "scale": [127.5]},
-            "sigma_data": 0.5,
+            "sigma_data": self.sigma_data,
             "process": self.mapping.process,
             "param": self.mapping.prediction_type,
             "sigma_min": self.sigma_min,
@@ -166,6 +169,7 @@ class _NullLabel(nn.Module):
     def __init__(self, denoiser: nn.Module, null_label: int | None, num_classes: int):
         super().__init__()
         self.denoiser, self.null_label, self.num_classes = denoiser, null_label, num_classes
+        self.sigma_data = getattr(denoiser, "sigma_data", None)
 
     def forward(
         self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None, **cond

@@ -31,7 +31,13 @@ Part 2, trained networks on the 8x8 digits: the diffusers-recipe DDPM UNet
 digits runs found under ``<cache>`` (``digits-eps``, ``digits-edm``, ``digits-cond``; a conditional run
 is sampled unconditionally, its label-dropped branch, as ``scorekit sample`` does without ``--label``).
 All samplers start from the same noise; the UNet is sampled with ``scorekit.sample``'s defaults
-(karras, sigma 0.002..80), a run with ``scorekit sample``'s range for its process. Measured against the
+(karras from 10: it declares sigma_data 0.5, as ``from_diffusers`` does, and ``default_sigma_max``
+is ``min(80, 20 sigma_data)``; the grid laid down to 0.002 with that last point dropped, as
+``sample`` does when ``sigma_min`` is not given), a run with ``scorekit sample``'s range for its
+process (the same grid where it ends at 0.002); the mixtures of part 1 declare no scale and run
+from 80, the stricter test. Part 3
+(``defaults``, ``run_defaults``) loads the UNet with ``from_diffusers`` itself and compares
+``scorekit.sample(den, shape, nfe=k)`` with diffusers over five noise draws. Measured against the
 held-out 20 % of the digits (never trained on): the 1-nearest-neighbour two-sample accuracy on pixels
 (leave-one-out over the pooled generated and held-out sets, equal sizes; 0.5 = indistinguishable;
 Lopez-Paz & Oquab 2017) and the Fréchet distance on pixels (in the digits' own units, 0..16), both on samples clipped to the pixel range
@@ -69,17 +75,19 @@ from scorekit.denoiser import EDMPrecond, EpsPred, Parameterization, VPred, X0Pr
 from scorekit.metrics import frechet_distance, sliced_wasserstein
 from scorekit.pfode import pf_ode_reference
 from scorekit.process import DiscreteProcess
-from scorekit.samplers import ADAPTIVE, REGISTRY, STOCHASTIC, sample
+from scorekit.samplers import ADAPTIVE, REGISTRY, STOCHASTIC, default_sigma_max, sample
 from scorekit.samplers.registry import nfe as count_nfe
 from scorekit.schedules import get_schedule
 
 __all__ = [
     "PARAMS",
     "Perturbed",
+    "defaults_verdict",
     "diverged",
     "nn_accuracy",
     "robust_samplers",
     "run",
+    "run_defaults",
     "run_mixtures",
     "run_networks",
     "run_robust",
@@ -174,14 +182,22 @@ def _draw(den, spec: str, nfe: int, z: Tensor, schedule: str, lo: float, hi: flo
     """Samples of sampler ``spec`` from noise ``z`` at the largest NFE <= ``nfe`` it can make, and that NFE."""
     name, options = _parse(spec)
     schedule = options.pop("schedule", schedule)  # a spec may carry its own schedule and range
+    # sample()'s default grid (its last point dropped) unless the spec or the model sets sigma_min
+    drop = "sigma_min" not in options and lo == DEFAULT_SIGMA_MIN
     lo, hi = options.pop("sigma_min", lo), options.pop("sigma_max", hi)
     n = steps_within(name, options, nfe)
     if n is None:
         return None, 0
-    sigmas = get_schedule(schedule)(n, lo, hi).to(z.dtype)
-    with torch.no_grad():
-        out = sample(den, z.shape, sampler=name, sigmas=sigmas, noise=z, dtype=z.dtype, seed=0,
-                     **options)  # fmt: skip
+    sigmas = get_schedule(schedule)(n + drop, lo, hi).to(z.dtype)
+    if drop:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    try:
+        with torch.no_grad():
+            out = sample(den, z.shape, sampler=name, sigmas=sigmas, noise=z, dtype=z.dtype, seed=0,
+                         **options)  # fmt: skip
+    except ValueError as err:  # e.g. restart on 2 main steps: no main sigma to restart from
+        print(f"{spec} at NFE {nfe}: cannot run on these sigmas ({err})", flush=True)
+        return None, 0
     return out, count_nfe(name, sigmas, **options)
 
 
@@ -279,7 +295,8 @@ def _networks(cache: Path, want: list[str], log) -> dict:
     for name in want:
         if name == "ddpm-unet":
             path = digits_unet.train_ddpm_unet(cache / name, minutes=10.0, threads=1)
-            nets[name] = (digits_unet.load_ddpm_unet(path), DEFAULT_SIGMA_MIN, DEFAULT_SIGMA_MAX)
+            den = digits_unet.load_ddpm_unet(path)
+            nets[name] = (den, DEFAULT_SIGMA_MIN, default_sigma_max(den))
         elif (cache / name / "config.json").is_file():
             den, info = load_run(cache / name)
             lo, hi = sampling_range(info["process"], info.get("sigma_data", 4.0))
@@ -338,6 +355,54 @@ def run_networks(samplers, nfes, *, cache: Path, nets=("ddpm-unet", "digits-eps"
     return out
 
 
+def run_defaults(nfes, *, cache: Path, seeds=(0, 1, 2, 3, 4), n=360, log=print) -> list[dict]:
+    """scorekit's defaults against diffusers' on the diffusers-recipe UNet, over several noise draws.
+
+    The UNet is loaded as a user brings a diffusers model, ``scorekit.models.from_diffusers`` with
+    its defaults (the scheduler config's x0 clipping; ``sigma_data = 0.5``), and sampled with
+    ``scorekit.sample(denoiser, shape, nfe=k, noise=z)`` and nothing else: ``dpmpp_2m`` on karras
+    steps from ``min(80, 20 sigma_data) = 10`` to 0.002. diffusers' ``DPMSolverMultistepScheduler``
+    (its defaults) runs from the same noise ``z`` (one draw per seed). One row per (seed, sampler, NFE).
+    """
+    from scorekit.bench import digits_unet
+    from scorekit.models import from_diffusers
+
+    path = digits_unet.train_ddpm_unet(Path(cache) / "ddpm-unet", minutes=10.0, threads=1)
+    den = from_diffusers(path)
+    held, train = digits_unet.heldout_digits(), digits_unet.training_digits()
+    out = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed + 7)
+        floor = _quality(train[torch.randperm(len(train), generator=g)[:n]], held)
+        z = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+        for nfe in nfes:
+            for name in ("diffusers DPMSolverMultistep", "scorekit default"):
+                if name.startswith("diffusers"):
+                    x = _diffusers_dpmpp(path, z, nfe)
+                else:
+                    with torch.no_grad():
+                        x = sample(den, z.shape, nfe=nfe, noise=z)
+                q = _quality(x, held)
+                out.append({"model": f"ddpm-unet seed {seed}", "sampler": name, "target_nfe": nfe,
+                            "nfe": nfe, "floor": floor["distance"], "nn_floor": floor["nn"], **q})  # fmt: skip
+                log(f"seed {seed} {name} {nfe}: 1-NN {q['nn']:.3f} FD {q['distance']:.1f}")
+    return out
+
+
+def defaults_verdict(rows: list[dict]) -> list[str]:
+    """Per seed: is scorekit's default at NFE k at least as good as diffusers' at 2k (1-NN and FD)?"""
+    by = {(r["model"], r["sampler"].split()[0], r["target_nfe"]): r for r in rows}
+    lines = []
+    for (model, who, k), r in sorted(by.items()):
+        theirs = by.get((model, "diffusers", 2 * k))
+        if who != "scorekit" or theirs is None:
+            continue
+        ok = r["nn"] <= theirs["nn"] and r["distance"] <= theirs["distance"]
+        lines.append(f"{model}: scorekit@{k} {r['nn']:.3f} / {r['distance']:.1f} vs diffusers@{2 * k} "
+                     f"{theirs['nn']:.3f} / {theirs['distance']:.1f}: {'yes' if ok else 'no'}")  # fmt: skip
+    return lines
+
+
 # --------------------------------------------------------------------------------------------------
 # Report.
 
@@ -390,6 +455,14 @@ def run_robust(out: Path, *, samplers=None, nfes=(5, 10, 20), cache=Path("bench_
         text += ["## Trained digits networks: 1-NN two-sample accuracy / FD on pixels vs held-out "
                  "(! = diverged)", "",
                  table(net, nfes, lambda r: f"{_fmt(r['nn'], 3)} / {_fmt(r['distance'], 1)}"), ""]  # fmt: skip
+    if "defaults" in parts:
+        rows = run_defaults(nfes, cache=Path(cache), n=n, log=_log)
+        result["defaults"] = rows
+        result["defaults_verdict"] = defaults_verdict(rows)
+        text += ["## Defaults on the diffusers-recipe UNet: 1-NN / FD, one row per noise draw", "",
+                 table(rows, nfes, lambda r: f"{_fmt(r['nn'], 3)} / {_fmt(r['distance'], 1)}"), "",
+                 "scorekit's default at k calls against diffusers' at 2k:", "",
+                 *[f"- {v}" for v in result["defaults_verdict"]], ""]  # fmt: skip
     result["divergent_where_euler_is_not"] = divergences(
         result.get("mixtures", []) + result.get("networks", [])
     )
@@ -411,8 +484,10 @@ def _log(msg: str) -> None:
 def add_arguments(parser) -> None:
     """The ``--robust-*`` options of ``scorekit bench samplers --suite robust``."""
     a = parser.add_argument
-    a("--robust-parts", nargs="+", default=["mixtures", "networks"], choices=["mixtures", "networks"],
-      help="--suite robust: which parts (default both)")  # fmt: skip
+    a("--robust-parts", nargs="+", default=["mixtures", "networks"],
+      choices=["mixtures", "networks", "defaults"],
+      help="--suite robust: which parts (default mixtures and networks; defaults: scorekit.sample's "
+      "defaults against diffusers on the UNet over noise seeds 0-4)")  # fmt: skip
     a("--robust-samplers", nargs="+", default=None,
       help="--suite robust: samplers, name or name:key=value (default every fixed-NFE one)")  # fmt: skip
     a("--robust-nets", nargs="+", default=None,
