@@ -74,7 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--classifier", metavar="CLS_DIR", help="digits: scorekit train-classifier output"
     )
-    g.add_argument("--gf-run", metavar="RUN_DIR", help="digits: a --guidance-free run to compare")
+    g.add_argument("--gf-run", metavar="RUN_DIR", help="digits: a --guidance-free run (same data "
+                   "split) against cfg of its scale at equal steps and at equal evaluations")  # fmt: skip
+    g.add_argument("--gf-seed", type=int, default=2, help="digits: the seed of the --gf-run "
+                   "comparison (default 2; 0 tunes the scales, 1 re-measures them)")  # fmt: skip
     g.add_argument("--per-class", type=int, default=20, help="digits per class (default 20)")
     g.add_argument(
         "--budget", type=int, default=20, help="network evaluations per sample (default 20)"

@@ -22,6 +22,11 @@ Judges, all fitted on the run's *training* split of the real digits only, and sc
 Scale selection is honest: the sweep uses seed 0 (tuning); each rule's best scale (highest accuracy
 among the scales whose FD is within 1.25x of the rule's lowest) is measured again with seed 1
 (held-out seeds) for the summary table and the pictures.
+
+``--gf-run RUN``: a run of ``scorekit train --cond --guidance-free S`` on the same split, sampled
+with one network call per step (its conditional branch, no CFG), against CFG of scale ``S`` on the
+``--digits`` run (two calls per step) at equal sampler steps (half the evaluations) and at equal
+evaluations (``compare_guidance_free``), with seed ``--gf-seed`` (default 2, held out).
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ DEFAULT_SCALES = {"cond": 1.0, "cfg": 2.0, "cfg_interval": 2.0, "apg": 2.0, "tcf
                   "guidance_free": 1.0}  # fmt: skip
 #: Network evaluations per sampler call of each rule (the budget is divided by it).
 _CALLS = {"cond": 1, "cfg": 2, "cfg_interval": 2, "apg": 2, "tcfg": 2, "adaptive": 2,
-          "autoguidance": 2, "classifier": 1, "cads": 2, "guidance_free": 1}  # fmt: skip
+          "autoguidance": 2, "classifier": 1, "cads": 2, "guidance_free": 1,
+          "adaptive_x0": 2}  # fmt: skip
 
 
 @dataclass
@@ -142,7 +148,26 @@ def setup(run_dir, *, weak_step: int | None = None, classifier_dir=None, gf_run=
         s.clf = load_classifier(classifier_dir, info)
     if gf_run is not None:
         s.gf = load_run(gf_run)
+        _check_gf(s.gf[1], info, gf_run)
     return s
+
+
+def _check_gf(gf: dict, info: dict, where) -> None:
+    """A ``--gf-run`` must be a guidance-free run of the same data split as the ``--digits`` run (the
+    judges' held-out digits are held out of both)."""
+    cfg, ref = gf["config"], info["config"]
+    if not cfg.get("guidance_free"):
+        raise ValueError(f"--gf-run: {where} was not trained with --guidance-free (its config has "
+                         f"guidance_free={cfg.get('guidance_free')!r}); allowed: a run of "
+                         "scorekit train --cond --guidance-free S")  # fmt: skip
+    for key in ("data", "holdout", "seed"):
+        if cfg.get(key) != ref.get(key):
+            raise ValueError(f"--gf-run: {where} has {key}={cfg.get(key)!r}, the --digits run "
+                             f"{ref.get(key)!r}; allowed: a run of the same data split")  # fmt: skip
+    if list(gf["shape"]) != list(info["shape"]) or gf["num_classes"] != info["num_classes"]:
+        raise ValueError(f"--gf-run: {where} makes shape {gf['shape']} with {gf['num_classes']} "
+                         f"classes; allowed: the --digits run's {info['shape']} and "
+                         f"{info['num_classes']}")  # fmt: skip
 
 
 def _counted(s: Setup, model, labels: Tensor | int):
@@ -186,12 +211,14 @@ def _make(rule: str, s: Setup, w: float, labels: Tensor) -> Callable:
         "apg": lambda: G.apg(c, u, w),
         "tcfg": lambda: G.tcfg(c, u, w),
         "adaptive": lambda: G.adaptive_guidance(c, u, w, threshold=_threshold(rule)),
+        "adaptive_x0": lambda: G.adaptive_guidance(c, u, w, threshold=_threshold(rule), frame="x0"),
     }
     return makers[rule.partition("@")[0]]()
 
 
 def _threshold(rule: str) -> float:
-    """``adaptive`` (0.999) or ``adaptive@T``: adaptive guidance's cosine threshold."""
+    """``adaptive`` / ``adaptive_x0`` (0.999) or ``adaptive@T`` / ``adaptive_x0@T``: adaptive
+    guidance's cosine threshold (``adaptive_x0``: the cosine of the denoised estimates)."""
     return float(rule.partition("@")[2] or 0.999)
 
 
@@ -215,17 +242,52 @@ def _quality(s: Setup, x: Tensor, labels: Tensor) -> dict:
     }
 
 
-def measure_rule(s: Setup, rule: str, w: float, *, per_class: int, budget: int, seed: int) -> dict:
-    """Samples of one rule at one scale, and their accuracy, FD, MMD and counted evaluations."""
-    labels = torch.arange(10).repeat_interleave(per_class)
-    nfe = max(2, budget // _CALLS[rule.partition("@")[0]])
+def sample_rule(s: Setup, rule: str, w: float, labels: Tensor, *, nfe: int, seed: int) -> Tensor:
+    """Samples of ``rule`` at scale ``w`` for per-row ``labels``: ipndm with ``nfe`` sampler calls;
+    the network evaluations it made are counted in ``s.counts`` (reset here)."""
     s.counts.update(net=0, clf=0)
     info = s.gf[1] if rule == "guidance_free" else s.info
-    x = draw(_make(rule, s, w, labels), info, len(labels), nfe=nfe, sampler="ipndm", seed=seed)
+    return draw(_make(rule, s, w, labels), info, len(labels), nfe=nfe, sampler="ipndm", seed=seed)
+
+
+def measure_rule(s: Setup, rule: str, w: float, *, per_class: int, budget: int, seed: int,
+                 steps: int | None = None) -> dict:  # fmt: skip
+    """Samples of one rule at one scale, and their accuracy, FD, MMD and counted evaluations;
+    ``steps`` sampler calls if given, else as many as ``budget`` evaluations per sample allow."""
+    labels = torch.arange(10).repeat_interleave(per_class)
+    nfe = steps or max(2, budget // _CALLS[rule.partition("@")[0]])
+    x = sample_rule(s, rule, w, labels, nfe=nfe, seed=seed)
     q = _quality(s, x, labels)
     return {"rule": rule, "scale": w, "seed": seed, "sampler_calls": nfe,
             "nfe_per_sample": s.counts["net"] / len(labels),
             "classifier_per_sample": s.counts["clf"] / len(labels), **q, "samples": x}  # fmt: skip
+
+
+def compare_guidance_free(s: Setup, *, per_class: int, steps: int, seed: int) -> list[dict]:
+    """The guidance-free run against CFG on the ``--digits`` run at the scale ``S`` it was trained for.
+
+    Rows (each with ``compare`` saying which; one ``seed`` for all, so all rows share the noise):
+    ``cfg`` of scale ``S`` with ``steps`` sampler calls of two network evaluations each;
+    ``guidance_free`` (the run's conditional branch alone, no CFG: one evaluation per call) with
+    ``steps`` calls (equal steps, half the evaluations) and with ``2 steps`` calls (equal
+    evaluations); ``cond`` (the ``--digits`` run's conditional branch, unguided) at both.
+    Evaluations are counted (``nfe_per_sample``), not assumed. Rows keep their ``samples``.
+    """
+    if s.gf is None:
+        raise ValueError("compare_guidance_free needs a guidance-free run (setup(..., gf_run=RUN))")
+    if not (isinstance(steps, int) and steps >= 2):
+        raise ValueError(f"steps must be a whole number >= 2; got {steps!r}")
+    w = float(s.gf[1]["config"]["guidance_free"])
+    plan = [("cfg", w, steps, f"cfg w={w:g}, {steps} steps"),
+            ("guidance_free", 1.0, steps, "guidance-free, equal steps"),
+            ("guidance_free", 1.0, 2 * steps, "guidance-free, equal evaluations"),
+            ("cond", 1.0, steps, "cond, equal steps"),
+            ("cond", 1.0, 2 * steps, "cond, equal evaluations")]  # fmt: skip
+    rows = []
+    for rule, scale, n, what in plan:
+        r = measure_rule(s, rule, scale, per_class=per_class, budget=0, seed=seed, steps=n)
+        rows.append({**r, "compare": what, "trained_scale": w})
+    return rows
 
 
 def best_scale(rows: list[dict]) -> float:
@@ -296,7 +358,7 @@ def run_digits(args) -> dict:
     start = time.perf_counter()
     s = setup(args.digits, weak_step=args.weak_step, classifier_dir=args.classifier,
               gf_run=args.gf_run)  # fmt: skip
-    rules = [r for r in args.digit_rules if _available(r, s)]
+    rules = [r for r in args.digit_rules if _available(r, s) and r != "guidance_free"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kw = {"per_class": args.per_class, "budget": args.budget}
@@ -314,16 +376,21 @@ def run_digits(args) -> dict:
                 title=f"{rule}, scale {b['scale']:g}")  # fmt: skip
         _print_row("held-out seed", b)
         best.append(b)
-    if s.gf is not None:  # the guidance-free run at half the calls of CFG's budget
-        r = measure_rule(s, "guidance_free", 1.0, seed=1, per_class=args.per_class,
-                         budget=args.budget // 2)  # fmt: skip
-        r.pop("samples")
-        r["rule"] = "guidance_free_half"
-        _print_row("held-out seed", r)
-        best.append(r)
+    gf_rows = []
+    if s.gf is not None:  # CFG's budget: its steps at two calls each, against one call per step
+        gf_seed = getattr(args, "gf_seed", 2)
+        print(f"guidance-free run {args.gf_run} against cfg, seed {gf_seed} (held out)")
+        gf_rows = compare_guidance_free(s, per_class=args.per_class,
+                                        steps=max(2, args.budget // 2), seed=gf_seed)  # fmt: skip
+        for r in gf_rows:
+            x = r.pop("samples")
+            if r["compare"] == "guidance-free, equal steps":
+                picture(out / "guidance_guidance_free.png", x[:: max(1, args.per_class // 10)],
+                        s.info, title=f"guidance-free (S = {r['trained_scale']:g}), one call per step")  # fmt: skip
+            _print_row(f"{r['sampler_calls']} steps", {**r, "rule": r["compare"]})
     result = {"run": str(args.digits), "per_class": args.per_class, "budget": args.budget,
               "accuracy_real": s.judge.accuracy_real, "sweep": sweep, "best": best,
-              "seconds": time.perf_counter() - start}  # fmt: skip
+              "guidance_free": gf_rows, "seconds": time.perf_counter() - start}  # fmt: skip
     (out / "guidance_digits.json").write_text(json.dumps(result, indent=1))
     _plot(out / "guidance_digits.png", sweep)
     print(f"wrote {out / 'guidance_digits.json'} ({result['seconds']:.0f} s)")
