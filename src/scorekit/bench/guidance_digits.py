@@ -392,7 +392,8 @@ def run_digits(args) -> dict:
               "accuracy_real": s.judge.accuracy_real, "sweep": sweep, "best": best,
               "guidance_free": gf_rows, "seconds": time.perf_counter() - start}  # fmt: skip
     (out / "guidance_digits.json").write_text(json.dumps(result, indent=1))
-    _plot(out / "guidance_digits.png", sweep)
+    if sweep:  # none with --digit-rules guidance_free alone
+        _plot(out / "guidance_digits.png", sweep)
     print(f"wrote {out / 'guidance_digits.json'} ({result['seconds']:.0f} s)")
     return result
 
