@@ -17,6 +17,7 @@ def adaptive_guidance(
     scale: float,
     *,
     threshold: float = 0.999,
+    frame: str = "eps",
     stats: dict | None = None,
 ) -> Denoiser:
     """CFG that drops the unconditional pass, per row, once ``cos(eps_c, eps_u) >= threshold``.
@@ -38,6 +39,22 @@ def adaptive_guidance(
     ``gamma >= threshold``) would then stop at the first call; stopping on convergence after
     divergence is the behaviour the paper describes ("the denoising process displays convergence").
 
+    ``frame="x0"`` measures the cosine on the denoised estimates instead,
+    ``gamma_i = <D_c, D_u> / (|D_c| |D_u|)`` (Tweedie's ``x0`` predictions, in the model's
+    normalised space, whose origin is the data's centre), and a row stops at the *first*
+    ``gamma_i >= threshold`` (the paper's rule as written: in this frame gamma starts low, the
+    conditional and unconditional estimates of ``x0`` differ most at large sigma). Why: on a
+    trained network the noise-frame cosine need not come back. On the digits run of
+    docs/guidance.md (CFG w = 2, ipndm, 10 calls, 100 digits) the median of
+    ``1 - cos(eps_c, eps_u)`` *grows* as sigma falls, 2.5e-4 at sigma = 15, 2e-3 at 5, 6e-3 at
+    1.4 .. 0.3, 1e-2 at 0.1, 3e-2 at 0.01 (the network's noise estimate at small sigma is
+    ``(x - D) / sigma``, its error divided by sigma), so a threshold of 0.999 never stops a row
+    (5-9% saved, measured). In the ``x0`` frame the same trajectories converge monotonically:
+    ``1 - cos(D_c, D_u)`` is 0.11 at sigma = 15, 0.06 at 2.7, 1.7e-2 at 1.4, 2.9e-3 at 0.66,
+    6e-4 at 0.29, 1e-5 at 0.04, which is the convergence the paper uses (guidance redundant in the
+    second half of sampling). The paper measures the cosine on its networks' noise predictions;
+    the ``x0`` frame is this module's variant of it, documented and measured in docs/guidance.md.
+
     State: the set of finished rows lives in this closure; build a new ``adaptive_guidance(...)`` for
     each sampling call (a batch of another size is a ValueError).
 
@@ -48,6 +65,8 @@ def adaptive_guidance(
     Args:
         cond, uncond: denoisers ``D(x [B, ...], sigma [B]) -> [B, ...]``. scale: ``w >= 0``.
         threshold: ``gamma_bar`` in ``[-1, 1]``.
+        frame: ``"eps"`` (the paper's: noise predictions, ``x - D``; stop on convergence after
+            divergence) or ``"x0"`` (``D`` itself; stop at the first ``gamma >= threshold``).
 
     Cost: 2 network evaluations per sampler call while any row is active, then 1.
 
@@ -59,6 +78,8 @@ def adaptive_guidance(
     check_denoiser("uncond", uncond)
     w = check_scale(scale)
     gamma_bar = check_number("threshold", threshold, low=-1, high=1)
+    if frame not in ("eps", "x0"):
+        raise ValueError(f"frame must be 'eps' or 'x0'; got {frame!r}")
     counts = stats if stats is not None else {}
     counts.update(cond_calls=0, uncond_calls=0, nfe=0, uncond_rows=0, rows=0)
     state: dict[str, Tensor] = {}
@@ -85,13 +106,13 @@ def adaptive_guidance(
         counts["uncond_rows"] += n_active
         counts["rows"] += n_active
         counts["nfe"] = counts["cond_calls"] + counts["uncond_calls"]
-        a, b = xa - dca, xa - d_u
+        a, b = (xa - dca, xa - d_u) if frame == "eps" else (dca, d_u)
         tiny = torch.finfo(x.dtype).tiny
         cos = rowdot(a, b) / (rowdot(a, a) * rowdot(b, b)).sqrt().clamp(min=tiny)
         out = d_c.clone()
         out[active] = d_u + w * (dca - d_u)
         agree = cos >= gamma_bar
-        armed = state.setdefault("armed", torch.zeros_like(done))
+        armed = state.setdefault("armed", torch.full_like(done, frame == "x0"))
         done[active] = armed[active] & agree
         armed[active] |= ~agree
         return out
