@@ -5,6 +5,19 @@
     scorekit sample --run RUN --label 3 --guidance autoguidance --scale 2 --weak-step 500
     scorekit sample --run RUN --label 3 --guidance classifier --scale 2 --classifier CLS_RUN
     scorekit sample --run RUN --label 3 --guidance 2          # a number: cfg of that scale (as before)
+    scorekit sample --run RUN --label 3 --guidance reward --scale 2 --classifier CLS_RUN
+    scorekit sample --run RUN --label 3 --guidance svdd --scale 4 --classifier CLS_RUN \
+        --guidance-options '{"candidates": 8}'
+
+``reward`` and ``svdd`` steer by a reward ``r(x0)`` on clean data, named by ``--reward`` (no code is
+run; ``REWARDS``): ``classifier`` (the default) is ``log p(--label | x0)`` under ``--classifier`` at
+the lowest noise level it was trained on. Both start from the label-dropped branch ``D_u`` and aim at
+``p(x) exp(w r(x))`` (with this reward the tilted target ``p(x) p(y | x)^w``, as classifier guidance
+of scale ``w``): ``reward`` by the gradient of ``r`` through Tweedie's estimate
+(``scorekit.guidance.reward_guidance``: one network call and one backward pass per sampler call, any
+``--sampler``); ``svdd`` is its own sampler (``scorekit.guidance.svdd``, derivative-free: ``M``
+DDPM candidates per step kept with probability ``softmax(w r)``), ``--nfe`` is its number of steps
+``N`` and it makes ``1 + M (N - 1)`` network evaluations (counted and reported).
 
 Every rule here returns a denoiser, so it works with every ``--sampler``. ``--guidance-options`` is a
 JSON object of the rule function's keyword options (``scorekit.guidance.<rule>``), e.g. ``rescale`` and
@@ -37,7 +50,7 @@ from torch import Tensor
 from scorekit import guidance as G
 from scorekit._util import check_number
 
-__all__ = ["RULES", "add_arguments", "build", "check_arguments"]
+__all__ = ["REWARDS", "RULES", "add_arguments", "build", "check_arguments", "svdd_generate"]
 
 
 @dataclass
@@ -49,6 +62,7 @@ class Models:
     label: int | None
     weak: Callable[..., Tensor] | None = None
     classifier: Callable[[Tensor, Tensor], Tensor] | None = None  # log p(label | x, sigma) [B]
+    reward: Callable[[Tensor], Tensor] | None = None  # r(x0) [B] for reward / svdd
     counts: dict[str, int] = field(default_factory=lambda: {"net": 0, "weak": 0, "classifier": 0})
 
     def bound(self, which: str, label: int | None) -> Callable[[Tensor, Tensor], Tensor]:
@@ -104,11 +118,20 @@ RULES: dict[str, tuple[bool, bool, Callable, Callable]] = {
                 lambda m, w, **o: G.density_guidance(m.cond, w, **o)),
     "minority": (False, False, G.minority_guidance,
                  lambda m, w, **o: G.minority_guidance(m.cond, w, **o)),
+    "reward": (True, False, G.reward_guidance,
+               lambda m, w, **o: G.reward_guidance(m.uncond, m.reward, w, **o)),
+    # svdd is its own sampler (svdd_generate); the denoiser it steps with is D_u
+    "svdd": (True, False, G.svdd, lambda m, w, **o: m.uncond),
 }  # fmt: skip
+
+#: Built-in rewards ``r(x0) -> [B]`` of ``--guidance reward / svdd`` (``--reward NAME``).
+REWARDS = {"classifier": "log p(--label | x0) under --classifier (scorekit train-classifier) at the "
+                         "lowest noise level it was trained on"}  # fmt: skip
+_REWARD_RULES = ("reward", "svdd")
 
 #: Options the CLI sets itself (not allowed in --guidance-options).
 _FIXED = {"cond", "uncond", "weak", "denoiser", "scale", "rate", "log_prob", "embedding", "key",
-          "stats", "generator"}  # fmt: skip
+          "stats", "generator", "callback", "progress", "alpha"}  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,8 +157,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a(
         "--classifier",
         metavar="CLS_DIR",
-        help="classifier guidance: a run of scorekit train-classifier",
+        help="classifier guidance / the classifier reward: a run of scorekit train-classifier",
     )
+    a("--reward", choices=sorted(REWARDS), help="reward / svdd guidance: the reward r(x0) "
+      "(classifier: log p(--label | x0) under --classifier; the default)")  # fmt: skip
     a("--dynamic-threshold", type=float, metavar="P",
       help="clamp each denoised image at its P-quantile of |x| (Imagen; image data)")  # fmt: skip
 
@@ -187,8 +212,25 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(
             "--guidance autoguidance needs the weak model: --weak-run RUN_DIR or --weak-step N"
         )
-    if (args.classifier is None) != (rule != "classifier"):
-        raise ValueError("--guidance classifier and --classifier CLS_DIR go together")
+    reward = getattr(args, "reward", None)
+    if reward is not None and rule not in _REWARD_RULES:
+        raise ValueError(f"--reward {reward} needs --guidance reward or svdd")
+    if rule in _REWARD_RULES and (reward or "classifier") not in REWARDS:
+        raise ValueError(f"--reward must be one of {', '.join(REWARDS)}; got {reward!r}")
+    needs_classifier = rule == "classifier" or rule in _REWARD_RULES
+    if (args.classifier is None) == needs_classifier:
+        raise ValueError(
+            "--guidance classifier and --classifier CLS_DIR go together (--classifier is also the "
+            "reward of --guidance reward / svdd)"
+            if rule not in _REWARD_RULES
+            else f"--guidance {rule} with --reward classifier needs --classifier CLS_DIR"
+        )
+    if rule == "svdd" and args.sampler != "dpmpp_2m":
+        raise ValueError(f"--guidance svdd is its own sampler (SVDD on DDPM steps); leave --sampler "
+                         f"out; got --sampler {args.sampler}")  # fmt: skip
+    if rule == "svdd" and _rule(args)[1] == 0:
+        raise ValueError("--scale for svdd must be > 0 (candidates are kept with probability "
+                         "softmax(w r)); got 0")  # fmt: skip
     if args.dynamic_threshold is not None:
         check_number("--dynamic-threshold", args.dynamic_threshold, low=0, high=1, low_ok=False)
     if rule is not None and RULES[rule][0] and args.label is None:
@@ -233,6 +275,8 @@ def build(args: argparse.Namespace, denoiser, info: dict, *, device) -> tuple[An
         from scorekit.train.classifier import load_classifier
 
         m.classifier = load_classifier(args.classifier, info, label=args.label, device=device)
+    if rule in _REWARD_RULES:
+        m.reward = classifier_reward(args.classifier, info, args.label, m.counts, device=device)
     if rule == "cads" and not info["num_classes"]:
         raise ValueError("--guidance cads needs a class-conditional run")
 
@@ -249,6 +293,23 @@ def build(args: argparse.Namespace, denoiser, info: dict, *, device) -> tuple[An
     for key in m.counts:
         m.counts[key] = 0
     return PerPass(make), m
+
+
+def classifier_reward(folder, info: dict, label: int, counts: dict, *, device) -> Callable:
+    """The ``classifier`` reward: ``r(x0) = log p(label | x0, sigma_lo)`` of the noisy classifier in
+    ``folder`` at the lowest noise level it was trained on (``sigma_lo``: clean data), counting the
+    rows it is evaluated on in ``counts["classifier"]``."""
+    from scorekit.train.classifier import load_classifier
+
+    log_p = load_classifier(folder, info, label=label, device=device)
+    record = json.loads((Path(folder) / "classifier.json").read_text())
+    lo = float(record.get("train", {}).get("sigma_range", [0.01])[0])
+
+    def r(x0: Tensor) -> Tensor:
+        counts["classifier"] += x0.shape[0]
+        return log_p(x0, torch.full((x0.shape[0],), lo, dtype=x0.dtype, device=x0.device))
+
+    return r
 
 
 class PerPass:
@@ -268,6 +329,44 @@ class PerPass:
             self.current, self.rows = self.make(), x.shape[0]
         self.prev, self.top = s, max(self.top, s)
         return self.current(x, sigma)
+
+
+def svdd_generate(args: argparse.Namespace, denoiser, m: Models, info: dict, *, nfe: int,
+                  dist=None) -> Tensor:  # fmt: skip
+    """``--guidance svdd``: ``--n`` samples by ``scorekit.guidance.svdd`` with ``m.reward``.
+
+    ``denoiser`` is ``build``'s (the label-dropped branch); the grid is the one ``sample()`` lays for
+    ``nfe`` steps of a one-call sampler on the run's range and ``--schedule``; row ``i`` starts from
+    and draws its candidates from the generator of ``(--seed, i)`` as ``sample()`` does, so sample
+    ``i`` does not depend on ``--batch``, and ``candidates = 1`` is ``euler_ancestral`` (the DDPM
+    step). Temperature ``alpha = 1 / --scale``. One process (not under torchrun).
+    """
+    from scorekit.samplers.common import row_generators
+    from scorekit.schedules import get_schedule
+    from scorekit.train.preview import sampling_range
+
+    if dist is not None and dist.world > 1:
+        raise ValueError(
+            f"--guidance svdd runs in one process; got {dist.world} (run it without torchrun)"
+        )
+    _, w = _rule(args)
+    lo, hi = sampling_range(info["process"], info.get("sigma_data", 4.0))
+    drop = lo <= 0.002  # as sample(): the grid laid to 0.002 and its last nonzero point dropped
+    s = [float(v) for v in get_schedule(args.schedule)(nfe + drop, 0.002 if drop else lo, hi)]
+    sigmas = torch.tensor([*s[:-2], 0.0] if drop else s, dtype=torch.float64)
+    opts = {"candidates": 4, **(args.guidance_options or {})}
+    device = dist.device if dist is not None else "cpu"
+    parts = []
+    for start in range(0, args.n, args.batch):
+        gens = row_generators(args.seed, range(start, min(args.n, start + args.batch)), device)
+        x = torch.stack(
+            [torch.randn(tuple(info["shape"]), generator=g, device=device) for g in gens]
+        )
+        with torch.no_grad():
+            out = G.svdd(denoiser, m.reward, x * sigmas[0].item(), sigmas, generator=gens,
+                         alpha=1.0 / w, **opts)  # fmt: skip
+        parts.append(out.cpu())
+    return torch.cat(parts)
 
 
 def load_weak(args: argparse.Namespace, info: dict, *, device):

@@ -75,11 +75,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         denoiser, info = load_model_source(args, weights=args.weights, device=dist.device)
         denoiser, counted = guide.build(args, denoiser, info, device=dist.device)
-        x = generate(
-            denoiser, info, args.n, batch=args.batch, dist=dist, progress=not args.no_progress,
-            nfe=nfe, sampler=args.sampler, schedule=args.schedule, seed=args.seed,
-            device=dist.device,
-        )  # fmt: skip
+        if args.guidance == "svdd":  # its own sampler: candidates per step (scorekit.cli.guide)
+            x = guide.svdd_generate(args, denoiser, counted, info, nfe=nfe, dist=dist)
+        else:
+            x = generate(
+                denoiser, info, args.n, batch=args.batch, dist=dist, progress=not args.no_progress,
+                nfe=nfe, sampler=args.sampler, schedule=args.schedule, seed=args.seed,
+                device=dist.device,
+            )  # fmt: skip
     finally:
         teardown()
     if x is None:  # not rank 0
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write(args.out, buf.getvalue())
     else:
         title = (
-            f"{info['name']}: {args.sampler}, NFE {nfe}"
+            f"{info['name']}: {'svdd' if args.guidance == 'svdd' else args.sampler}, NFE {nfe}"
             + (f", label {args.label}" if args.label is not None else "")
             + (f", guidance {args.guidance}" if args.guidance is not None else "")
         )
