@@ -86,3 +86,19 @@ def test_x0_frame_saves_more_as_the_threshold_falls():
 def test_bad_frame_is_a_one_line_value_error():
     with pytest.raises(ValueError, match=r"^frame must be 'eps' or 'x0'; got 'x'$"):
         adaptive_guidance(TARGET.cond(0), TARGET.uncond, 2.0, frame="x")
+
+
+def test_the_benchmark_chooses_the_lowest_threshold_that_keeps_cfg_quality():
+    from scorekit.bench.guidance_adaptive import ACC_TOL, choose_threshold
+
+    cfg_row = {"accuracy": 0.99, "fd": 15.0}
+
+    def row(acc, fd):
+        return {"accuracy": acc, "fd": fd}
+
+    rows = {0.8: row(0.99 - 2 * ACC_TOL, 9.0), 0.9: row(0.99 - ACC_TOL / 2, 14.0),
+            0.95: row(1.0, 14.5), 0.99: row(1.0, 15.0)}  # fmt: skip
+    assert choose_threshold(cfg_row, rows) == 0.9  # 0.8 loses accuracy; 0.9 is within the tolerance
+    rows[0.9] = row(1.0, 15.5)  # FD above CFG's: not equal quality
+    assert choose_threshold(cfg_row, rows) == 0.95
+    assert choose_threshold(cfg_row, {0.9: row(0.5, 1.0), 0.99: row(1.0, 16.0)}) is None

@@ -23,6 +23,8 @@ with ``dpmpp_2m``; ``cfg_ddpm`` (CFG with DDPM ancestral steps, the reference pr
 
 ``--digits RUN`` measures the rules on a class-conditional digits run instead (class accuracy, FD,
 MMD against held-out digits, at equal network evaluations): ``scorekit.bench.guidance_digits``.
+``--digits RUN --adaptive-sweep``: adaptive guidance's saving against CFG's quality, threshold tuned on
+one seed and reported on held-out ones (``scorekit.bench.guidance_adaptive``).
 """
 
 from __future__ import annotations
@@ -85,6 +87,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--digit-scales", type=float, nargs="+", default=[1.5, 3.0, 5.0])
     g.add_argument("--digit-rules", nargs="+", default=["cond", "cfg", "cfg_interval", "apg", "tcfg",
                    "adaptive", "autoguidance", "classifier", "cads", "guidance_free"])  # fmt: skip
+    g.add_argument("--adaptive-sweep", action="store_true", help="digits: adaptive guidance's saving "
+                   "against CFG's quality (scorekit.bench.guidance_adaptive) instead of the rules")  # fmt: skip
+    g.add_argument("--ag-thresholds", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.97, 0.99],
+                   help="--adaptive-sweep: the x0-frame thresholds")  # fmt: skip
+    g.add_argument("--ag-tune-seed", type=int, default=0, help="--adaptive-sweep: the tuning seed")
+    g.add_argument("--ag-seeds", type=int, nargs="+", default=[1, 2, 3],
+                   help="--adaptive-sweep: the held-out seeds")  # fmt: skip
 
 
 class _Counting:
@@ -254,6 +263,12 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out) / "guidance_fk.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=1))
+        return 0
+    if args.digits is not None and args.adaptive_sweep:
+        from scorekit.bench.guidance_adaptive import run_adaptive
+
+        torch.set_num_threads(1)
+        run_adaptive(args)
         return 0
     if args.digits is not None:
         from scorekit.bench.guidance_digits import run_digits

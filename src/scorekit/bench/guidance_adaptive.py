@@ -1,0 +1,114 @@
+"""Adaptive guidance on digits: its saving in network evaluations against CFG's quality, with the
+threshold tuned on one seed and reported on held-out seeds
+(``scorekit bench guidance --digits RUN --adaptive-sweep``).
+
+At each scale of ``--digit-scales``: on the tuning seed (``--ag-tune-seed``, default 0) CFG, the
+noise-frame rule (``adaptive``, threshold 0.999) and ``adaptive_guidance(frame="x0")`` at every
+threshold of ``--ag-thresholds``, all with the same sampler calls (ipndm, ``--budget`` / 2 of them:
+CFG's two evaluations per call make the budget); the chosen threshold (``choose_threshold``) is
+the lowest whose accuracy is within ``ACC_TOL`` of CFG's and whose FD is no higher than CFG's on
+the tuning seed. On the held-out seeds (``--ag-seeds``, default 1 2 3): ``cond``, CFG, ``adaptive``
+and ``adaptive_x0`` at every threshold (the whole saving-vs-quality curve, the chosen one marked).
+The judges (class accuracy, FD, MMD against held-out digits) are ``scorekit.bench.guidance_digits``'s.
+Evaluations are counted rows of network calls, not assumed.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scorekit._util import atomic_write_json
+from scorekit.bench.guidance_digits import measure_rule, setup
+
+__all__ = ["ACC_TOL", "choose_threshold", "run_adaptive"]
+
+#: How much lower than CFG's the accuracy may be on the tuning seed (one digit in a hundred).
+ACC_TOL = 0.01
+
+
+def choose_threshold(cfg_row: dict, rows: dict[float, dict]) -> float | None:
+    """The lowest threshold (the largest saving) whose row has ``accuracy >= cfg - ACC_TOL`` and
+    ``fd <= cfg's fd``; ``None`` if no threshold qualifies. ``rows``: threshold -> measured row."""
+    ok = [t for t, r in rows.items()
+          if r["accuracy"] >= cfg_row["accuracy"] - ACC_TOL and r["fd"] <= cfg_row["fd"]]  # fmt: skip
+    return min(ok) if ok else None
+
+
+def _line(what: str, r: dict, cfg_nfe: float) -> str:
+    saving = 1 - r["nfe_per_sample"] / cfg_nfe
+    return (f"  {what:<9} seed {r['seed']} w={r['scale']:<3g} {r['rule']:<18} acc {r['accuracy']:.3f}  "
+            f"FD {r['fd']:6.2f}  MMD {r['mmd']:.4f}  nfe/sample {r['nfe_per_sample']:5.2f}  "
+            f"saving {100 * saving:4.1f}%")  # fmt: skip
+
+
+def _measure(s, rule: str, w: float, seed: int, args) -> dict:
+    r = measure_rule(s, rule, w, per_class=args.per_class, budget=args.budget, seed=seed)
+    r.pop("samples")
+    return r
+
+
+def run_adaptive(args) -> dict:
+    """The tuning sweep and the held-out curve; prints them and writes ``guidance_adaptive.json``."""
+    start = time.perf_counter()
+    s = setup(args.digits)
+    thresholds = sorted(float(t) for t in args.ag_thresholds)
+    result = {"run": str(args.digits), "per_class": args.per_class, "budget": args.budget,
+              "tune_seed": args.ag_tune_seed, "seeds": list(args.ag_seeds), "scales": []}  # fmt: skip
+    for w in args.digit_scales:
+        print(f"scale {w:g}: tuning seed {args.ag_tune_seed}", flush=True)
+        tune = {"cfg": _measure(s, "cfg", w, args.ag_tune_seed, args)}
+        tune["adaptive"] = _measure(s, "adaptive", w, args.ag_tune_seed, args)
+        for t in thresholds:
+            tune[f"adaptive_x0@{t:g}"] = _measure(
+                s, f"adaptive_x0@{t:g}", w, args.ag_tune_seed, args
+            )
+        for r in tune.values():
+            print(_line("tuning", r, tune["cfg"]["nfe_per_sample"]), flush=True)
+        chosen = choose_threshold(tune["cfg"], {t: tune[f"adaptive_x0@{t:g}"] for t in thresholds})
+        print(f"  chosen threshold: {chosen}", flush=True)
+        held = []
+        for seed in args.ag_seeds:
+            rules = ["cond", "cfg", "adaptive", *(f"adaptive_x0@{t:g}" for t in thresholds)]
+            rows = {rule: _measure(s, rule, w, seed, args) for rule in rules}
+            for r in rows.values():
+                mark = (
+                    "held-out*"
+                    if chosen is not None and r["rule"] == f"adaptive_x0@{chosen:g}"
+                    else "held-out"
+                )
+                print(_line(mark, r, rows["cfg"]["nfe_per_sample"]), flush=True)
+            held += rows.values()
+        summary = _summary(
+            held, ["cond", "cfg", "adaptive", *(f"adaptive_x0@{t:g}" for t in thresholds)]
+        )
+        for rule, m in summary.items():
+            print(f"  mean over held-out seeds  {rule:<18} acc {m['accuracy']:.3f}  FD {m['fd']:.2f} "
+                  f"(+-{m['fd_sd']:.2f})  MMD {m['mmd']:.4f}  nfe/sample {m['nfe_per_sample']:.2f}  "
+                  f"saving {100 * m['saving']:.1f}%", flush=True)  # fmt: skip
+        result["scales"].append({"scale": w, "tuning": list(tune.values()), "chosen": chosen,
+                                 "held_out": held, "summary": summary})  # fmt: skip
+    result["seconds"] = time.perf_counter() - start
+    out = Path(args.out) / "guidance_adaptive.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, result)
+    print(f"wrote {out} ({result['seconds']:.0f} s)")
+    return result
+
+
+def _summary(rows: list[dict], rules: list[str]) -> dict:
+    """Per rule: mean accuracy, FD (and its standard deviation over seeds), MMD, evaluations, and
+    the saving against CFG's mean evaluations."""
+    cfg_nfe = np.mean([r["nfe_per_sample"] for r in rows if r["rule"] == "cfg"])
+    out = {}
+    for rule in rules:
+        rs = [r for r in rows if r["rule"] == rule]
+        fd = [r["fd"] for r in rs]
+        nfe = float(np.mean([r["nfe_per_sample"] for r in rs]))
+        out[rule] = {"accuracy": float(np.mean([r["accuracy"] for r in rs])),
+                     "fd": float(np.mean(fd)), "fd_sd": float(np.std(fd, ddof=1)) if len(fd) > 1 else 0.0,
+                     "mmd": float(np.mean([r["mmd"] for r in rs])), "nfe_per_sample": nfe,
+                     "saving": float(1 - nfe / cfg_nfe)}  # fmt: skip
+    return out
