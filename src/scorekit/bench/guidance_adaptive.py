@@ -2,7 +2,9 @@
 threshold tuned on one seed and reported on held-out seeds
 (``scorekit bench guidance --digits RUN --adaptive-sweep``).
 
-At each scale of ``--digit-scales``: on the tuning seed (``--ag-tune-seed``, default 0) CFG, the
+At each scale of ``--digit-scales``: first ``cosine_trace``, the cosine of the conditional and
+unconditional estimates along CFG's trajectories in both frames (why the noise frame saves little
+on a trained network); then on the tuning seed (``--ag-tune-seed``, default 0) CFG, the
 noise-frame rule (``adaptive``, threshold 0.999) and ``adaptive_guidance(frame="x0")`` at every
 threshold of ``--ag-thresholds``, all with the same sampler calls (ipndm, ``--budget`` / 2 of them:
 CFG's two evaluations per call make the budget); the chosen threshold (``choose_threshold``) is
@@ -23,7 +25,7 @@ import numpy as np
 from scorekit._util import atomic_write_json
 from scorekit.bench.guidance_digits import measure_rule, setup
 
-__all__ = ["ACC_TOL", "choose_threshold", "run_adaptive"]
+__all__ = ["ACC_TOL", "choose_threshold", "cosine_trace", "run_adaptive"]
 
 #: How much lower than CFG's the accuracy may be on the tuning seed (one digit in a hundred).
 ACC_TOL = 0.01
@@ -59,6 +61,12 @@ def run_adaptive(args) -> dict:
               "tune_seed": args.ag_tune_seed, "seeds": list(args.ag_seeds), "scales": []}  # fmt: skip
     for w in args.digit_scales:
         print(f"scale {w:g}: tuning seed {args.ag_tune_seed}", flush=True)
+        trace = cosine_trace(s, w, per_class=args.per_class, budget=args.budget,
+                             seed=args.ag_tune_seed)  # fmt: skip
+        for t in trace:
+            print(f"  CFG trajectory: sigma {t['sigma']:7.3f}  1 - cos, median (q90): noise frame "
+                  f"{t['eps_median']:.1e} ({t['eps_q90']:.1e}), x0 frame {t['x0_median']:.1e} "
+                  f"({t['x0_q90']:.1e})", flush=True)  # fmt: skip
         tune = {"cfg": _measure(s, "cfg", w, args.ag_tune_seed, args)}
         tune["adaptive"] = _measure(s, "adaptive", w, args.ag_tune_seed, args)
         for t in thresholds:
@@ -88,7 +96,7 @@ def run_adaptive(args) -> dict:
             print(f"  mean over held-out seeds  {rule:<18} acc {m['accuracy']:.3f}  FD {m['fd']:.2f} "
                   f"(+-{m['fd_sd']:.2f})  MMD {m['mmd']:.4f}  nfe/sample {m['nfe_per_sample']:.2f}  "
                   f"saving {100 * m['saving']:.1f}%", flush=True)  # fmt: skip
-        result["scales"].append({"scale": w, "tuning": list(tune.values()), "chosen": chosen,
+        result["scales"].append({"scale": w, "cosine_trace": trace, "tuning": list(tune.values()), "chosen": chosen,
                                  "held_out": held, "summary": summary})  # fmt: skip
     result["seconds"] = time.perf_counter() - start
     out = Path(args.out) / "guidance_adaptive.json"
@@ -96,6 +104,34 @@ def run_adaptive(args) -> dict:
     atomic_write_json(out, result)
     print(f"wrote {out} ({result['seconds']:.0f} s)")
     return result
+
+
+def cosine_trace(s, w: float, *, per_class: int, budget: int, seed: int) -> list[dict]:
+    """Along CFG's trajectories (the tuning seed's digits): per sampler call, sigma and the median
+    and 90th percentile over rows of ``1 - cos(x - D_c, x - D_u)`` (the noise frame) and of
+    ``1 - cos(D_c, D_u)`` (the ``x0`` frame)."""
+    import torch
+
+    from scorekit.runs import draw
+
+    labels = torch.arange(10).repeat_interleave(per_class)
+    rows: list[dict] = []
+
+    def one_minus_cos(a, b):
+        a, b = a.flatten(1).double(), b.flatten(1).double()
+        return (1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).numpy()
+
+    def guided(x, sigma):
+        d_c = s.den(x, sigma, class_labels=labels)
+        d_u = s.den(x, sigma, class_labels=torch.full_like(labels, -1))
+        eps, x0 = one_minus_cos(x - d_c, x - d_u), one_minus_cos(d_c, d_u)
+        rows.append({"sigma": float(sigma.flatten()[0]),
+                     "eps_median": float(np.median(eps)), "eps_q90": float(np.quantile(eps, 0.9)),
+                     "x0_median": float(np.median(x0)), "x0_q90": float(np.quantile(x0, 0.9))})  # fmt: skip
+        return d_u + w * (d_c - d_u)
+
+    draw(guided, s.info, len(labels), nfe=max(2, budget // 2), sampler="ipndm", seed=seed)
+    return rows
 
 
 def _summary(rows: list[dict], rules: list[str]) -> dict:
