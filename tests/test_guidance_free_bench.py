@@ -88,3 +88,31 @@ def test_bad_guidance_free_runs_get_one_line_errors():
     s.gf = None
     with pytest.raises(ValueError, match=r"needs a guidance-free run"):
         gd.compare_guidance_free(s, per_class=1, steps=4, seed=2)
+
+
+def test_reward_rule_is_the_formula_and_is_charged_two_per_call():
+    s, base, _ = _setup()
+    w, labels = 3.0, torch.tensor([0, 2, 1])
+
+    def clf(x, sigma):  # logits linear in the pixels' sum: a differentiable classifier
+        return x.flatten(1).sum(1, keepdim=True) * torch.tensor([[1.0, -0.5, 0.25]])
+
+    s.clf = clf
+    d = gd._make("reward", s, w, labels)
+    x, sig = (
+        torch.randn(3, 1, 4, 4, dtype=torch.float64),
+        torch.full((3,), 0.7, dtype=torch.float64),
+    )
+    got = d(x, sig)
+    # by hand: D_u(x) + w sigma^2 grad_x log softmax(clf(D_u(x), 0.01))[label], with the toy's
+    # label-dropped branch D_u = x / (1 + sigma^2) - 0.1 and the classifier's logits t k, t = sum D_u
+    c = 1 / (1 + 0.7**2)
+    k = torch.tensor([1.0, -0.5, 0.25], dtype=torch.float64)
+    du = x * c - 0.1
+    t = du.flatten(1).sum(1)
+    p = torch.softmax(t[:, None] * k, 1)
+    grad_t = k[labels] - (p * k).sum(1)  # d/dt log softmax(t k)[y]
+    ref = du + w * 0.49 * (grad_t * c)[:, None, None, None] * torch.ones_like(x)
+    torch.testing.assert_close(got, ref)
+    assert all(bool((lab == -1).all()) for lab in base.labels)  # the label-dropped branch only
+    assert gd._CALLS["reward"] == 2 and s.counts["clf"] == 3

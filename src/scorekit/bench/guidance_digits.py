@@ -7,6 +7,9 @@ Every rule samples ``--per-class`` digits of each class 0-9 in one batch (per-ro
 twice per sampler call gets half the sampler calls (``cfg`` etc.), a one-call rule (``cond``,
 ``guidance_free``, ``classifier``: the classifier's pass is small and counted apart) gets all of them.
 Evaluations are counted, not assumed (adaptive guidance and a guidance interval make fewer).
+``reward`` (gradient guidance of the label-dropped branch by ``log p(label | x0)`` of ``--classifier``
+at sigma 0.01 on Tweedie's estimate) makes a forward and a backward pass through the network per
+sampler call, charged as 2 against the budget; its ``nfe_per_sample`` counts the forwards.
 
 Judges, all fitted on the run's *training* split of the real digits only, and scored against its
 *held-out* split (the same stratified split as the run's ``--holdout``):
@@ -66,7 +69,7 @@ DEFAULT_SCALES = {"cond": 1.0, "cfg": 2.0, "cfg_interval": 2.0, "apg": 2.0, "tcf
                   "guidance_free": 1.0}  # fmt: skip
 #: Network evaluations per sampler call of each rule (the budget is divided by it).
 _CALLS = {"cond": 1, "cfg": 2, "cfg_interval": 2, "apg": 2, "tcfg": 2, "adaptive": 2,
-          "autoguidance": 2, "classifier": 1, "cads": 2, "guidance_free": 1,
+          "autoguidance": 2, "classifier": 1, "cads": 2, "guidance_free": 1, "reward": 2,
           "adaptive_x0": 2}  # fmt: skip
 
 
@@ -200,6 +203,14 @@ def _make(rule: str, s: Setup, w: float, labels: Tensor) -> Callable:
             return F.log_softmax(s.clf(x, sigma), 1).gather(1, labels[:, None])[:, 0].to(x.dtype)
 
         return G.classifier_guidance(u, log_p, w)
+    if rule == "reward":  # the classifier's log p(label | x0) at sigma 0.01 on Tweedie's estimate
+
+        def r(x0: Tensor) -> Tensor:
+            s.counts["clf"] += x0.shape[0]
+            logits = s.clf(x0, torch.full((x0.shape[0],), 0.01, dtype=x0.dtype))
+            return F.log_softmax(logits, 1).gather(1, labels[:, None])[:, 0].to(x0.dtype)
+
+        return G.reward_guidance(u, r, w)
     if rule == "cads":
         emb = s.den.net.class_emb.embed(labels)
         noisy = G.cads(_counted(s, s.den, labels), emb, sigma_lo=0.5, sigma_hi=5.0,
@@ -399,7 +410,7 @@ def run_digits(args) -> dict:
 
 
 def _available(rule: str, s: Setup) -> bool:
-    need = {"autoguidance": s.weak, "classifier": s.clf, "guidance_free": s.gf}
+    need = {"autoguidance": s.weak, "classifier": s.clf, "reward": s.clf, "guidance_free": s.gf}
     if rule in need and need[rule] is None:
         print(f"skipping {rule}: give --weak-step / --classifier / --gf-run")
         return False
