@@ -78,8 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--gf-run", metavar="RUN_DIR", help="digits: a --guidance-free run (same data "
                    "split) against cfg of its scale at equal steps and at equal evaluations")  # fmt: skip
-    g.add_argument("--gf-seed", type=int, default=2, help="digits: the seed of the --gf-run "
-                   "comparison (default 2; 0 tunes the scales, 1 re-measures them)")  # fmt: skip
+    g.add_argument("--gf-seed", type=int, nargs="+", default=[2], help="digits: the seeds of the "
+                   "--gf-run comparison (default 2; 0 tunes the scales, 1 re-measures them)")  # fmt: skip
     g.add_argument("--per-class", type=int, default=20, help="digits per class (default 20)")
     g.add_argument(
         "--budget", type=int, default=20, help="network evaluations per sample (default 20)"
@@ -92,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ag-thresholds", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.97, 0.99],
                    help="--adaptive-sweep: the x0-frame thresholds")  # fmt: skip
     g.add_argument("--ag-tune-seed", type=int, default=0, help="--adaptive-sweep: the tuning seed")
+    g.add_argument("--ag-stops", type=float, nargs="+", default=[4.0, 2.0, 1.0],
+                   help="--adaptive-sweep: fixed sigma stops cfg(interval=(S, inf)) to compare")  # fmt: skip
     g.add_argument("--ag-seeds", type=int, nargs="+", default=[1, 2, 3],
                    help="--adaptive-sweep: the held-out seeds")  # fmt: skip
 

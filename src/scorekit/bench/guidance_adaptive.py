@@ -11,6 +11,8 @@ CFG's two evaluations per call make the budget); the chosen threshold (``choose_
 the lowest whose accuracy is within ``ACC_TOL`` of CFG's and whose FD is no higher than CFG's on
 the tuning seed. On the held-out seeds (``--ag-seeds``, default 1 2 3): ``cond``, CFG, ``adaptive``
 and ``adaptive_x0`` at every threshold (the whole saving-vs-quality curve, the chosen one marked).
+For comparison, ``cfg_stop@S`` for every ``S`` of ``--ag-stops``: one fixed stop for every row,
+``cfg(interval=(S, inf))``, the non-adaptive rule of the same kind (guidance in the first steps only).
 The judges (class accuracy, FD, MMD against held-out digits) are ``scorekit.bench.guidance_digits``'s.
 Evaluations are counted rows of network calls, not assumed.
 """
@@ -47,9 +49,30 @@ def _line(what: str, r: dict, cfg_nfe: float) -> str:
 
 
 def _measure(s, rule: str, w: float, seed: int, args) -> dict:
+    if rule.startswith("cfg_stop@"):
+        return _measure_stop(s, float(rule.partition("@")[2]), w, seed, args)
     r = measure_rule(s, rule, w, per_class=args.per_class, budget=args.budget, seed=seed)
     r.pop("samples")
     return r
+
+
+def _measure_stop(s, sigma_stop: float, w: float, seed: int, args) -> dict:
+    """``cfg_stop@S``: the same stop for every row at a fixed sigma, ``cfg(interval=(S, inf))``
+    (guided for sigma > S, one conditional call below), at the same sampler calls as CFG."""
+    import torch
+
+    from scorekit import guidance as G
+    from scorekit.bench.guidance_digits import _counted, _quality
+    from scorekit.runs import draw
+
+    labels = torch.arange(10).repeat_interleave(args.per_class)
+    c, u = _counted(s, s.den, labels), _counted(s, s.den, -1)
+    s.counts.update(net=0, clf=0)
+    d = G.cfg(c, u, w, interval=(sigma_stop, float("inf")))
+    nfe = max(2, args.budget // 2)
+    x = draw(d, s.info, len(labels), nfe=nfe, sampler="ipndm", seed=seed)
+    return {"rule": f"cfg_stop@{sigma_stop:g}", "scale": w, "seed": seed, "sampler_calls": nfe,
+            "nfe_per_sample": s.counts["net"] / len(labels), **_quality(s, x, labels)}  # fmt: skip
 
 
 def run_adaptive(args) -> dict:
@@ -73,13 +96,18 @@ def run_adaptive(args) -> dict:
             tune[f"adaptive_x0@{t:g}"] = _measure(
                 s, f"adaptive_x0@{t:g}", w, args.ag_tune_seed, args
             )
+        for stop in args.ag_stops:
+            tune[f"cfg_stop@{stop:g}"] = _measure(
+                s, f"cfg_stop@{stop:g}", w, args.ag_tune_seed, args
+            )
         for r in tune.values():
             print(_line("tuning", r, tune["cfg"]["nfe_per_sample"]), flush=True)
         chosen = choose_threshold(tune["cfg"], {t: tune[f"adaptive_x0@{t:g}"] for t in thresholds})
         print(f"  chosen threshold: {chosen}", flush=True)
         held = []
         for seed in args.ag_seeds:
-            rules = ["cond", "cfg", "adaptive", *(f"adaptive_x0@{t:g}" for t in thresholds)]
+            rules = ["cond", "cfg", "adaptive", *(f"adaptive_x0@{t:g}" for t in thresholds),
+                     *(f"cfg_stop@{stop:g}" for stop in args.ag_stops)]  # fmt: skip
             rows = {rule: _measure(s, rule, w, seed, args) for rule in rules}
             for r in rows.values():
                 mark = (
@@ -89,9 +117,7 @@ def run_adaptive(args) -> dict:
                 )
                 print(_line(mark, r, rows["cfg"]["nfe_per_sample"]), flush=True)
             held += rows.values()
-        summary = _summary(
-            held, ["cond", "cfg", "adaptive", *(f"adaptive_x0@{t:g}" for t in thresholds)]
-        )
+        summary = _summary(held, list(dict.fromkeys(r["rule"] for r in held)))
         for rule, m in summary.items():
             print(f"  mean over held-out seeds  {rule:<18} acc {m['accuracy']:.3f}  FD {m['fd']:.2f} "
                   f"(+-{m['fd_sd']:.2f})  MMD {m['mmd']:.4f}  nfe/sample {m['nfe_per_sample']:.2f}  "

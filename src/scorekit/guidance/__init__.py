@@ -23,7 +23,8 @@ dynamic_threshold       clamp the output at a per-row percentile      the wrappe
 apg                     parallel/orthogonal split, r, momentum        2 per call
 tcfg                    unconditional eps projected on top SV         2 per call
 adaptive_guidance       stop uncond when cos(eps_c, eps_u) is back    2 per call, then 1 (counted)
-                        above t after dipping below it
+                        above t after dipping below it; frame="x0":
+                        at the first cos(D_c, D_u) >= t
 classifier_guidance     ``D_u + w sigma^2 grad log p(y | x)``         1 + classifier fwd/bwd per call
 cads                    annealed noise on the condition embedding     1 per call
 density_guidance        ``D + r sigma^2 (D - x) / |D - x|^2``: r      1 per call
