@@ -387,18 +387,7 @@ def run_digits(args) -> dict:
                 title=f"{rule}, scale {b['scale']:g}")  # fmt: skip
         _print_row("held-out seed", b)
         best.append(b)
-    gf_rows = []
-    if s.gf is not None:  # CFG's budget: its steps at two calls each, against one call per step
-        gf_seed = getattr(args, "gf_seed", 2)
-        print(f"guidance-free run {args.gf_run} against cfg, seed {gf_seed} (held out)")
-        gf_rows = compare_guidance_free(s, per_class=args.per_class,
-                                        steps=max(2, args.budget // 2), seed=gf_seed)  # fmt: skip
-        for r in gf_rows:
-            x = r.pop("samples")
-            if r["compare"] == "guidance-free, equal steps":
-                picture(out / "guidance_guidance_free.png", x[:: max(1, args.per_class // 10)],
-                        s.info, title=f"guidance-free (S = {r['trained_scale']:g}), one call per step")  # fmt: skip
-            _print_row(f"{r['sampler_calls']} steps", {**r, "rule": r["compare"]})
+    gf_rows = _run_gf(s, args, out) if s.gf is not None else []
     result = {"run": str(args.digits), "per_class": args.per_class, "budget": args.budget,
               "accuracy_real": s.judge.accuracy_real, "sweep": sweep, "best": best,
               "guidance_free": gf_rows, "seconds": time.perf_counter() - start}  # fmt: skip
@@ -407,6 +396,32 @@ def run_digits(args) -> dict:
         _plot(out / "guidance_digits.png", sweep)
     print(f"wrote {out / 'guidance_digits.json'} ({result['seconds']:.0f} s)")
     return result
+
+
+def _run_gf(s: Setup, args, out: Path) -> list[dict]:
+    """``compare_guidance_free`` at CFG's budget (its steps at two calls each) for each seed of
+    ``--gf-seed`` (held out), printed per seed and as means over the seeds; the rows, for the JSON."""
+    seeds = getattr(args, "gf_seed", 2)
+    seeds = seeds if isinstance(seeds, (list, tuple)) else [seeds]
+    print(f"guidance-free run {args.gf_run} against cfg, seeds {seeds} (held out)")
+    rows = []
+    for seed in seeds:
+        for r in compare_guidance_free(s, per_class=args.per_class,
+                                       steps=max(2, args.budget // 2), seed=seed):  # fmt: skip
+            x = r.pop("samples")
+            if r["compare"] == "guidance-free, equal steps" and seed == seeds[0]:
+                picture(out / "guidance_guidance_free.png", x[:: max(1, args.per_class // 10)],
+                        s.info, title=f"guidance-free (S = {r['trained_scale']:g}), one call per step")  # fmt: skip
+            _print_row(f"seed {seed}", {**r, "rule": r["compare"]})
+            rows.append(r)
+    for what in dict.fromkeys(r["compare"] for r in rows):
+        rs = [r for r in rows if r["compare"] == what]
+        mean = {k: float(np.mean([r[k] for r in rs])) for k in ("accuracy", "fd", "fd_floor", "mmd",
+                                                                 "mmd_floor", "nfe_per_sample")}  # fmt: skip
+        fds = [r["fd"] for r in rs]
+        _print_row(f"mean of {len(rs)}", {**rs[0], **mean, "rule": what})
+        print(f"    FD range over seeds {min(fds):.2f} .. {max(fds):.2f}")
+    return rows
 
 
 def _available(rule: str, s: Setup) -> bool:
