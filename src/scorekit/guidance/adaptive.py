@@ -53,7 +53,9 @@ def adaptive_guidance(
     ``1 - cos(D_c, D_u)`` is 0.11 at sigma = 15, 0.06 at 2.7, 1.7e-2 at 1.4, 2.9e-3 at 0.66,
     6e-4 at 0.29, 1e-5 at 0.04, which is the convergence the paper uses (guidance redundant in the
     second half of sampling). The paper measures the cosine on its networks' noise predictions;
-    the ``x0`` frame is this module's variant of it, documented and measured in docs/guidance.md.
+    the ``x0`` frame is this module's variant of it, documented and measured in docs/guidance.md
+    (digits, held-out seeds: threshold 0.95 makes 28-31% fewer network evaluations than CFG at the
+    same sampler calls, class accuracy 0.997 against 1.000, lower FD; threshold 0.9, 35-39% fewer).
 
     State: the set of finished rows lives in this closure; build a new ``adaptive_guidance(...)`` for
     each sampling call (a batch of another size is a ValueError).
