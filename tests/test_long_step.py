@@ -128,3 +128,26 @@ def test_bad_long_step_is_a_one_line_error(bad):
     x = torch.zeros(4, 2, dtype=torch.float64)
     with pytest.raises((ValueError, TypeError), match="long_step"):
         REGISTRY["heun"](gm.denoise, x, karras(4, 0.002, 80.0), long_step=bad)
+
+
+@pytest.mark.parametrize(
+    ("predictor", "exact"), [("ancestral", True), ("reverse_diffusion", False)]
+)
+def test_pc_predictor_keeps_the_marginal_of_data_at_a_point(predictor, exact):
+    """Data at the origin (``D = 0``): the noised marginal at sigma is exactly ``N(0, sigma^2)``. The
+    ancestral predictor keeps it on any step (``r^4 sigma_i^2 + sigma_{i+1}^2 (1 - r^2) =
+    sigma_{i+1}^2``); reverse diffusion leaves ``r^4 sigma_i^2 + sigma_i^2 - sigma_{i+1}^2``."""
+    seen = []
+    sig = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.0], dtype=torch.float64)
+    x = 8.0 * torch.randn(40000, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    REGISTRY["pc_langevin"](
+        lambda x, s: torch.zeros_like(x), x, sig, predictor=predictor, n_corrector=0,
+        long_step=None, generator=torch.Generator().manual_seed(6),
+        callback=lambda info: seen.append((info["sigma"], float(info["x"].var()))),
+    )  # fmt: skip
+    for sigma, var in seen[1:]:
+        rel = var / sigma**2 - 1
+        if exact:
+            assert abs(rel) < 0.03, (sigma, var)
+        else:
+            assert rel > 0.3, (sigma, var)  # (1/16 + 1 - 1/4) / (1/4) - 1 = 2.25 at r = 1/2

@@ -383,7 +383,7 @@ def pc_langevin(
     progress: bool = False,
     snr: float = 0.16,
     n_corrector: int = 1,
-    predictor: str = "reverse_diffusion",
+    predictor: str = "ancestral",
     step_size: str = "sigma",
     long_step: float | None = LONG_STEP,
 ) -> Tensor:
@@ -391,6 +391,7 @@ def pc_langevin(
 
     Predictor from ``sigma_i`` to ``sigma_{i+1}`` (``score_i = (D_i - x_i)/sigma_i^2``):
 
+        ancestral:          x <- x + (sigma_i^2 - sigma_{i+1}^2) score_i + sigma_{i+1} sqrt(1 - sigma_{i+1}^2 / sigma_i^2) z
         reverse_diffusion:  x <- x + (sigma_i^2 - sigma_{i+1}^2) score_i + sqrt(sigma_i^2 - sigma_{i+1}^2) z
         euler_maruyama:     x <- x + 2 sigma_i (sigma_i - sigma_{i+1}) score_i + sqrt(2 sigma_i (sigma_i - sigma_{i+1})) z
 
@@ -404,9 +405,16 @@ def pc_langevin(
     ``step_size="sigma"`` uses the value the rule takes when the norms are typical,
     ``|z| / |g| = sigma_{i+1}`` (``g ~ -z / sigma`` in the noise-dominated regime):
     ``eps = 2 (snr sigma_{i+1})^2``. The step to ``sigma = 0`` is ``x = D``.
-    ``NFE = N + n_corrector (N - 1)``. On a long step (``long_step``, as ``euler_maruyama``) both
-    predictors leave ``x`` with noise of size ``sigma_i`` at ``sigma_{i+1}``; the predictor is then
-    the reverse SDE solved with ``D_i`` held fixed, as in ``euler_maruyama``.
+    ``NFE = N + n_corrector (N - 1)``.
+
+    The default predictor is the ancestral one (the paper's App. F for SMLD: the reverse SDE solved
+    exactly with ``D_i`` held fixed; its added variance is ``sigma_{i+1}^2 (1 - r^2)``, ``r =
+    sigma_{i+1}/sigma_i``). ``reverse_diffusion`` and ``euler_maruyama`` add ``sigma_i^2 -
+    sigma_{i+1}^2`` and ``2 sigma_i (sigma_i - sigma_{i+1})``, equal to it only to first order in the
+    step: at a ratio ``r = 1/2`` they leave 1.7x and 2x the noise, which the few steps left cannot
+    remove (on the diffusers-recipe digits UNet at 20 calls: FD 428 with ``reverse_diffusion``, 90
+    with ``ancestral``, Euler 62; at 5 calls 3474 against 224). On a long step (``long_step``, as
+    ``euler_maruyama``) those two predictors are replaced by the ancestral one.
 
     References:
         Song et al., "Score-Based Generative Modeling through Stochastic Differential Equations",
@@ -414,9 +422,10 @@ def pc_langevin(
     """
     check_number("snr", snr, low=0)
     check_int("n_corrector", n_corrector, least=0)
-    if predictor not in ("reverse_diffusion", "euler_maruyama"):
+    if predictor not in ("ancestral", "reverse_diffusion", "euler_maruyama"):
         raise ValueError(
-            f"predictor must be 'reverse_diffusion' or 'euler_maruyama'; got {predictor!r}"
+            "predictor must be 'ancestral', 'reverse_diffusion' or 'euler_maruyama'; "
+            f"got {predictor!r}"
         )
     if step_size not in ("sigma", "norms"):
         raise ValueError(f"step_size must be 'sigma' or 'norms'; got {step_size!r}")
@@ -429,7 +438,7 @@ def pc_langevin(
         if s1 == 0:
             x = d
             break
-        if is_long(s0, s1, long_step):
+        if predictor == "ancestral" or is_long(s0, s1, long_step):
             x = _exact_sde_step(x, d, s0, s1, generator)
         else:
             var = s0 * s0 - s1 * s1 if predictor == "reverse_diffusion" else 2 * s0 * (s0 - s1)
