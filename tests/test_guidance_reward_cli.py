@@ -115,3 +115,42 @@ def test_one_line_errors(runs, tmp_path, capsys, extra, message):
                str(tmp_path / "x.npy"), "--no-progress", *extra])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_an_unconditional_run_is_steered_by_the_classifiers_label(runs, tmp_path, capsys):
+    unc = tmp_path / "unc"
+    assert main(["train", "--data", "moons", "--out", str(unc), "--steps", "20", "--batch", "64",
+                 "--net", TINY, "--no-progress", "--threads", "1"]) == 0  # fmt: skip
+    common = ["sample", "--run", str(unc), "--n", "6", "--nfe", "6", "--sampler", "euler", "--seed",
+              "4", "--no-progress", "--threads", "1", "--classifier", str(runs["clf"])]  # fmt: skip
+    out = tmp_path / "u.npy"
+    assert (
+        main([*common, "--label", "1", "--guidance", "reward", "--scale", "2", "--out", str(out)])
+        == 0
+    )
+    den, info = load_run(unc)
+    lo = json.loads((runs["clf"] / "classifier.json").read_text())["train"]["sigma_range"][0]
+    log_p = load_classifier(runs["clf"], label=1)
+
+    def d(x, s):  # D + w sigma^2 grad_x r(D(x)): the run's own denoiser, no labels
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            du = den(xg, s)
+            (grad,) = torch.autograd.grad(log_p(du, torch.full((len(x),), lo)).sum(), xg)
+        return du.detach() + 2.0 * s[:, None] ** 2 * grad
+
+    with torch.no_grad():
+        x = sample(
+            d, (6, 2), nfe=6, sampler="euler", sigma_max=min(80.0, 20 * info["sigma_data"]), seed=4
+        )
+    ref = Normalization.from_dict(info["normalization"]).decode(x).numpy()
+    np.testing.assert_allclose(np.load(out), ref, rtol=1e-4, atol=1e-4)
+    assert main([*common, "--label", "0", "--guidance", "classifier", "--out", str(out)]) == 0
+    capsys.readouterr()
+    # the label is still checked, against the classifier's classes (moons: 2)
+    assert main([*common, "--label", "2", "--guidance", "reward", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "label must be an integer in [0, 1]; got 2" in err, err
+    # without a classifier rule a label on an unconditional run is still refused
+    assert main([*common[:-2], "--label", "0", "--out", str(out)]) == 2
+    assert "this run is unconditional" in capsys.readouterr().err

@@ -9,7 +9,8 @@
     scorekit sample --run RUN --label 3 --guidance svdd --scale 4 --classifier CLS_RUN \
         --guidance-options '{"candidates": 8}'
 
-``reward`` and ``svdd`` steer by a reward ``r(x0)`` on clean data, named by ``--reward`` (no code is
+``classifier``, ``reward`` and ``svdd`` also steer an unconditional run: ``--label`` is then the
+classifier's class. ``reward`` and ``svdd`` steer by a reward ``r(x0)`` on clean data, named by ``--reward`` (no code is
 run; ``REWARDS``): ``classifier`` (the default) is ``log p(--label | x0)`` under ``--classifier`` at
 the lowest noise level it was trained on. Both start from the label-dropped branch ``D_u`` and aim at
 ``p(x) exp(w r(x))`` (with this reward the tilted target ``p(x) p(y | x)^w``, as classifier guidance
@@ -247,8 +248,10 @@ def _check_options(rule: str, opts: dict) -> None:
         )
 
 
-def _check_label(info: dict, label: int | None) -> None:
+def _check_label(info: dict, label: int | None, rule: str | None = None) -> None:
     k = int(info.get("num_classes", 0) or 0)
+    if k == 0 and rule in ("classifier", *_REWARD_RULES):
+        return  # the label is the classifier's class (load_classifier checks its range)
     if label is not None and k == 0:
         raise ValueError(
             "--label: this run is unconditional (trained without --cond); no label is allowed"
@@ -263,7 +266,7 @@ def build(args: argparse.Namespace, denoiser, info: dict, *, device) -> tuple[An
     Returns ``(denoiser, models)``; ``models`` is None when neither ``--label`` nor ``--guidance``
     is given (the run's denoiser is then sampled as it is)."""
     rule, scale = _rule(args)
-    _check_label(info, args.label)
+    _check_label(info, args.label, rule)
     if rule is None and args.label is None:
         if args.dynamic_threshold is not None:
             return G.dynamic_threshold(denoiser, percentile=args.dynamic_threshold), None

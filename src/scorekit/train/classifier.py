@@ -236,7 +236,8 @@ def load_classifier(
     """The classifier in ``folder``: the module (``label=None``) or ``log p(label | x, sigma)`` ``[B]``.
 
     With a run's ``info`` (``scorekit.runs.load_run``) the classifier's data shape, classes and
-    normalisation must be the run's (a one-line error otherwise).
+    normalisation must be the run's (a one-line error otherwise; an unconditional run, with no
+    classes of its own, takes a classifier of any number of classes).
     """
     folder = Path(folder)
     try:
@@ -251,6 +252,8 @@ def load_classifier(
         raise ValueError(f"--classifier {folder}: {str(e).splitlines()[0][:200]}") from None
     if info is not None:
         for key in ("shape", "num_classes", "normalization"):
+            if key == "num_classes" and not info.get(key):
+                continue  # an unconditional run: the classifier brings the classes
             if record["data"].get(key) != info.get(key):
                 raise ValueError(f"--classifier {folder}: its {key} is {record['data'].get(key)!r}; the "
                                  f"run's is {info.get(key)!r}")  # fmt: skip
