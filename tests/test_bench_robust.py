@@ -119,3 +119,24 @@ def test_divergence_is_judged_against_euler_on_the_same_model_and_nfe():
             row("euler", 10, 20.0), row("a", 10, 30.0), row("c", 5, math.inf)]  # fmt: skip
     assert [diverged(r) for r in rows] == [False, True, True, True, True, True]
     assert divergences(rows) == ["m a 5", "m b 5", "m c 5"]  # at NFE 10 euler diverges too
+
+
+def test_defaults_verdict_per_draw_and_on_the_means():
+    from scorekit.bench.samplers.robust import defaults_verdict
+
+    def row(seed, who, k, nn, fd):
+        return {
+            "model": f"m seed {seed}",
+            "sampler": who,
+            "target_nfe": k,
+            "nn": nn,
+            "distance": fd,
+        }
+
+    rows = [
+        row(0, "scorekit default", 5, 0.70, 50.0), row(0, "diffusers x", 10, 0.68, 60.0),
+        row(1, "scorekit default", 5, 0.60, 50.0), row(1, "diffusers x", 10, 0.66, 60.0),
+    ]  # fmt: skip
+    lines = defaults_verdict(rows)
+    assert lines[0].endswith(": no") and lines[1].endswith(": yes")  # 0.70 > 0.68; 0.60 <= 0.66
+    assert lines[2] == "mean of 2 draws: scorekit@5 0.650 / 50.0 vs diffusers@10 0.670 / 60.0: yes"
