@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["BUILTIN", "MAX_CLASSES", "Dataset", "Normalization", "load", "split"]
+__all__ = ["BUILTIN", "MAX_CLASSES", "Dataset", "Normalization", "holdout_mask", "load", "split"]
 
 _LAYOUTS = ("vector", "NCHW", "NHW", "NHWC")
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -484,7 +484,9 @@ def _load_csv(path: Path) -> Dataset:
         return _vector_dataset(feats, str(path))
     as_num = [_parse_float(c) for c in label_cells]
     if all(v is not None and v >= 0 and float(v).is_integer() for v in as_num):
-        too_big = [(line, v) for line, v in zip(line_numbers, as_num, strict=True) if v >= MAX_CLASSES]
+        too_big = [
+            (line, v) for line, v in zip(line_numbers, as_num, strict=True) if v >= MAX_CLASSES
+        ]
         if too_big:
             raise ValueError(
                 f"{path}: row {too_big[0][0]}, column 'label': class id {too_big[0][1]:.6g} is too "
@@ -641,8 +643,16 @@ def split(dataset: Dataset, *, holdout: float = 0.2, seed: int = 0) -> tuple[Dat
 
     With labels the split is stratified: each class keeps ``round(holdout * n_class)`` examples in the
     test part. Both parts keep the original order and share ``dataset.normalization`` (computed on the
-    whole set).
+    whole set). ``holdout_mask`` gives the held-out rows as a mask ``[N]``.
     """
+    is_test = holdout_mask(dataset, holdout=holdout, seed=seed)
+    return dataset._subset((~is_test).nonzero().flatten()), dataset._subset(
+        is_test.nonzero().flatten()
+    )
+
+
+def holdout_mask(dataset: Dataset, *, holdout: float = 0.2, seed: int = 0) -> Tensor:
+    """The rows ``split`` holds out, as a bool mask ``[N]`` (True: test)."""
     if not 0.0 < float(holdout) < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout!r}")
     g = torch.Generator().manual_seed(seed)
@@ -663,6 +673,4 @@ def split(dataset: Dataset, *, holdout: float = 0.2, seed: int = 0) -> tuple[Dat
             f"holdout={holdout} leaves an empty {'train' if is_test.all() else 'test'} part for "
             f"{n} examples"
         )
-    return dataset._subset((~is_test).nonzero().flatten()), dataset._subset(
-        is_test.nonzero().flatten()
-    )
+    return is_test

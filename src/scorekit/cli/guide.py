@@ -10,7 +10,9 @@
         --guidance-options '{"candidates": 8}'
 
 ``classifier``, ``reward`` and ``svdd`` also steer an unconditional run: ``--label`` is then the
-classifier's class. ``reward`` and ``svdd`` steer by a reward ``r(x0)`` on clean data, named by ``--reward`` (no code is
+classifier's class. A minority classifier (``scorekit train-classifier --minority-of RUN --levels L``)
+steers any run's label-dropped branch: ``--guidance classifier --classifier CLS --label L-1`` aims at
+the rarest level (Um et al., "Don't Play Favorites"). ``reward`` and ``svdd`` steer by a reward ``r(x0)`` on clean data, named by ``--reward`` (no code is
 run; ``REWARDS``): ``classifier`` (the default) is ``log p(--label | x0)`` under ``--classifier`` at
 the lowest noise level it was trained on. Both start from the label-dropped branch ``D_u`` and aim at
 ``p(x) exp(w r(x))`` (with this reward the tilted target ``p(x) p(y | x)^w``, as classifier guidance
@@ -260,13 +262,25 @@ def _check_label(info: dict, label: int | None, rule: str | None = None) -> None
         raise ValueError(f"--label must be in 0..{k - 1} for this run ({k} classes); got {label}")
 
 
+def _is_minority(folder) -> bool:
+    """Whether the classifier in ``folder`` was trained on minority levels (``--minority-of``)."""
+    try:
+        record = json.loads((Path(folder) / "classifier.json").read_text())
+    except (OSError, ValueError):
+        return False  # load_classifier reports a missing or unreadable classifier
+    labels = record.get("labels") if isinstance(record, dict) else None
+    return isinstance(labels, dict) and labels.get("kind") == "minority"
+
+
 def build(args: argparse.Namespace, denoiser, info: dict, *, device) -> tuple[Any, Models | None]:
     """The denoiser to sample (guided, label-bound, or the run's own) and the models it counts.
 
     Returns ``(denoiser, models)``; ``models`` is None when neither ``--label`` nor ``--guidance``
     is given (the run's denoiser is then sampled as it is)."""
     rule, scale = _rule(args)
-    _check_label(info, args.label, rule)
+    # a minority classifier's classes are levels of the run's label-dropped branch, not its classes
+    levels = rule == "classifier" and _is_minority(args.classifier)
+    _check_label({**info, "num_classes": 0} if levels else info, args.label, rule)
     if rule is None and args.label is None:
         if args.dynamic_threshold is not None:
             return G.dynamic_threshold(denoiser, percentile=args.dynamic_threshold), None

@@ -31,6 +31,10 @@ density_guidance        ``D + r sigma^2 (D - x) / |D - x|^2``: r      1 per call
                         more nats of log-density per unit -log sigma
 reward_guidance         ``D + w sigma^2 grad_x r(D(x, sigma))``       1 + a backward pass per call
 minority_guidance       climb |D(x) - D(D(x) + s z, s)|^2             2 + a backward pass per call
+minority_score          per data point |D(x0 + s z, s) - x0|^2,       K per point (K noise draws)
+                        cut by minority_levels into L quantile
+                        levels: the labels of a trained minority
+                        classifier (classifier_guidance to L - 1)
 eps_scaling             exposure bias: eps / lambda(sigma)            the wrapped denoiser's
 time_shift              exposure bias: D at the sample's own sigma    the wrapped denoiser's
 fk_smc (sampler)        FK-weighted SMC on the tilted target, C       2 N + 2 C (N - 1)
@@ -58,7 +62,7 @@ from scorekit.guidance.classifier import classifier_guidance
 from scorekit.guidance.density import density_guidance
 from scorekit.guidance.exact import ClassMixture, class_target
 from scorekit.guidance.exposure import eps_scaling, time_shift
-from scorekit.guidance.minority import minority_guidance
+from scorekit.guidance.minority import minority_guidance, minority_levels, minority_score
 from scorekit.guidance.pc import cfg_pc
 from scorekit.guidance.projected import apg, tcfg
 from scorekit.guidance.reward import reward_guidance
@@ -82,6 +86,8 @@ __all__ = [
     "fk_product",
     "fk_smc",
     "minority_guidance",
+    "minority_levels",
+    "minority_score",
     "reward_guidance",
     "svdd",
     "systematic_resample",

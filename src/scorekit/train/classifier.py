@@ -35,6 +35,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -144,6 +145,39 @@ def _accuracy(clf: NoisyClassifier, x: Tensor, y: Tensor, levels, g: torch.Gener
     return out
 
 
+def _labelled_split(
+    data: str, ds: sdata.Dataset, labels: Tensor | None, holdout: float, seed: int
+) -> tuple[sdata.Dataset, sdata.Dataset, sdata.Dataset | None]:
+    """``(data set with its labels, train part, test part)``; ``labels`` replace the data's own.
+
+    The held-out rows are always the ones the data's own labels give (``scorekit train --holdout``'s
+    split with the same seed), so a classifier of minority levels never trains on a run's test rows.
+    """
+    own = ds
+    if labels is not None:
+        if (
+            not isinstance(labels, Tensor)
+            or labels.dtype != torch.long
+            or labels.shape != (len(ds),)
+        ):
+            got = (
+                f"{labels.dtype} {tuple(labels.shape)}"
+                if isinstance(labels, Tensor)
+                else type(labels).__name__
+            )
+            raise ValueError(f"labels must be int64 [N] = [{len(ds)}] (one per row of {data}); got {got}")  # fmt: skip
+        if len(labels) and int(labels.min()) < 0:
+            raise ValueError(f"labels must be >= 0; got {int(labels.min())}")
+        k = int(labels.max()) + 1 if len(labels) else 0
+        ds = dataclasses.replace(ds, labels=labels, num_classes=k, class_names=())
+    if not ds.num_classes or ds.labels is None:
+        raise ValueError(f"--data {data}: has no labels; a classifier needs a labelled data set")
+    if not holdout:
+        return ds, ds, None
+    is_test = sdata.holdout_mask(own, holdout=holdout, seed=seed)
+    return ds, ds._subset((~is_test).nonzero().flatten()), ds._subset(is_test.nonzero().flatten())
+
+
 def train_classifier(
     data: str,
     out: str | os.PathLike,
@@ -160,6 +194,8 @@ def train_classifier(
     dlsm_weight: float = 1.0,
     seed: int = 0,
     progress: bool = False,
+    labels: Tensor | None = None,
+    label_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a ``NoisyClassifier`` on ``data``'s training split; write it to ``out``; return its record.
 
@@ -170,12 +206,16 @@ def train_classifier(
         sigma_range: ``(lo, hi)`` of the log-uniform training noise (default ``(0.01, 20 sigma_data)``).
         uncond: the unconditional denoiser for the DLSM term (``None``: cross-entropy only).
         dlsm_weight: lambda of ``L_CE + lambda L_DLSM``.
+        labels: int64 ``[N]``, one per row of ``data`` in load order, replacing its own labels (e.g.
+            minority levels, ``scorekit.guidance.minority_levels``; ``max + 1`` classes); the
+            held-out rows stay the data's own split. label_info: what they are (a JSON-able dict
+            stored as ``classifier.json``'s ``"labels"``; ``{"kind": "minority", ...}`` marks a
+            minority classifier, whose classes are levels, not a run's classes).
     """
     steps = check_int("steps", steps)
-    ds = sdata.load(data, seed=seed)
-    if not ds.num_classes or ds.labels is None:
-        raise ValueError(f"--data {data}: has no labels; a classifier needs a labelled data set")
-    train_ds, test_ds = sdata.split(ds, holdout=holdout, seed=seed) if holdout else (ds, None)
+    ds, train_ds, test_ds = _labelled_split(
+        data, sdata.load(data, seed=seed), labels, holdout, seed
+    )
     x_all, y_all = train_ds.x.float(), torch.as_tensor(train_ds.labels)
     sd = float(x_all.std())
     lo, hi = sigma_range or (0.01, 20 * sd)
@@ -213,6 +253,7 @@ def train_classifier(
         "train": {"steps": step + 1, "batch": batch, "lr": lr, "holdout": holdout, "seed": seed,
                   "sigma_range": [lo, hi], "dlsm_weight": dlsm_weight if uncond is not None else 0.0,
                   "seconds": time.perf_counter() - start, "last_loss": sum(losses[-50:]) / len(losses[-50:])},
+        "labels": {"kind": "data"} if labels is None else dict(label_info or {"kind": "given"}),
         "heldout_accuracy": None if test_ds is None else _accuracy(
             clf, test_ds.x.float(), torch.as_tensor(test_ds.labels), levels, g),
     }  # fmt: skip
@@ -237,7 +278,8 @@ def load_classifier(
 
     With a run's ``info`` (``scorekit.runs.load_run``) the classifier's data shape, classes and
     normalisation must be the run's (a one-line error otherwise; an unconditional run, with no
-    classes of its own, takes a classifier of any number of classes).
+    classes of its own, takes a classifier of any number of classes, and so does any run for a
+    minority classifier, whose classes are minority levels).
     """
     folder = Path(folder)
     try:
@@ -252,8 +294,10 @@ def load_classifier(
         raise ValueError(f"--classifier {folder}: {str(e).splitlines()[0][:200]}") from None
     if info is not None:
         for key in ("shape", "num_classes", "normalization"):
-            if key == "num_classes" and not info.get(key):
-                continue  # an unconditional run: the classifier brings the classes
+            if key == "num_classes" and (
+                not info.get(key) or record.get("labels", {}).get("kind") == "minority"
+            ):
+                continue  # an unconditional run, or minority levels: the classifier brings the classes
             if record["data"].get(key) != info.get(key):
                 raise ValueError(f"--classifier {folder}: its {key} is {record['data'].get(key)!r}; the "
                                  f"run's is {info.get(key)!r}")  # fmt: skip
