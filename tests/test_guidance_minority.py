@@ -157,6 +157,10 @@ def test_cli_minority_classifier_steers_a_conditional_runs_uncond_branch(tmp_pat
     assert "--levels / --minority-sigma / --minority-draws need --minority-of" in (
         capsys.readouterr().err
     )
+    assert main(["train-classifier", "--minority-of", str(run), "--levels", "1", "--out",
+                 str(clf)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--levels" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_trained_minority_classifier_lowers_the_exact_log_density(tmp_path):

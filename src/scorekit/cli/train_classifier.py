@@ -43,11 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--dlsm", metavar="RUN_DIR", help="add the DLSM loss with this run's unconditional denoiser")
     a("--dlsm-weight", type=float, default=1.0, help="lambda of CE + lambda DLSM (default 1)")
     a("--minority-of", metavar="RUN_DIR", help="train on minority levels of this run's data")
-    a("--levels", type=int, default=5, help="--minority-of: number of levels L (default 5)")
+    a("--levels", type=int, help="--minority-of: number of levels L (default 5)")
     a("--minority-sigma", type=float, help="--minority-of: the noise level s of the minority "
       "score (default 12.4 sigma_data: the authors' t = 600/1000 of ADM's linear schedule, "
       "sigma 6.2 for data of sigma_data 0.5)")  # fmt: skip
-    a("--minority-draws", type=int, default=5, help="--minority-of: noise draws per point (5)")
+    a("--minority-draws", type=int, help="--minority-of: noise draws per point (5)")
     a("--seed", type=int, default=0)
     a("--threads", default="auto", help="torch CPU threads: auto or a whole number")
     a("--no-progress", action="store_true")
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     labels = label_info = None
     if args.minority_of is not None:
         labels, label_info, args.data = minority_labels(args)
-    elif args.levels != 5 or args.minority_sigma is not None or args.minority_draws != 5:
+    elif (args.levels, args.minority_sigma, args.minority_draws) != (None, None, None):
         raise ValueError(
             "--levels / --minority-sigma / --minority-draws need --minority-of RUN_DIR"
         )
@@ -116,8 +116,9 @@ def minority_labels(args: argparse.Namespace) -> tuple:
     from scorekit._util import check_int, check_number
     from scorekit.guidance import minority_levels, minority_score
 
-    levels = check_int("--levels", args.levels, least=2, most=1000)
-    draws = check_int("--minority-draws", args.minority_draws, most=10_000)
+    levels = check_int("--levels", 5 if args.levels is None else args.levels, least=2, most=1000)
+    draws = check_int("--minority-draws", 5 if args.minority_draws is None else args.minority_draws,
+                      most=10_000)  # fmt: skip
     den, info = unconditional(args.minority_of)
     name = args.data if args.data is not None else info["config"]["data"]
     ds = sdata.load(name, seed=args.seed)
