@@ -142,6 +142,7 @@ __all__ = [
     "restart",
     "sa_solver",
     "sample",
+    "schedule_sigmas",
     "unipc",
 ]
 
@@ -163,6 +164,27 @@ def default_sigma_max(denoiser: Callable) -> float:
     its data's scale (``scorekit.denoiser.data_scale``), EDM's 80 otherwise."""
     sd = data_scale(denoiser)
     return 80.0 if sd is None else min(80.0, 20.0 * sd)
+
+
+def schedule_sigmas(
+    schedule: str | Callable, n: int, sigma_min: float | None, sigma_max: float
+) -> list[float]:
+    """``n`` steps of ``schedule`` (a name or ``(n, sigma_min, sigma_max) -> sigmas``) ending in 0,
+    as checked floats. ``sigma_min=None`` is ``sample``'s default grid: the schedule laid on ``n + 1``
+    steps down to 0.002 with that last nonzero point dropped."""
+    if isinstance(schedule, str):
+        schedule = get_schedule(schedule)
+    if not callable(schedule):
+        raise TypeError(f"schedule must be a name or a callable; got {type(schedule).__name__}")
+    drop = sigma_min is None
+    m = n + drop
+    s = check_sigmas(
+        schedule(m, 0.002 if drop else sigma_min, sigma_max),
+        name=f"sigmas from schedule {schedule!r}",
+    )
+    if len(s) != m + 1:
+        raise ValueError(f"schedule returned {len(s)} sigmas for n={m} steps; expected {m + 1}")
+    return [*s[:-2], 0.0] if drop else s
 
 
 def sample(
@@ -240,7 +262,7 @@ def sample(
         schedule = auto_schedule if schedule is None else schedule
         sigma_min = auto_min if sigma_min is None else sigma_min
     schedule = "karras" if schedule is None else schedule
-    drop_last = sigma_min is None  # the grid ends at 0.002 and its last nonzero point is dropped
+    grid_min = sigma_min  # None: the default grid of schedule_sigmas
     sigma_min = 0.002 if sigma_min is None else sigma_min
     if sigma_max is None:
         sigma_max = default_sigma_max(denoiser)
@@ -270,20 +292,7 @@ def sample(
                 f"give nfe (the number of denoiser calls) or explicit sigmas for {sampler}"
             )
         n = steps_for(sampler, nfe, options)
-        if isinstance(schedule, str):
-            schedule = get_schedule(schedule)
-        if not callable(schedule):
-            raise TypeError(f"schedule must be a name or a callable; got {type(schedule).__name__}")
-        s = check_sigmas(
-            schedule(n + drop_last, sigma_min, sigma_max), name=f"sigmas from schedule {schedule!r}"
-        )
-        if len(s) != n + drop_last + 1:
-            raise ValueError(
-                f"schedule returned {len(s)} sigmas for n={n + drop_last} steps; "
-                f"expected {n + drop_last + 1}"
-            )
-        if drop_last:
-            s = [*s[:-2], 0.0]
+        s = schedule_sigmas(schedule, n, grid_min, sigma_max)
     device = torch.device(device if device is not None else "cpu")
     check_int("index_offset", index_offset, least=0)
     gens = row_generators(seed, range(index_offset, index_offset + shape[0]), device)

@@ -167,7 +167,7 @@ def midpoint_step(
     """DPM-Solver++(2S) from ``x`` at ``s0`` (``d = D(x, s0)``) via ``sm`` to ``s1`` (``dpmpp_2s``'s
     update with ``sm = s0 e^{-r h}``); one call. The long-step form of the second-order singlestep
     samplers."""
-    u = torch.lerp(d, x, sm / s0)
+    u = torch.lerp(d, x, sm / s0)  # (s/sigma_i) x - expm1(-r h) D, since e^{-r h} = s/sigma_i
     return torch.lerp(torch.lerp(d, model(u, sm), 0.5 / r), x, s1 / s0)
 
 
@@ -359,10 +359,7 @@ def dpmpp_2s(
         if s1 == 0:
             x = d
             break
-        sm = s0 * math.exp(-r * math.log(s0 / s1))
-        u = torch.lerp(d, x, sm / s0)  # (s/sigma_i) x - expm1(-r h) D, since e^{-r h} = s/sigma_i
-        d_mix = torch.lerp(d, model(u, sm), 0.5 / r)
-        x = torch.lerp(d_mix, x, s1 / s0)
+        x = midpoint_step(model, x, d, s0, s1, s0 * math.exp(-r * math.log(s0 / s1)), r)
     return finish(x)
 
 

@@ -87,10 +87,19 @@ def euler_ancestral(
         if s1 == 0:
             x = d
             break
-        up = min(s1, eta * s1 * math.sqrt(1.0 - (s1 / s0) ** 2))
-        down = math.sqrt(s1 * s1 - up * up)
-        x = torch.lerp(d, x, down / s0) + up * randn_like(x, generator)
+        x = ancestral_step(x, d, s0, s1, generator, eta)
     return finish(x)
+
+
+def ancestral_step(
+    x: Tensor, d: Tensor, s0: float, s1: float, generator: GeneratorLike, eta: float = 1.0
+) -> Tensor:
+    """``euler_ancestral``'s step from ``x`` at ``s0`` (``d = D(x, s0)``) to ``s1 > 0``. With ``eta = 1``
+    it is the reverse SDE solved exactly with ``D`` held at ``d``: the long-step form of
+    ``euler_maruyama`` and the ``ancestral`` predictor of ``pc_langevin``."""
+    up = min(s1, eta * s1 * math.sqrt(1.0 - (s1 / s0) ** 2))
+    down = math.sqrt(s1 * s1 - up * up)
+    return torch.lerp(d, x, down / s0) + up * randn_like(x, generator)
 
 
 @sampler(nfe=lambda n, o: n, stochastic=True)
@@ -139,18 +148,12 @@ def euler_maruyama(
             x = d
             break
         if is_long(s0, s1, long_step):
-            x = _exact_sde_step(x, d, s0, s1, generator)
+            x = ancestral_step(x, d, s0, s1, generator)
             continue
         x = torch.lerp(d, x, 2 * s1 / s0 - 1) + math.sqrt(2 * s0 * (s0 - s1)) * randn_like(
             x, generator
         )
     return finish(x)
-
-
-def _exact_sde_step(x: Tensor, d: Tensor, s0: float, s1: float, generator: GeneratorLike) -> Tensor:
-    """The reverse SDE from ``s0`` to ``s1`` solved exactly with ``D = d`` held fixed (one long step)."""
-    r2 = (s1 / s0) ** 2
-    return torch.lerp(d, x, r2) + (s1 * math.sqrt(1 - r2)) * randn_like(x, generator)
 
 
 def _dpmpp_sde(
@@ -441,7 +444,7 @@ def pc_langevin(
             x = d
             break
         if predictor == "ancestral" or is_long(s0, s1, long_step):
-            x = _exact_sde_step(x, d, s0, s1, generator)
+            x = ancestral_step(x, d, s0, s1, generator)
         else:
             var = s0 * s0 - s1 * s1 if predictor == "reverse_diffusion" else 2 * s0 * (s0 - s1)
             x = torch.lerp(x, d, var / (s0 * s0)) + math.sqrt(var) * randn_like(x, generator)

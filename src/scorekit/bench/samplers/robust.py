@@ -75,9 +75,15 @@ from scorekit.denoiser import EDMPrecond, EpsPred, Parameterization, VPred, X0Pr
 from scorekit.metrics import frechet_distance, sliced_wasserstein
 from scorekit.pfode import pf_ode_reference
 from scorekit.process import DiscreteProcess
-from scorekit.samplers import ADAPTIVE, REGISTRY, STOCHASTIC, default_sigma_max, sample
+from scorekit.samplers import (
+    ADAPTIVE,
+    REGISTRY,
+    STOCHASTIC,
+    default_sigma_max,
+    sample,
+    schedule_sigmas,
+)
 from scorekit.samplers.registry import nfe as count_nfe
-from scorekit.schedules import get_schedule
 
 __all__ = [
     "PARAMS",
@@ -188,9 +194,7 @@ def _draw(den, spec: str, nfe: int, z: Tensor, schedule: str, lo: float, hi: flo
     n = steps_within(name, options, nfe)
     if n is None:
         return None, 0
-    sigmas = get_schedule(schedule)(n + drop, lo, hi).to(z.dtype)
-    if drop:
-        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    sigmas = torch.tensor(schedule_sigmas(schedule, n, None if drop else lo, hi), dtype=z.dtype)
     try:
         with torch.no_grad():
             out = sample(den, z.shape, sampler=name, sigmas=sigmas, noise=z, dtype=z.dtype, seed=0,
