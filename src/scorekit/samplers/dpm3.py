@@ -112,6 +112,72 @@ def _cumtrapz(y: Tensor, dx: float) -> Tensor:
     return torch.cat([torch.zeros_like(y[:1]), inc.cumsum(0)])
 
 
+def _pseudo_weights(nodes: Sequence[float], moments: Sequence[float]) -> list[float]:
+    """Weights ``w_j`` with ``sum_j w_j g_j = sum_k moments[k] g[tau_0, ..., tau_k]``.
+
+    ``g[tau_0, ..., tau_k]`` is the ``k``-th divided difference through the first ``k + 1`` nodes (in
+    the order given), so ``k! g[tau_0..tau_k]`` estimates the ``k``-th derivative from the nearest
+    ``k + 1`` values only: the pseudo-order estimate of DPM-Solver-v3 (Sec. 3.4).
+    """
+    w = [0.0] * len(nodes)
+    for k in range(len(nodes)):
+        for j in range(k + 1):
+            w[j] += moments[k] / math.prod(nodes[j] - nodes[m] for m in range(k + 1) if m != j)
+    return w
+
+
+@dataclass
+class _Step:
+    """One step ``lambda_s -> lambda_t`` on its quadrature grid (relative to ``lambda_s``)."""
+
+    lam_s: float
+    dx: float
+    e: Tensor  # [M + 1, ...] e^{(L + S)(lambda) - (L + S)(lambda_s)}
+    taus: Tensor  # [M + 1, 1...] lambda - lambda_s
+    L: Tensor  # L_t - L_s
+    S: Tensor  # S_t - S_s
+    B: Tensor  # int_{lambda_s}^{lambda_t} e^{-(S - S_s)} b
+    rest: Tensor  # int e^{(L + S) - (L_s + S_s)} B(lambda) dlambda
+
+    def moments(self, k: int) -> list[Tensor]:
+        return [_simpson(self.e * self.taus**m, self.dx) for m in range(k)]
+
+    def advance(
+        self, x: Tensor, nodes: Sequence[float], g: Sequence[Tensor], pseudo: bool
+    ) -> Tensor:
+        """``x_t = e^{-(L_t - L_s)} (x_s - int e^{..} p - rest)``, ``p`` through ``(nodes, g)``."""
+        m = self.moments(len(nodes))
+        w = (_pseudo_weights if pseudo else lagrange_weights)(nodes, m)
+        x64 = x.to(torch.float64) - sum(wj * gj for wj, gj in zip(w, g, strict=True)) - self.rest
+        return (torch.exp(-self.L) * x64).to(x.dtype)
+
+
+def _l_at(statistics: EMS | None, lam: float, ndim: int) -> Tensor:
+    """``l`` at ``lam``: ``[1, ...]`` per coordinate (``1`` without statistics)."""
+    if statistics is None:
+        return torch.ones([1] * (ndim - 1), dtype=torch.float64)
+    return statistics.at(torch.tensor([lam], dtype=torch.float64))[0][0]
+
+
+def _make_step(
+    statistics: EMS | None, lam_s: float, lam_t: float, ndim: int
+) -> tuple[_Step, Tensor]:
+    """The step's quadrature and ``l`` at ``lambda_s``."""
+    grid = torch.linspace(lam_s, lam_t, _SUB + 1, dtype=torch.float64)
+    if statistics is None:
+        l = torch.ones(_SUB + 1, dtype=torch.float64).reshape(-1, *([1] * (ndim - 1)))
+        sv, bv = torch.zeros_like(l), torch.zeros_like(l)
+    else:
+        l, sv, bv = statistics.at(grid)
+    dx = (lam_t - lam_s) / _SUB
+    Lr, Sr = _cumtrapz(l, dx), _cumtrapz(sv, dx)
+    Br = _cumtrapz(torch.exp(-Sr) * bv, dx)  # relative to lambda_s
+    e = torch.exp(Lr + Sr)
+    taus = (grid - lam_s).reshape(-1, *([1] * (e.ndim - 1)))
+    step = _Step(lam_s, dx, e, taus, Lr[-1], Sr[-1], Br[-1], _simpson(e * Br, dx))
+    return step, l[0]
+
+
 @sampler(nfe=lambda n, o: n)
 def dpm_solver_v3(
     denoiser: Callable,
@@ -123,34 +189,53 @@ def dpm_solver_v3(
     progress: bool = False,
     statistics: EMS | None = None,
     order: int = 3,
+    corrector: bool = False,
+    pseudo_order: bool = False,
     long_step: float | None = LONG_STEP,
 ) -> Tensor:
-    """DPM-Solver-v3 (multistep predictor) with empirical model statistics ``statistics``.
+    """DPM-Solver-v3 (multistep predictor, optional corrector) with empirical model statistics.
 
-    Step ``s -> t`` (module docstring): with ``q = min(order, i + 1)`` history outputs ``f_j =
-    (1 - l_j) x_j - D_j`` transformed to ``g_j`` at the current ``lambda_s`` (``S, B`` integrated by
-    the trapezoid rule back through the earlier steps), the Lagrange polynomial ``p`` through them and
-    ``tau = lambda - lambda_s``,
+    Predictor, step ``s -> t`` (module docstring): with ``q = min(order, i + 1)`` history outputs
+    ``f_j = (1 - l_j) x_j - D_j`` transformed to ``g_j`` at the current ``lambda_s`` (``S, B``
+    integrated by the trapezoid rule back through the earlier steps), a polynomial ``p`` through them
+    and ``tau = lambda - lambda_s``,
 
-        x_t = e^{-(L_t - L_s)} (x_s - sum_j g_j int e^{(L + S) - (L_s + S_s)} l_j(tau) dtau
+        x_t = e^{-(L_t - L_s)} (x_s - int e^{(L + S) - (L_s + S_s)} p(tau) dtau
                                      - int e^{(L + S) - (L_s + S_s)} B(lambda) dlambda),
 
     ``B(lambda) = int_{lambda_s}^{lambda} e^{-(S - S_s)} b``; the integrals over the step by composite
-    Simpson on 64 intervals (per coordinate). ``statistics=None`` uses ``l = 1, s = b = 0`` (exactly
-    DPM-Solver++ with exact exponential moments: ``dpmpp_3m`` at order 3; ``EMS.degenerate`` runs the
-    same through the quadrature). The step to ``sigma = 0`` is ``x = D``. Orders as ``dpmpp_3m``: the
-    first-order warm-up step makes the asymptotic global order 2. ``NFE = N``. Statistics come from
-    ``fit_ems`` for one denoiser and one range of noise levels. The paper's pseudo-order corrector is
-    not implemented (predictor only). A long step (``sigma_i / sigma_{i+1} > long_step``, as
-    ``dpmpp_3m``) uses the latest output only (order 1); ``long_step=None``: ``order`` on every step.
+    Simpson on 64 intervals (per coordinate). ``p`` is the Lagrange interpolant (the paper's full
+    derivative estimate, its eq. 15), or with ``pseudo_order=True`` ``p(tau) = sum_k g[tau_0..tau_k]
+    tau^k``: the ``k``-th derivative from the divided difference of the nearest ``k + 1`` values only
+    (the paper's pseudo-order solver for small NFE; asymptotically second order whatever ``order``).
+
+    ``corrector=True`` adds the paper's multistep corrector (UniPC-style, no extra call): once ``D`` is
+    evaluated at the predicted ``x~_t``, the step ``s -> t`` is redone with ``q + 1`` nodes, ordered
+    ``(lambda_s, lambda_t, lambda_{s-1}, ...)``, the new one being ``g_t`` from ``f_t = (1 - l_t) x~_t
+    - D(x~_t)``; the corrected ``x_t`` continues, and ``f_t`` is kept in the history (the paper keeps
+    ``sigma eps - l x`` fixed when it replaces ``x``). This raises the order by one (measured in
+    ``tests/test_samplers_dpm3.py``).
+
+    ``statistics=None`` uses ``l = 1, s = b = 0`` (exactly DPM-Solver++ with exact exponential
+    moments: ``dpmpp_3m`` at order 3; ``EMS.degenerate`` runs the same through the quadrature). The
+    step to ``sigma = 0`` is ``x = D``. With the first-order warm-up step the predictor's asymptotic
+    global order is 2 (``order`` >= 2), the corrector's 3. ``NFE = N``. Statistics come from
+    ``fit_ems`` for one denoiser and one range of noise levels. A long step (``sigma_i / sigma_{i+1} >
+    long_step``, as ``dpmpp_3m``) uses the latest output only (order 1) and is not corrected;
+    ``long_step=None``: ``order`` on every step. Not implemented: the paper's half-corrector (the
+    corrector only at large noise, for strong guidance).
 
     References:
         Zheng, Lu, Chen & Zhu, "DPM-Solver-v3: Improved Diffusion ODE Solver with Empirical Model
         Statistics", NeurIPS 2023, eq. 9-14 (the reparameterised ODE and its solution), eq. 7 and
-        Sec. 3.2 (the optimal l, s, b and their estimation), Alg. 1 (the multistep predictor).
+        Sec. 3.2 (the optimal l, s, b and their estimation), Sec. 3.3 and Alg. 1-2 (the multistep
+        predictor-corrector), Sec. 3.4 (pseudo-order solver).
     """
     check_int("order", order, least=1, most=3)
     long_step = check_long_step(long_step)
+    for name, v in (("corrector", corrector), ("pseudo_order", pseudo_order)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be True or False; got {v!r}")
     if statistics is not None and not isinstance(statistics, EMS):
         raise TypeError(
             f"statistics must be an EMS (from fit_ems) or None; got {type(statistics).__name__}"
@@ -162,44 +247,42 @@ def dpm_solver_v3(
         )
     hist: list[tuple[float, Tensor, Tensor, Tensor, Tensor]] = []  # (lambda, f, L, S, B) at nodes
     cum = None  # (L, S, B) at the current node, relative to the first
+    plan = None  # (step, x_s, node taus, g) of the step that produced x, to correct
     for i in steps(len(s) - 1, progress):
         s0, s1 = s[i], s[i + 1]
         d = model(x, s0)
+        lam_s = -math.log(s0)
+        if s1 > 0:
+            step, l0 = _make_step(statistics, lam_s, -math.log(s1), x.ndim)
+        else:
+            l0 = _l_at(statistics, lam_s, x.ndim)
+        f = (1 - l0).to(x.dtype) * x - d
+        if plan is not None:  # UniC-style: redo the last step with g at its end point as a node
+            prev, x_prev, taus, g = plan
+            g_t = torch.exp(-prev.S) * f.to(torch.float64) - prev.B
+            nodes = [taus[0], lam_s - prev.lam_s, *taus[1:]]
+            x = prev.advance(x_prev, nodes, [g[0], g_t, *g[1:]], pseudo_order)
         emit(callback, i, s0, x, d)
         if s1 == 0:
             x = d
             break
-        lam_s, lam_t = -math.log(s0), -math.log(s1)
-        grid = torch.linspace(lam_s, lam_t, _SUB + 1, dtype=torch.float64)
-        if statistics is None:
-            ls = torch.ones(_SUB + 1, dtype=torch.float64).reshape(-1, *([1] * (x.ndim - 1)))
-            l, sv, bv = ls, torch.zeros_like(ls), torch.zeros_like(ls)
-        else:
-            l, sv, bv = statistics.at(grid)
-        dx = (lam_t - lam_s) / _SUB
         if cum is None:
-            zero = torch.zeros_like(l[0])
+            zero = torch.zeros_like(l0)
             cum = (zero, zero, zero)
         L, S, B = cum
-        f = (1 - l[0]).to(x.dtype) * x - d
         hist = [(lam_s, f, L, S, B), *hist[: order - 1]]
-        nodes = hist[:1] if is_long(s0, s1, long_step) else hist
-        # g_j at lambda_s: e^{-(S_j - S_s)} f_j - e^{-S_s}... all relative to the first node.
+        long = is_long(s0, s1, long_step)
+        used = hist[:1] if long else hist
+        # g_j at lambda_s: e^{-(S_j - S_s)} f_j - int_{lambda_s}^{lambda_j} e^{-(S - S_s)} b, all
+        # cumulative quantities relative to the first node.
         g = [
-            (torch.exp(S - Sj) * fj.to(torch.float64) - torch.exp(S) * (Bj - B))
-            for _, fj, _, Sj, Bj in nodes
+            torch.exp(S - Sj) * fj.to(torch.float64) - torch.exp(S) * (Bj - B)
+            for _, fj, _, Sj, Bj in used
         ]
-        Lr, Sr = _cumtrapz(l, dx), _cumtrapz(sv, dx)
-        Br = _cumtrapz(torch.exp(-Sr) * bv, dx)  # relative to lambda_s
-        e = torch.exp(Lr + Sr)
-        tau = grid - lam_s
-        taus = tau.reshape(-1, *([1] * (e.ndim - 1)))
-        moments = [_simpson(e * taus**m, dx) for m in range(len(nodes))]
-        w = lagrange_weights([lj - lam_s for lj, *_ in nodes], moments)
-        rest = _simpson(e * Br, dx)
-        x64 = x.to(torch.float64) - sum(wj * gj for wj, gj in zip(w, g, strict=True)) - rest
-        x = (torch.exp(-Lr[-1]) * x64).to(x.dtype)
-        cum = (L + Lr[-1], S + Sr[-1], B + torch.exp(-S) * Br[-1])
+        taus = [lj - lam_s for lj, *_ in used]
+        plan = (step, x, taus, g) if corrector and not long else None
+        x = step.advance(x, taus, g, pseudo_order)
+        cum = (L + step.L, S + step.S, B + torch.exp(-S) * step.B)
     return finish(x)
 
 
