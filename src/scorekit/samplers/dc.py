@@ -10,6 +10,10 @@ last ``K + 1`` outputs evaluated at a shifted noise level: with ``lambda = -log 
 (``rho_i = 1`` leaves ``D_i`` unchanged). The ratios ``rho_i`` are fitted per step, greedily along
 the trajectory, so that the state after each step matches the exact probability-flow solution from
 the same calibration noise (``fit_dc``); they are plain numbers with a JSON round trip (``DCSolver``).
+
+Cascade polynomial regression (``fit_dc_cascade``, ``DCCascade``) turns the ratios fitted at a few
+NFEs into ratios for any NFE without fitting: a polynomial in the step's position along the schedule
+per fitted NFE, then each of its coefficients a polynomial in the NFE.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from scorekit.samplers.common import (
 )
 from scorekit.samplers.ode import _unipc_weights
 
-__all__ = ["DCSolver", "dc_solver", "fit_dc"]
+__all__ = ["DCCascade", "DCSolver", "dc_solver", "fit_dc", "fit_dc_cascade", "regress_ratios"]
 
 
 def _check_ratios(ratios, n: int) -> list[float] | None:
@@ -72,7 +76,7 @@ def dc_solver(
     generator: GeneratorLike = None,
     callback: Callable | None = None,
     progress: bool = False,
-    ratios: Sequence[float] | None = None,
+    ratios: Sequence[float] | DCCascade | None = None,
     order: int = 3,
     variant: str = "bh2",
     dc_order: int = 2,
@@ -84,7 +88,8 @@ def dc_solver(
     history is replaced by ``D^_i`` (module docstring) with ``rho = ratios[i]``; the predictor, the
     next corrector and later compensations all use ``D^_i``, and the step to ``sigma = 0`` returns
     ``D^_{N-1}``. ``ratios`` has one entry per step (``len(sigmas) - 1``; entries ``i < dc_order`` are
-    not used); ``None`` (or all ones) with ``long_step=None`` is exactly ``unipc``. A long step
+    not used), or is a ``DCCascade`` (``fit_dc_cascade``), which gives the ratios for these ``sigmas``
+    by its regression (its options must be the ones given here); ``None`` (or all ones) with ``long_step=None`` is exactly ``unipc``. A long step
     (``sigma_i / sigma_{i+1} > long_step``, default 10, ``common.LONG_STEP``) is first order and its
     end point is not corrected (as ``sa_solver``). The ratios belong to one ``sigmas`` and
     one denoiser: ``fit_dc`` fits them. ``NFE = N``. The compensation moves ``D_i`` by ``O(h)``, so
@@ -105,6 +110,8 @@ def dc_solver(
     check_int("dc_order", dc_order, least=1, most=3)
     long_step = check_long_step(long_step)
     s, model = prepare(denoiser, x, sigmas)
+    if isinstance(ratios, DCCascade):
+        ratios = ratios.ratios_for(s, order=order, variant=variant, dc_order=dc_order)
     rho = _check_ratios(ratios, len(s) - 1)
     keep = max(order, dc_order + 1)
     hist: list[tuple[float, Tensor]] = []  # (lambda, D or D^), most recent first
@@ -298,3 +305,174 @@ def fit_dc(
 
         ratios[i] = _golden(loss, bounds[0], bounds[1], grid=11, iters=12)
     return DCSolver(sig, tuple(ratios), order, variant, dc_order, (before, rms(ratios)))
+
+
+# -- cascade polynomial regression ---------------------------------------------------------------------
+
+
+def _positions(s: Sequence[float]) -> list[float]:
+    """Each step's position ``u_i = log(sigma_0 / sigma_i) / log(sigma_0 / sigma_{N-1})`` in [0, 1]."""
+    n = len(s) - 1
+    if n < 2:
+        return [0.0] * n
+    span = math.log(s[0] / s[n - 1])
+    return [math.log(s[0] / s[i]) / span for i in range(n)]
+
+
+def _lstsq_poly(xs: Sequence[float], ys: Sequence[float], degree: int) -> list[float]:
+    """Least-squares coefficients (lowest power first) of a polynomial of ``degree`` through (xs, ys)."""
+    x = torch.tensor(xs, dtype=torch.float64)
+    v = torch.stack([x**k for k in range(degree + 1)], 1)
+    y = torch.tensor(ys, dtype=torch.float64)[:, None]
+    return torch.linalg.lstsq(v, y, driver="gelsd").solution[:, 0].tolist()
+
+
+def regress_ratios(
+    solvers: Sequence[DCSolver], *, degrees: tuple[int, int] = (2, 1)
+) -> tuple[tuple[float, ...], ...]:
+    """Cascade polynomial regression of fitted ratios: coefficients ``c[m][j]`` with
+
+        rho(u, N) = sum_m a_m(N) u^m,        a_m(N) = sum_j c[m][j] N^j,
+
+    ``u`` the step's position along its schedule (``log(sigma_0 / sigma_i) / log(sigma_0 /
+    sigma_{N-1})``) and ``N`` the number of steps (the NFE). Stage 1 fits, per solver, the ratios of
+    the compensated steps (``i >= dc_order``) by least squares with a polynomial of degree
+    ``degrees[0]`` in ``u``; stage 2 fits each coefficient ``a_m`` over the solvers by least squares
+    with a polynomial of degree ``degrees[1]`` in ``N``. Needs ``degrees[0] + 1`` compensated steps
+    per solver and ``degrees[1] + 1`` distinct NFEs.
+
+    References:
+        Zhao et al., "DC-Solver", ECCV 2024, Sec. 3.4 (cascade polynomial regression: ratios for
+        unseen sampling configurations without searching).
+    """
+    p, q = (check_int(f"degrees[{k}]", d, least=0) for k, d in enumerate(degrees))
+    if not solvers or not all(isinstance(v, DCSolver) for v in solvers):
+        raise TypeError("solvers must be a non-empty sequence of DCSolver (from fit_dc)")
+    opts = {(v.order, v.variant, v.dc_order) for v in solvers}
+    if len(opts) > 1:
+        raise ValueError(f"solvers must share order, variant and dc_order; got {sorted(opts)}")
+    nfes = [v.nfe for v in solvers]
+    if len(set(nfes)) < q + 1:
+        raise ValueError(
+            f"degrees[1] = {q} needs at least {q + 1} distinct NFEs; got {sorted(set(nfes))}"
+        )
+    a = []
+    for v in solvers:
+        k = v.dc_order
+        if v.nfe - k < p + 1:
+            raise ValueError(
+                f"degrees[0] = {p} needs at least {p + 1} compensated steps; the solver with NFE "
+                f"{v.nfe} has {max(v.nfe - k, 0)} (steps dc_order = {k} .. N - 1)"
+            )
+        u = _positions(v.sigmas.tolist())[k:]
+        a.append(_lstsq_poly(u, v.ratios[k:], p))
+    return tuple(tuple(_lstsq_poly(nfes, [am[m] for am in a], q)) for m in range(p + 1))
+
+
+@dataclass(frozen=True)
+class DCCascade:
+    """DC-Solver ratios for any NFE, regressed from per-NFE fits (``fit_dc_cascade``).
+
+    Attributes:
+        coefficients: ``c[m][j]`` of ``regress_ratios`` (``degrees[0] + 1`` rows of ``degrees[1] + 1``).
+        order, variant, dc_order: the options of ``dc_solver`` it was fitted for.
+        bounds: ``(lo, hi)``: regressed ratios are clipped to the search interval of the fits.
+        solvers: the per-NFE fits it was regressed from (kept in its JSON).
+    """
+
+    coefficients: tuple[tuple[float, ...], ...]
+    order: int
+    variant: str
+    dc_order: int
+    bounds: tuple[float, float]
+    solvers: tuple[DCSolver, ...] = ()
+
+    @property
+    def nfes(self) -> tuple[int, ...]:
+        """The NFEs of the fits it was regressed from."""
+        return tuple(v.nfe for v in self.solvers)
+
+    def ratio(self, u: float, n: int) -> float:
+        """``rho(u, N)``, clipped to ``bounds``."""
+        val = sum(
+            sum(c * n**j for j, c in enumerate(row)) * u**m
+            for m, row in enumerate(self.coefficients)
+        )
+        return min(max(val, self.bounds[0]), self.bounds[1])
+
+    def ratios_for(self, sigmas, *, order: int, variant: str, dc_order: int) -> list[float]:
+        """One ratio per step of ``sigmas`` (1 before ``dc_order``) for ``dc_solver`` with these options."""
+        if (order, variant, dc_order) != (self.order, self.variant, self.dc_order):
+            raise ValueError(
+                f"this DCCascade was fitted for order={self.order}, variant={self.variant!r}, "
+                f"dc_order={self.dc_order}; got {order}, {variant!r}, {dc_order}"
+            )
+        s = check_sigmas(sigmas)
+        n = len(s) - 1
+        return [1.0 if i < dc_order else self.ratio(u, n) for i, u in enumerate(_positions(s))]
+
+    def __call__(self, denoiser: Callable, x: Tensor, sigmas, *, callback: Callable | None = None,
+                 progress: bool = False) -> Tensor:  # fmt: skip
+        return dc_solver(
+            denoiser, x, sigmas, ratios=self, order=self.order, variant=self.variant,
+            dc_order=self.dc_order, callback=callback, progress=progress,
+        )  # fmt: skip
+
+    def to_dict(self) -> dict:
+        """Plain numbers and lists, for JSON: the regression and the fits it came from."""
+        return {
+            "coefficients": [list(r) for r in self.coefficients], "order": self.order,
+            "variant": self.variant, "dc_order": self.dc_order, "bounds": list(self.bounds),
+            "solvers": [v.to_dict() for v in self.solvers],
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DCCascade:
+        """The inverse of ``to_dict``; validates the coefficients, options and fits."""
+        missing = {"coefficients", "order", "variant", "dc_order", "bounds"} - set(d)
+        if missing:
+            raise ValueError(f"a DCCascade dict needs the keys {sorted(missing)}")
+        rows = [[float(c) for c in r] for r in d["coefficients"]]
+        if not rows or any(len(r) != len(rows[0]) or not r for r in rows):
+            raise ValueError("coefficients must be a non-empty rectangular list of lists")
+        if not all(math.isfinite(c) for r in rows for c in r):
+            raise ValueError("coefficients must be finite")
+        lo, hi = (float(v) for v in d["bounds"])
+        if not 0 < lo < hi < math.inf:
+            raise ValueError(f"bounds must be 0 < lo < hi; got {d['bounds']}")
+        solvers = tuple(DCSolver.from_dict(v) for v in d.get("solvers", ()))
+        order, variant, dc_order = d["order"], d["variant"], d["dc_order"]
+        if order not in (1, 2, 3) or variant not in ("bh1", "bh2") or dc_order not in (1, 2, 3):
+            raise ValueError(
+                f"order must be 1-3, variant 'bh1'/'bh2', dc_order 1-3; got {order!r}, "
+                f"{variant!r}, {dc_order!r}"
+            )
+        coef = tuple(tuple(r) for r in rows)
+        return cls(coef, order, variant, dc_order, (lo, hi), solvers)
+
+
+def fit_dc_cascade(
+    denoiser: Callable,
+    schedules: Sequence[Tensor | Sequence[float]],
+    *,
+    degrees: tuple[int, int] = (2, 1),
+    bounds: tuple[float, float] = (0.2, 2.0),
+    **fit_options,
+) -> DCCascade:
+    """``fit_dc`` on each of ``schedules`` (one per NFE), then ``regress_ratios``: ratios for any NFE.
+
+    ``fit_options`` go to every ``fit_dc`` (``shape`` or ``calibration``, ``order``, ``variant``,
+    ``dc_order``, ``seed``, ``reference_rtol``, ``dtype``). Use the same schedule family and range for
+    the fits and for the NFEs it is used at: the regression is in the step's position along the
+    schedule and in ``N``, so it interpolates between fitted NFEs (extrapolation beyond them is a
+    polynomial's). Costs the fits' calls (about ``25 N^2 / 2`` per schedule) and nothing per use.
+
+    References:
+        Zhao et al., "DC-Solver", ECCV 2024, Sec. 3.3-3.4.
+    """
+    solvers = tuple(fit_dc(denoiser, s, bounds=bounds, **fit_options) for s in schedules)
+    coef = regress_ratios(solvers, degrees=degrees)
+    v = solvers[0]
+    return DCCascade(
+        coef, v.order, v.variant, v.dc_order, (float(bounds[0]), float(bounds[1])), solvers
+    )
