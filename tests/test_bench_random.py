@@ -7,16 +7,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from unittest.mock import patch
 
 import pytest
 import torch
 
 from scorekit.bench.samplers import add_arguments, run
-from scorekit.bench.samplers.random_suite import build, candidates, specs
+from scorekit.bench.samplers.random_suite import (
+    STATS_ROWS,
+    _key,
+    build,
+    candidates,
+    choice_of,
+    specs,
+)
 from scorekit.pfode import pf_ode_reference
 from scorekit.process import DiscreteProcess
-from scorekit.samplers.registry import get_sampler
-from scorekit.schedules import SCHEDULES
+from scorekit.samplers import AUTO, AUTO_TELEPORT, GaussianFlow, sample
 
 
 def test_problems_are_seeded_split_and_unit_scale():
@@ -47,26 +54,32 @@ def test_quick_suite_table_is_recomputable_from_its_rows(tmp_path):
     tuning, held = res["tuning_problems"], res["held_out_problems"]
     assert {p["spec"]["part"] for p in tuning} == {"tuning"}
     assert {p["spec"]["part"] for p in held} == {"held-out"}
-    for row in res["held_out"]:
-        nfe, key = str(row["nfe"]), row["config"]
-        # chosen on the tuning part: no held-out problem has a better-scoring candidate recorded
-        ratios = [p["scorekit"][key][nfe] / p["diffusers"][nfe][1] for p in held]
-        assert row["median"] == pytest.approx(statistics.median(ratios))
-        assert row["worst"] == pytest.approx(max(ratios))
-        assert key == res["chosen"][nfe]["config"]
-    # One held-out scorekit error rerun from scratch: its noise, the exact ODE solution, the config.
+    for part in ("stats", "no_stats"):
+        for row in res["held_out"][part]:
+            nfe, key = str(row["nfe"]), row["config"]
+            ratios = [p["scorekit"][key][nfe] / p["diffusers"][nfe][1] for p in held]
+            assert row["median"] == pytest.approx(statistics.median(ratios))
+            assert row["worst"] == pytest.approx(max(ratios))
+            assert key == res["chosen"][part][nfe]["config"]
+            if part == "no_stats":
+                assert "/tele" not in key
+    # One held-out error rerun from scratch: its noise, the exact ODE solution, and the chosen
+    # teleport config run through sample(sampler="auto") with the Choice the key names.
     p = held[0]
     spec = specs(2, 0, True)[p["spec"]["index"]]
     gm = build(spec)
     sig_max = DiscreteProcess.linear().sigma_max
-    x_t = sig_max * torch.randn(
+    z = torch.randn(
         16, gm.dim, generator=torch.Generator().manual_seed(spec.seed + 2), dtype=torch.float64
     )
-    ref = pf_ode_reference(gm, x_t, sig_max, 0.0, rtol=1e-6, atol=1e-6)
-    key = res["held_out"][0]["config"]
-    ((_, name, opts, sch, lo),) = [c for c in candidates(True) if f"{c[0]}/{c[3]}/{c[4]:g}" == key]
-    extra = {"process": DiscreteProcess.linear()} if sch == "uniform_t" else {}
-    nfe = res["held_out"][0]["nfe"]
-    out = get_sampler(name)(gm, x_t, SCHEDULES[sch](nfe, lo, sig_max, **extra), **opts)
+    ref = pf_ode_reference(gm, sig_max * z, sig_max, 0.0, rtol=1e-6, atol=1e-6)
+    row = res["held_out"]["stats"][0]
+    (cand,) = [c for c in candidates(True) if _key(c) == row["config"]]
+    choice = choice_of(cand)
+    stats = gm.sample(STATS_ROWS, generator=torch.Generator().manual_seed(spec.seed + 3))
+    flow = GaussianFlow(stats.mean(0), torch.cov(stats.T))
+    with patch.dict(AUTO_TELEPORT if choice.top else AUTO, {row["nfe"]: choice}):
+        out = sample(gm, (16, gm.dim), nfe=row["nfe"], sampler="auto", noise=z, sigma_max=sig_max,
+                     gaussian=flow if choice.top else None, dtype=torch.float64)  # fmt: skip
     err = float((out - ref).square().mean().sqrt())
-    assert err == pytest.approx(p["scorekit"][key][str(nfe)], rel=1e-6)
+    assert err == pytest.approx(p["scorekit"][row["config"]][str(row["nfe"])], rel=1e-4)

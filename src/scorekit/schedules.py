@@ -15,6 +15,10 @@ two_phase         log-uniform down to ``sigma_split``, then karras (rho) to ``sm
                   where a multimodal distribution's modes separate
 ================  =================================================================================
 
+``spectral_band`` is a rule, not a schedule: the top and the bottom of the noise band in which a sampler
+should spend its calls, read from the data's covariance spectrum (no fitting); ``sample(sampler="auto")``
+lays its steps there.
+
 ``scorekit.samplers.optimized`` fits a schedule to one denoiser and sampler (it runs the sampler, so
 it lives above the samplers, with ``fit_bespoke``). ``pf_ode_reference`` (from ``scorekit.pfode``) is
 re-exported here for the tests and benchmarks that measure schedules against it.
@@ -46,6 +50,7 @@ __all__ = [
     "loglinear",
     "pf_ode_reference",
     "polyexponential",
+    "spectral_band",
     "two_phase",
     "uniform_t",
 ]
@@ -217,6 +222,48 @@ def two_phase(
     )
     low = karras(n_low, sigma_min, sigma_split, rho=rho)
     return torch.cat([log_hi.exp(), low]).to(dtype=dtype, device=device)
+
+
+def spectral_band(evals, *, top: float, last: float) -> tuple[float, float]:
+    """The band ``(sigma_top, sigma_last)`` of a covariance spectrum: ``top sqrt(max lam)`` and
+    ``last sqrt(mean lam)``.
+
+    ``evals`` are the eigenvalues ``lam`` of the data's covariance (``[d]``; a ``[d, d]`` covariance
+    is accepted and its eigenvalues taken). Why these two numbers:
+
+    * Above ``sigma_top`` the noised data ``p_sigma`` is close to its Gaussian approximation
+      ``N(m, Sigma + sigma^2 I)``: the denoiser ``D(x, sigma) = m + Sigma (Sigma + sigma^2 I)^-1
+      (x - m) + O(sigma^-4)`` is linear, and its probability-flow ODE has the closed form of
+      ``samplers.accelerators.GaussianFlow`` (the teleport start). Non-Gaussian structure (modes,
+      curved supports) lives at length scales at most ``sqrt(max lam)``, so it shows only once
+      ``sigma`` falls to a few times that: ``top`` of 1 to 16 (chosen per NFE by the random suite).
+    * The last nonzero sigma sets the final Tweedie jump ``x = D(x, sigma_last)``: too low and the
+      calls above it are spread too thinly, too high and the jump's error (the ODE shrinks the
+      within-mode spread by ``sqrt(v / (v + sigma^2))``, the jump by ``v / (v + sigma^2)``) dominates.
+      It scales with the data, so it is a multiple of the RMS data scale ``sqrt(mean lam)``.
+
+    Both are equivariant: scaling the data by ``a`` scales the band by ``a``.
+    """
+    lam = torch.as_tensor(evals, dtype=torch.float64)
+    if lam.ndim == 2 and lam.shape[0] == lam.shape[1]:
+        lam = torch.linalg.eigvalsh(0.5 * (lam + lam.mT))
+    if lam.ndim != 1 or lam.numel() == 0 or not bool(torch.isfinite(lam).all()):
+        raise ValueError(
+            f"evals must be finite covariance eigenvalues [d] or a covariance [d, d]; got shape "
+            f"{tuple(lam.shape)}"
+        )
+    if float(lam.max()) <= 0:
+        raise ValueError(f"evals must have a positive largest eigenvalue; got {float(lam.max())}")
+    if not (top > 0 and last > 0 and math.isfinite(top) and math.isfinite(last)):
+        raise ValueError(f"top and last must be positive and finite; got top={top}, last={last}")
+    lam = lam.clamp(min=0)
+    hi, lo = top * math.sqrt(float(lam.max())), last * math.sqrt(float(lam.mean()))
+    if not lo < hi:
+        raise ValueError(
+            f"spectral_band: sigma_last = {lo:.4g} (last={last} x RMS scale) must lie below "
+            f"sigma_top = {hi:.4g} (top={top} x sqrt(max eigenvalue))"
+        )
+    return hi, lo
 
 
 #: Schedule name -> function ``(n, sigma_min, sigma_max, **options) -> sigmas [n + 1]``.

@@ -61,11 +61,12 @@ from torch import Tensor
 from scorekit._util import check_int
 from scorekit.denoiser import data_scale
 from scorekit.samplers import registry
+from scorekit.samplers.accelerators import GaussianFlow
 from scorekit.samplers.adaptive import adaptive_ode, adaptive_sde
 from scorekit.samplers.bespoke import BespokeSolver, bespoke, linear_coefficients
 from scorekit.samplers.common import check_sigmas, row_generators
 from scorekit.samplers.dc import DCSolver, dc_solver, fit_dc
-from scorekit.samplers.defaults import AUTO, auto_config
+from scorekit.samplers.defaults import AUTO, AUTO_TELEPORT, auto_choice, auto_sigmas
 from scorekit.samplers.dpm3 import EMS, dpm_solver_v3, fit_ems
 from scorekit.samplers.fitted import fit_bespoke, optimized
 from scorekit.samplers.ode import (
@@ -105,11 +106,13 @@ from scorekit.schedules import get_schedule
 __all__ = [
     "ADAPTIVE",
     "AUTO",
+    "AUTO_TELEPORT",
     "EMS",
     "REGISTRY",
     "STOCHASTIC",
     "BespokeSolver",
     "DCSolver",
+    "GaussianFlow",
     "adaptive_ode",
     "adaptive_sde",
     "bespoke",
@@ -187,6 +190,30 @@ def schedule_sigmas(
     return [*s[:-2], 0.0] if drop else s
 
 
+def _auto(denoiser, nfe, sigmas, schedule, sigma_min, sigma_max, gaussian, options):
+    """``sample``'s ``sampler="auto"``: ``(sampler, options, sigmas, teleport_to)`` from the tables of
+    ``samplers.defaults`` (``AUTO_TELEPORT`` with ``gaussian``, ``AUTO`` without)."""
+    if nfe is None or sigmas is not None:
+        raise ValueError(
+            "sampler='auto' picks the sampler and the sigmas for an NFE: give nfe and no sigmas "
+            "(or a sampler name)"
+        )
+    if gaussian is not None and not isinstance(gaussian, GaussianFlow):
+        raise TypeError(
+            f"gaussian must be a samplers.GaussianFlow (the data's mean and covariance); got "
+            f"{type(gaussian).__name__}"
+        )
+    choice = auto_choice(check_int("nfe", nfe), teleport=gaussian is not None)
+    options = {**choice.options, **options}
+    n = steps_for(choice.sampler, nfe, options)
+    fn = get_schedule(schedule) if isinstance(schedule, str) else schedule
+    s, teleport_to = auto_sigmas(
+        choice, n, float(sigma_max), evals=None if gaussian is None else gaussian.evals,
+        scale=data_scale(denoiser) or 1.0, schedule=fn, sigma_min=sigma_min,
+    )  # fmt: skip
+    return choice.sampler, options, s, teleport_to
+
+
 def sample(
     denoiser: Callable,
     shape: Sequence[int],
@@ -202,6 +229,7 @@ def sample(
     dtype: torch.dtype = torch.float32,
     sigmas: Tensor | Sequence[float] | None = None,
     noise: Tensor | None = None,
+    gaussian: GaussianFlow | None = None,
     progress: bool = False,
     **options,
 ) -> Tensor:
@@ -218,9 +246,11 @@ def sample(
             naming the nearest achievable values if the sampler cannot). Leave ``None`` with explicit
             ``sigmas`` or an adaptive sampler.
         sampler: a name in ``REGISTRY`` (default ``dpmpp_2m``), or ``"auto"``: the sampler, its
-            options, the schedule and the last sigma chosen for this NFE by the random-mixture suite
-            on exact mixtures (``samplers.defaults.AUTO``; needs ``nfe``). An explicit ``schedule``
-            or ``sigma_min`` still wins over the table.
+            options, the schedule and the noise band chosen for this NFE by the random-mixture suite
+            on exact mixtures (``samplers.defaults``; needs ``nfe``): with ``gaussian``, the teleport
+            start and the band of ``schedules.spectral_band`` (``AUTO_TELEPORT``), otherwise a
+            schedule from ``sigma_max`` to a last sigma in data scales (``AUTO``). An explicit
+            ``schedule`` or ``sigma_min`` still wins over the table.
         schedule: a name for ``scorekit.schedules.get_schedule`` or a callable
             ``(n, sigma_min, sigma_max) -> sigmas [n + 1]``; default: the table's with ``"auto"``,
             ``"karras"`` otherwise.
@@ -247,25 +277,31 @@ def sample(
             samplers, or scorekit and another library, can be compared from the same noise. It is
             cast to ``dtype`` and ``device``; a stochastic sampler still draws its later noise from
             the per-row generators of ``seed``.
+        gaussian: with ``sampler="auto"``, the data's Gaussian approximation
+            (``accelerators.GaussianFlow(mean, cov)``, e.g. from data rows through
+            ``analytic.gaussian_approximation``): the start ``sigma_max z`` is moved without denoiser
+            calls along its exact probability-flow ODE to the top of the band (Wang & Vastola 2024)
+            and every call is spent inside the band.
         **options: the sampler's own keyword options (misspelt ones are a TypeError).
 
     Returns:
         ``[B, ...]`` samples in ``dtype`` on ``device``.
     """
+    if sigma_max is None:
+        sigma_max = default_sigma_max(denoiser)
+    teleport_to = None
     if sampler == "auto":
-        if nfe is None:
-            raise ValueError(
-                "sampler='auto' picks the sampler for an NFE: give nfe (or a sampler name)"
-            )
-        sampler, auto_opts, auto_schedule, auto_min = auto_config(check_int("nfe", nfe))
-        options = {**auto_opts, **options}
-        schedule = auto_schedule if schedule is None else schedule
-        sigma_min = auto_min if sigma_min is None else sigma_min
+        sampler, options, sigmas, teleport_to = _auto(
+            denoiser, nfe, sigmas, schedule, sigma_min, sigma_max, gaussian, options
+        )
+    elif gaussian is not None:
+        raise ValueError(
+            f"gaussian= is the teleport start of sampler='auto'; got sampler={sampler!r} (wrap a "
+            "sampler in accelerators.with_teleport to teleport it)"
+        )
     schedule = "karras" if schedule is None else schedule
     grid_min = sigma_min  # None: the default grid of schedule_sigmas
     sigma_min = 0.002 if sigma_min is None else sigma_min
-    if sigma_max is None:
-        sigma_max = default_sigma_max(denoiser)
     fn = get_sampler(sampler)
     options_of(sampler, options)
     shape = tuple(int(v) for v in shape)
@@ -302,6 +338,9 @@ def sample(
         )
     else:
         x = _start_noise(noise, shape, dtype, device)
-    x = x * s[0]
+    if teleport_to is None:
+        x = x * s[0]
+    else:  # z at sigma_max, moved along the Gaussian approximation's exact flow to the band's top
+        x = gaussian(x * sigma_max, sigma_max, teleport_to)
     sig = torch.tensor(s, dtype=torch.float64)
     return fn(denoiser, x, sig, generator=gens, progress=progress, **options)

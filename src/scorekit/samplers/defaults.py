@@ -1,37 +1,82 @@
-"""``sampler="auto"``: the sampler, schedule and last sigma chosen per NFE by the random-mixture suite.
+"""``sampler="auto"``: the sampler, schedule and noise band chosen per NFE by the random-mixture suite.
 
-``scorekit bench samplers --suite random`` chooses, for each NFE, the candidate (sampler, schedule,
-last nonzero sigma) with the lowest ``max(median / 0.5, worst / 0.8)`` of its error ratio to
-diffusers' best configuration on the suite's **tuning** problems; ``AUTO`` holds those choices, and
-``docs/choosing-a-sampler.md`` their **held-out** ratios. The suite starts at sigma_max = 157.4 (the
-DDPM linear table) on unit-scale data; the last sigmas are in data units.
+``scorekit bench samplers --suite random`` chooses, for each NFE, the candidate with the lowest
+``max(median / 0.5, worst / 0.8)`` of its error ratio to diffusers' best configuration on the suite's
+**tuning** problems; ``docs/choosing-a-sampler.md`` gives their ratios on the **held-out** problems.
+Two tables, because one rule needs something only the user has:
+
+* ``AUTO_TELEPORT``, used when ``sample(..., gaussian=GaussianFlow(mean, cov))`` gives the data's mean
+  and covariance (estimated from data rows: ``GaussianFlow`` of ``analytic.gaussian_approximation``).
+  The start ``sigma_max z`` is moved to ``sigma_top`` by the Gaussian approximation's exact flow (no
+  denoiser call; ``accelerators.GaussianFlow``), and every call is spent inside the band
+  ``schedules.spectral_band(evals, top=..., last=...)``: ``sigma_top = top sqrt(max lam)`` down to
+  ``sigma_last = last sqrt(mean lam)``, then the Tweedie jump to 0.
+* ``AUTO``, without the data's statistics: the schedule runs from ``sigma_max`` to ``last`` times the
+  denoiser's declared data scale (``denoiser.data_scale``; 1 when it declares none, which is the
+  suite's unit-scale data).
+
+A choice is ``Choice(sampler, options, schedule, last, top)``; ``top`` is ``None`` in ``AUTO``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from scorekit.process import DiscreteProcess
-from scorekit.schedules import get_schedule, uniform_t
+from scorekit.schedules import get_schedule, spectral_band, uniform_t
 
-__all__ = ["AUTO", "auto_config"]
+__all__ = ["AUTO", "AUTO_TELEPORT", "Choice", "auto_choice", "auto_sigmas"]
 
-#: NFE -> (registry name, options, schedule name, last nonzero sigma), from the tuning part of
-#: ``scorekit bench samplers --suite random`` (seed 0, 20 problems, 64 rows each). They were tuned
-#: before ``long_step`` (``samplers.common.LONG_STEP``) existed, so the picks that have it keep the
-#: published update on every step (``long_step=None``), as tuned.
-AUTO: dict[int, tuple[str, dict, str, float]] = {
-    3: ("dpmpp_3m", {"long_step": None}, "loglinear", 0.01),
-    4: ("dpmpp_3m", {"long_step": None}, "uniform_t", 0.25),
-    5: ("deis", {"order": 3}, "uniform_t", 0.25),
-    6: ("deis", {"order": 3}, "uniform_t", 0.25),
-    8: ("unipc", {"order": 2}, "loglinear", 0.1),
-    10: ("dpmpp_2m", {}, "loglinear", 0.1),
-    15: ("unipc", {"order": 3}, "loglinear", 0.05),
-    20: ("unipc", {"order": 3}, "loglinear", 0.05),
+
+@dataclass(frozen=True)
+class Choice:
+    """One NFE's pick: sampler (registry name) and options, schedule name, ``last`` (the last nonzero
+    sigma in RMS data scales) and ``top`` (the teleport target in ``sqrt(max eigenvalue)`` units, or
+    ``None``: no teleport)."""
+
+    sampler: str
+    options: dict = field(default_factory=dict)
+    schedule: str = "loglinear"
+    last: float = 0.1
+    top: float | None = None
+
+
+#: NFE -> choice without the data's statistics, from the tuning part of ``scorekit bench samplers
+#: --suite random`` (seed 0, 20 problems, 64 rows each; candidates that start at sigma_max).
+AUTO: dict[int, Choice] = {
+    3: Choice("dpmpp_3m", {"long_step": None}, "loglinear", 0.01),
+    4: Choice("dpmpp_3m", {"long_step": None}, "uniform_t", 0.25),
+    5: Choice("deis", {"order": 3}, "uniform_t", 0.25),
+    6: Choice("deis", {"order": 3}, "uniform_t", 0.25),
+    8: Choice("unipc", {"order": 2}, "loglinear", 0.1),
+    10: Choice("dpmpp_2m", {}, "loglinear", 0.1),
+    15: Choice("unipc", {"order": 3}, "loglinear", 0.05),
+    20: Choice("unipc", {"order": 3}, "loglinear", 0.05),
 }
+
+#: NFE -> choice with the data's mean and covariance (teleport start, the spectral band), from the
+#: same tuning part.
+AUTO_TELEPORT: dict[int, Choice] = {
+    3: Choice("unipc", {"order": 2}, "karras", 0.2, 1.0),
+    4: Choice("unipc", {"order": 2}, "karras", 0.2, 2.0),
+    5: Choice("unipc", {"order": 2}, "karras", 0.2, 2.0),
+    6: Choice("unipc", {"order": 2}, "loglinear", 0.1, 2.0),
+    8: Choice("unipc", {"order": 2}, "loglinear", 0.1, 4.0),
+    10: Choice("unipc", {"order": 2}, "loglinear", 0.1, 4.0),
+    15: Choice("unipc", {"order": 3}, "loglinear", 0.05, 4.0),
+    20: Choice("unipc", {"order": 3}, "loglinear", 0.05, 4.0),
+}
+
+
+def auto_choice(nfe: int, *, teleport: bool = False) -> Choice:
+    """The choice for ``nfe``: the entry of the largest listed NFE not above it (the smallest listed
+    one below 3), from ``AUTO_TELEPORT`` with ``teleport`` and ``AUTO`` otherwise."""
+    table = AUTO_TELEPORT if teleport else AUTO
+    return table[max([k for k in table if k <= nfe], default=min(table))]
 
 
 def _uniform_t_ddpm(n: int, sigma_min: float, sigma_max: float) -> Tensor:
@@ -41,10 +86,38 @@ def _uniform_t_ddpm(n: int, sigma_min: float, sigma_max: float) -> Tensor:
     return uniform_t(n, lo, hi, process=table)
 
 
-def auto_config(nfe: int) -> tuple[str, dict, Callable, float]:
-    """``(sampler, options, schedule function, sigma_min)`` of ``AUTO`` at the largest listed NFE
-    not above ``nfe`` (the smallest listed one below 3)."""
-    key = max([k for k in AUTO if k <= nfe], default=min(AUTO))
-    name, opts, sched, lo = AUTO[key]
-    fn = _uniform_t_ddpm if sched == "uniform_t" else get_schedule(sched)
-    return name, dict(opts), fn, lo
+def schedule_of(choice: Choice):
+    """The schedule function ``(n, sigma_min, sigma_max) -> sigmas`` of a choice."""
+    return _uniform_t_ddpm if choice.schedule == "uniform_t" else get_schedule(choice.schedule)
+
+
+def auto_sigmas(
+    choice: Choice,
+    n: int,
+    sigma_max: float,
+    *,
+    evals: Tensor | None = None,
+    scale: float = 1.0,
+    schedule=None,
+    sigma_min: float | None = None,
+) -> tuple[Tensor, float | None]:
+    """``(sigmas, teleport_to)`` of ``choice`` for ``n`` steps from ``sigma_max``.
+
+    With ``choice.top`` and the data covariance's eigenvalues ``evals``: ``n`` steps of the choice's
+    schedule over ``spectral_band(evals, top, last)`` (its top capped at ``sigma_max``), and
+    ``teleport_to`` the band's top (``None`` when it is not below ``sigma_max``); the caller moves
+    the start there by the Gaussian flow. Otherwise ``n`` steps from ``sigma_max`` to ``last * scale``
+    and ``teleport_to = None``. An explicit ``schedule`` (a function) or ``sigma_min`` wins over the
+    choice's.
+    """
+    fn = schedule_of(choice) if schedule is None else schedule
+    if choice.top is not None and evals is not None:
+        top, last = spectral_band(evals, top=choice.top, last=choice.last)
+        last = last if sigma_min is None else sigma_min
+        if top < sigma_max:
+            return torch.as_tensor(fn(n, last, top), dtype=torch.float64), top
+        return torch.as_tensor(fn(n, last, sigma_max), dtype=torch.float64), None
+    last = choice.last * scale if sigma_min is None else sigma_min
+    if not (math.isfinite(last) and 0 < last < sigma_max):
+        raise ValueError(f"auto: last sigma {last:.4g} must lie in (0, sigma_max={sigma_max:.4g})")
+    return torch.as_tensor(fn(n, last, sigma_max), dtype=torch.float64), None

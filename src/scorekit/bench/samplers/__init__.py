@@ -112,6 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     robust.add_arguments(parser)
     parser.add_argument("--problems", type=int, default=20, help="--suite random: problems")
     parser.add_argument("--rows", type=int, default=64, help="--suite random: rows per problem")
+    parser.add_argument(
+        "--reuse-diffusers", default=None, metavar="DIR",
+        help="--suite random: diffusers' per-problem bests from DIR/results.json (same settings)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="small batches and subsets: < 1 min")
     parser.add_argument("--targets", nargs="+", default=["ring8", "gmm64"])
     parser.add_argument("--nfe", nargs="+", type=int, default=[5, 10, 20])

@@ -16,18 +16,29 @@ probability-flow ODE solution from it (``pf_ode_reference``), and the RMS error 
 sampler's output against it. diffusers: every ODE scheduler of ``diffusers_harness.diffusers_configs``
 (DDIM, Euler, Heun, LMS, DPM++ 2M/3M/2S/3S, UniPC 2/3, DEIS 2/3) with default, trailing and karras
 spacings, at the most steps whose counted NFE fits; per problem and NFE its **best** configuration,
-chosen after the fact. scorekit: every candidate (sampler x schedule x last nonzero sigma, all from
-``sigma_max``) at exactly the NFE.
+chosen after the fact. scorekit: every candidate at exactly the NFE, run as ``sample(sampler="auto")``
+runs a ``samplers.defaults.Choice``: either a schedule from ``sigma_max`` to a last nonzero sigma (then
+the Tweedie jump to 0), or the teleport start: the data's Gaussian approximation (mean and covariance
+of ``STATS_ROWS`` exact samples of the mixture, drawn with the problem's own seed, as a user estimates
+them from data rows) moves ``x_T`` along its exact flow to ``top sqrt(max lam)`` and every call is
+spent in the band ``schedules.spectral_band`` down to ``last sqrt(mean lam)``. The grid of candidates
+was pruned from a wider search on the tuning problems only (teleport tops 1-16, last sigmas
+0.005-0.5, five samplers, karras / loglinear).
 
 Selection. For each NFE the candidate minimising ``max(median / 0.5, worst / 0.8)`` of the ratios
 ``scorekit error / diffusers' best error`` over the **tuning** problems (the goal: median <= 0.5,
-worst <= 0.8) is chosen; the held-out table reports that candidate's ratios on the held-out problems,
-which took no part in any choice. ``--quick``: 2 small problems (one per part), two NFEs, a few candidates.
+worst <= 0.8) is chosen, twice: among all candidates (``with data statistics``: ``AUTO_TELEPORT``)
+and among those that start at ``sigma_max`` (``without``: ``AUTO``). The held-out tables report the
+chosen candidates' ratios on the held-out problems, which took no part in any choice.
+``--reuse-diffusers DIR`` takes diffusers' per-problem bests from an earlier ``results.json`` of the
+same settings (checked) instead of rerunning them. ``--quick``: 2 small problems (one per part), two
+NFEs, a few candidates.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
@@ -36,9 +47,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from scorekit._util import atomic_write, atomic_write_json, mix_seed
-from scorekit.analytic import GaussianMixture
+from scorekit.analytic import GaussianMixture, gaussian_approximation
 from scorekit.bench.samplers.candidates import steps_within
 from scorekit.bench.samplers.diffusers_harness import (
     _steps_within,
@@ -49,10 +61,20 @@ from scorekit.bench.samplers.diffusers_harness import (
 from scorekit.bench.samplers.measure import Problem, rms_error
 from scorekit.pfode import pf_ode_reference
 from scorekit.process import DiscreteProcess
+from scorekit.samplers.accelerators import GaussianFlow
+from scorekit.samplers.defaults import Choice, auto_sigmas
 from scorekit.samplers.registry import get_sampler
-from scorekit.schedules import SCHEDULES
 
-__all__ = ["CANDIDATE_SAMPLERS", "NFES", "Spec", "build", "candidates", "run_suite", "specs"]
+__all__ = [
+    "CANDIDATE_SAMPLERS",
+    "NFES",
+    "Spec",
+    "build",
+    "candidates",
+    "data_flow",
+    "run_suite",
+    "specs",
+]
 
 SUITE_SEED = 14
 NFES = (3, 4, 5, 6, 8, 10, 15, 20)
@@ -65,9 +87,17 @@ CANDIDATE_SAMPLERS = [
     ("unipc3", "unipc", {"order": 3}),
     ("deis3", "deis", {"order": 3}),
 ]
+#: candidates from sigma_max: schedules and the last nonzero sigma (the step after it is the Tweedie
+#: jump to 0), in RMS data scales (the data are unit-scale).
 SCHEDULE_NAMES = ("karras", "loglinear", "uniform_t")
-#: the last nonzero sigma (the step after it is the Tweedie jump to 0).
-SIGMA_LAST = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
+SIGMA_LAST = (0.01, 0.05, 0.1, 0.25)
+#: teleport candidates: samplers, and (top, last) pairs of ``schedules.spectral_band``.
+TELEPORT_SAMPLERS = ("dpmpp_2m", "unipc2", "unipc3")
+TELEPORT_BANDS = [(t, lo) for t in (1.0, 2.0, 4.0) for lo in (0.1, 0.2, 0.35)] + [
+    (t, lo) for t in (4.0, 8.0, 16.0) for lo in (0.02, 0.05, 0.1) if (t, lo) != (4.0, 0.1)
+]
+#: data rows from which the teleport's mean and covariance are estimated.
+STATS_ROWS = 16384
 
 
 @dataclass(frozen=True)
@@ -117,19 +147,37 @@ def build(spec: Spec) -> GaussianMixture:
     return GaussianMixture((means - gm.mean) / scale, (covs / scale**2).contiguous(), w / w.sum())
 
 
+def data_flow(spec: Spec, gm: GaussianMixture, rows: int = STATS_ROWS) -> GaussianFlow:
+    """The data's Gaussian approximation as a user has it: mean and covariance of ``rows`` exact
+    samples of the mixture (seeded by the problem's own seed), not the mixture's exact moments."""
+    x = gm.sample(rows, generator=torch.Generator().manual_seed(spec.seed + 3))
+    return GaussianFlow.from_mixture(gaussian_approximation(x))
+
+
 def _key(c) -> str:
-    lab, _, _, sch, lo = c
-    return f"{lab}/{sch}/{lo:g}"
+    lab, _, _, top, sch, lo = c
+    return f"{lab}/{sch}/{lo:g}" if top is None else f"{lab}/tele{top:g}/{sch}/{lo:g}"
 
 
-def candidates(quick: bool) -> list[tuple[str, str, dict, str, float]]:
-    """``(sampler label, registry name, options, schedule, last sigma)`` of every candidate."""
+def candidates(quick: bool) -> list[tuple[str, str, dict, float | None, str, float]]:
+    """``(sampler label, registry name, options, teleport top or None, schedule, last sigma)`` of
+    every candidate."""
     samplers = CANDIDATE_SAMPLERS[::2] if quick else CANDIDATE_SAMPLERS
-    lasts = (0.02, 0.25, 0.5) if quick else SIGMA_LAST
+    lasts = (0.05, 0.25) if quick else SIGMA_LAST
     floor = DiscreteProcess.linear().sigma_min  # uniform_t stays inside the DDPM table
-    return [(lab, name, opts, sch, lo) for lab, name, opts in samplers
-            for sch in SCHEDULE_NAMES for lo in lasts
-            if sch != "uniform_t" or lo >= floor]  # fmt: skip
+    out = [(lab, name, opts, None, sch, lo) for lab, name, opts in samplers
+           for sch in SCHEDULE_NAMES for lo in lasts
+           if sch != "uniform_t" or lo >= floor]  # fmt: skip
+    bands = [(2.0, 0.2), (8.0, 0.05)] if quick else TELEPORT_BANDS
+    out += [(lab, name, opts, top, sch, lo) for lab, name, opts in samplers
+            if lab in TELEPORT_SAMPLERS for sch in ("karras", "loglinear") for top, lo in bands]  # fmt: skip
+    return out
+
+
+def choice_of(c) -> Choice:
+    """A candidate as the ``samplers.defaults.Choice`` that ``sample(sampler="auto")`` runs."""
+    _, name, opts, top, sch, lo = c
+    return Choice(name, dict(opts), sch, lo, top)
 
 
 def _problem(spec: Spec, rows: int, rtol: float) -> Problem:
@@ -142,17 +190,22 @@ def _problem(spec: Spec, rows: int, rtol: float) -> Problem:
     return Problem(f"p{spec.index}", gm, x_t, ref, comp, table.sigma_max, table.sigma_min)
 
 
-def _scorekit_errors(problem: Problem, cands, nfes) -> dict[str, dict[int, float]]:
+def run_choice(problem: Problem, flow: GaussianFlow, c, nfe: int) -> Tensor:
+    """Candidate ``c`` on the problem's noise at exactly ``nfe`` calls (as ``sample`` runs it)."""
+    choice = choice_of(c)
+    n = steps_within(choice.sampler, choice.options, nfe)
+    sig, top = auto_sigmas(choice, n, problem.sigma_max, evals=flow.evals)
+    x = problem.x_t.clone() if top is None else flow(problem.x_t, problem.sigma_max, top)
+    return get_sampler(choice.sampler)(problem.gm, x, sig, **choice.options)
+
+
+def _scorekit_errors(problem: Problem, flow, cands, nfes) -> dict[str, dict[int, float]]:
     """``{candidate key: {nfe: error}}`` of every candidate at exactly each NFE."""
     out: dict[str, dict[int, float]] = {}
     for c in cands:
-        _, name, opts, sch, lo = c
         out[_key(c)] = {}
         for nfe in nfes:
-            n = steps_within(name, opts, nfe)
-            extra = {"process": DiscreteProcess.linear()} if sch == "uniform_t" else {}
-            sig = SCHEDULES[sch](n, lo, problem.sigma_max, **extra)
-            x = get_sampler(name)(problem.gm, problem.x_t.clone(), sig, **opts)
+            x = run_choice(problem, flow, c, nfe)
             out[_key(c)][nfe] = rms_error(x, problem.ref) if torch.isfinite(x).all() else math.inf
     return out
 
@@ -194,12 +247,14 @@ def ratios_of(problems: list[dict], key: str, nfe: int) -> list[float]:
     return [p["scorekit"][key][nfe] / p["diffusers"][nfe][1] for p in problems]
 
 
-def select(tuning: list[dict], nfes) -> dict[int, dict]:
-    """Per NFE, the candidate with the lowest ``max(median / 0.5, worst / 0.8)`` on ``tuning``."""
+def select(tuning: list[dict], nfes, teleport: bool = True) -> dict[int, dict]:
+    """Per NFE, the candidate with the lowest ``max(median / 0.5, worst / 0.8)`` on ``tuning``
+    (among all candidates, or with ``teleport=False`` among those that start at sigma_max)."""
     chosen = {}
+    keys = [k for k in tuning[0]["scorekit"] if teleport or "/tele" not in k]
     for nfe in nfes:
         best = None
-        for key in tuning[0]["scorekit"]:
+        for key in keys:
             r = ratios_of(tuning, key, nfe)
             cand = (_score(r), key, statistics.median(r), max(r))
             if best is None or cand < best:
@@ -213,14 +268,16 @@ def _run_problem(spec: Spec, cfg: dict, only: set[str] | None, log) -> dict:
     t0 = time.perf_counter()
     problem = _problem(spec, cfg["rows"], cfg["rtol"])
     cands = [c for c in candidates(cfg["quick"]) if only is None or _key(c) in only]
+    reused = cfg["reuse"].get(spec.index)
     rec = {
         "spec": asdict(spec),
-        "diffusers": _diffusers_best(problem, cfg["nfes"], cfg["quick"]),
-        "scorekit": _scorekit_errors(problem, cands, cfg["nfes"]),
+        "diffusers": reused or _diffusers_best(problem, cfg["nfes"], cfg["quick"]),
+        "scorekit": _scorekit_errors(problem, data_flow(spec, problem.gm), cands, cfg["nfes"]),
         "seconds": time.perf_counter() - t0,
     }
     log(f"  {spec.part:8s} p{spec.index:<3d} d={spec.dim:<3d} K={spec.components:<2d} "
-        f"{spec.covariance:4s} sep={spec.separation:.2f}  {rec['seconds']:.0f}s")  # fmt: skip
+        f"{spec.covariance:4s} sep={spec.separation:.2f}  {rec['seconds']:.0f}s"
+        f"{' (diffusers reused)' if reused else ''}")  # fmt: skip
     return rec
 
 
@@ -239,10 +296,11 @@ def held_out_table(held: list[dict], chosen: dict[int, dict], nfes) -> list[dict
     return rows
 
 
-def table_text(rows: list[dict]) -> str:
+def table_text(rows: list[dict], title: str = "") -> str:
     """The held-out table as fixed-width text."""
     lines = [
-        "held-out problems: scorekit error / diffusers' best error (per problem, chosen after the fact)",
+        "held-out problems: scorekit error / diffusers' best error (per problem, chosen after the "
+        f"fact){title}",
         f"{'NFE':>4}  {'median':>7}  {'worst':>7}  {'wins':>6}  {'tuning med/worst':>17}  "
         "config (chosen on tuning)",
     ]
@@ -254,8 +312,23 @@ def table_text(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _reuse(path: str | None, settings: dict) -> dict[int, dict]:
+    """``{problem index: diffusers bests}`` from an earlier ``results.json`` of the same settings."""
+    if path is None:
+        return {}
+    old = json.loads((Path(path) / "results.json").read_text())
+    for k in ("rows", "rtol", "seed", "problems", "quick", "nfes", "suite_seed"):
+        if old["settings"].get(k) != settings[k]:
+            raise ValueError(
+                f"--reuse-diffusers {path}: its {k} is {old['settings'].get(k)!r}, this run's "
+                f"{settings[k]!r}"
+            )
+    probs = old["tuning_problems"] + old["held_out_problems"]
+    return {p["spec"]["index"]: {int(n): v for n, v in p["diffusers"].items()} for p in probs}
+
+
 def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, quick: bool = False,
-              rtol: float = 1e-7, log=print) -> dict:  # fmt: skip
+              rtol: float = 1e-7, reuse_diffusers: str | None = None, log=print) -> dict:  # fmt: skip
     """Run the suite: tuning part (all candidates), selection, held-out part (the chosen configs).
 
     Writes ``<out>/results.json`` and ``<out>/table.txt`` (and ``partial.json`` while it runs);
@@ -265,7 +338,9 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
     if quick:
         problems, rows, rtol = min(problems, 2), min(rows, 16), max(rtol, 1e-6)
     nfes = (4, 8) if quick else NFES
-    cfg = {"rows": rows, "rtol": rtol, "quick": quick, "nfes": nfes}
+    settings = {"rows": rows, "rtol": rtol, "quick": quick, "nfes": list(nfes), "problems": problems,
+                "seed": seed, "suite_seed": SUITE_SEED}  # fmt: skip
+    cfg = {**settings, "nfes": nfes, "reuse": _reuse(reuse_diffusers, settings)}
     all_specs = specs(problems, seed, quick)
     log(f"random suite: {problems} problems ({rows} rows each), NFE {list(nfes)}")
     out.mkdir(parents=True, exist_ok=True)
@@ -274,20 +349,23 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
         if s.part == "tuning":
             tuning.append(_run_problem(s, cfg, None, log))
             atomic_write_json(out / "partial.json", {"tuning_problems": tuning})
-    chosen = select(tuning, nfes)
-    keep = {chosen[n]["config"] for n in nfes}
+    chosen = {"stats": select(tuning, nfes), "no_stats": select(tuning, nfes, teleport=False)}
+    keep = {c[n]["config"] for c in chosen.values() for n in nfes}
     held = []
     for s in all_specs:  # the held-out part, the chosen configs only
         if s.part == "held-out":
             held.append(_run_problem(s, cfg, keep, log))
             atomic_write_json(out / "partial.json", {"tuning_problems": tuning, "held": held})
-    held_rows = held_out_table(held, chosen, nfes)
-    text = table_text(held_rows)
+    tables = {k: held_out_table(held, c, nfes) for k, c in chosen.items()}
+    text = "\n\n".join([
+        table_text(tables["stats"], ", with the data's mean and covariance (AUTO_TELEPORT)"),
+        table_text(tables["no_stats"], ", from sigma_max without data statistics (AUTO)"),
+    ])  # fmt: skip
     log(text)
     result = {
-        "settings": {**cfg, "problems": problems, "seed": seed, "suite_seed": SUITE_SEED,
-                     "sigma_max": DiscreteProcess.linear().sigma_max},
-        "chosen": chosen, "held_out": held_rows, "tuning_problems": tuning,
+        "settings": {**settings, "sigma_max": DiscreteProcess.linear().sigma_max,
+                     "stats_rows": STATS_ROWS, "reused_diffusers": reuse_diffusers},
+        "chosen": chosen, "held_out": tables, "tuning_problems": tuning,
         "held_out_problems": held, "seconds": time.perf_counter() - t0,
     }  # fmt: skip
     atomic_write_json(out / "results.json", result)
@@ -298,5 +376,6 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
 def run(args: argparse.Namespace) -> int:
     """``scorekit bench samplers --suite random``: writes into ``<--out>/random``."""
     run_suite(out=Path(args.out) / "random", seed=args.seed, quick=args.quick,
-              problems=args.problems, rows=args.rows)  # fmt: skip
+              problems=args.problems, rows=args.rows,
+              reuse_diffusers=getattr(args, "reuse_diffusers", None))  # fmt: skip
     return 0
