@@ -40,6 +40,46 @@ def _systematic(logw: Tensor, u: Tensor) -> Tensor:
     return torch.searchsorted(cdf, points).clamp(max=k - 1)
 
 
+def _tweedie_noise(
+    d: Tensor, xg: Tensor, b: int, k: int, generator: GeneratorLike, m: int
+) -> Tensor:
+    """``f(J) z`` per particle, ``f(l) = sqrt(min(l, 1))``, by ``m`` Lanczos steps on ``J = dD/dx`` from
+    ``z`` (standard normal from each row's generator): noise of covariance ``J`` in the directions where
+    ``x0 | x`` spreads less than the noise (eigenvalues <= 1, one mixture component), capped at ``I``
+    where it spans several modes. ``m`` backward passes (the graph is kept for the twist).
+
+    References:
+        Chow & Saad, "Preconditioned Krylov Subspace Methods for Sampling Multivariate Gaussian
+        Distributions", SIAM J. Sci. Comput. 2014 (Lanczos approximation of ``f(J) z``).
+    """
+    z = randn_like(d.detach().reshape(b, k, *d.shape[1:]), generator).reshape(d.shape).flatten(1)
+    norm = z.norm(dim=1, keepdim=True)
+    tiny = torch.finfo(z.dtype).tiny
+    q, q_prev, beta = z / norm.clamp(min=tiny), torch.zeros_like(z), torch.zeros_like(norm)
+    basis, alphas, betas = [q], [], []
+    for j in range(m):
+        w = vjp(d, xg, q.reshape(d.shape)).detach().flatten(1)
+        alpha = (q * w).sum(1, keepdim=True)
+        w = w - alpha * q - beta * q_prev
+        for u in basis:  # full re-orthogonalisation (m is small)
+            w = w - (u * w).sum(1, keepdim=True) * u
+        alphas.append(alpha)
+        if j < m - 1:
+            beta = w.norm(dim=1, keepdim=True)
+            betas.append(beta)
+            q_prev, q = q, w / beta.clamp(min=tiny)
+            basis.append(q)
+    t = torch.diag_embed(torch.cat(alphas, 1))
+    if betas:
+        off = torch.diag_embed(torch.cat(betas, 1), offset=1)
+        t = t + off + off.mT
+    lam, vec = torch.linalg.eigh(t)
+    fl = lam.clamp(0.0, 1.0).sqrt()
+    coef = vec @ (fl * vec[:, 0, :]).unsqueeze(-1)  # f(T) e1, [BK, m, 1]
+    out = norm * (torch.stack(basis, 2) @ coef).squeeze(-1)
+    return out.reshape(d.shape)
+
+
 def _gaussian_twist(d, xg, y, operator, var, sy, last):
     """``log N(y; A d, sigma_y^2 I + r^2 A A^T)`` (up to a constant) and its gradient in ``x``."""
     r = y - operator.forward(d)
@@ -68,7 +108,12 @@ def _tweedie_twist(d, xg, y, operator, s0, sy, iters):
 @solver(
     nfe=lambda n, o: n * o["particles"],
     vjp=lambda n, o: (
-        (n - 1) * o["particles"] * (o["cg_iters"] + 1 if o["twist"] == "tweedie" else 1)
+        (n - 1)
+        * o["particles"]
+        * (
+            (o["cg_iters"] + 1 if o["twist"] == "tweedie" else 1)
+            + o["lanczos"] * (o["variance"] == "tweedie")
+        )
     ),
 )
 def tds(
@@ -86,6 +131,8 @@ def tds(
     data_var: float = 1.0,
     twist: str = "tweedie",
     cg_iters: int = 4,
+    variance: str = "ddpm",
+    lanczos: int = 3,
 ) -> Tensor:
     """Twisted diffusion sampler: SMC over the DDPM chain, twisted by an approximate likelihood.
 
@@ -107,17 +154,26 @@ def tds(
         x'  ~ q = N(mu + (s0^2 - s1^2) g, v)
         log w' = log p(x' | x) - log q(x' | x) + log pt_{i+1}(y | x') - log pt_i(y | x),
 
-    resampling every step (systematic, per row). At ``sigma = 0`` the twist is the exact likelihood
+    resampling every step (systematic, per row). ``variance="tweedie"`` adds to the model transition
+    ``p`` the spread of ``x0 | x`` that the DDPM step (a point mass at ``d``) leaves out:
+    ``mu += (1 - (s1/s0)^2) s0 f(J) z``, ``f(l) = sqrt(min(l, 1))`` applied by ``lanczos`` Lanczos steps
+    (``J`` taken symmetric, as Tweedie's ``J = Cov[x0 | x] / s0^2`` is for an exact denoiser), so that
+    for a Gaussian prior each step is the exact reverse transition at any step size (tested); children
+    of one resampled parent share that term and differ by the DDPM noise, and the weights are
+    unchanged (the term has the same law under ``p`` and ``q``). At ``sigma = 0`` the twist is the exact likelihood
     ``N(y; A(x0), sigma_y^2)``, so the particles target ``p(x0) p(y | x0)`` of the discretised chain
     whatever the twist, and one particle per row is returned (drawn by weight). The twist decides how
     few particles suffice: on the 64-D projection bench the Tweedie twist with 2 particles picks the
     posterior's mixture component in every sample where MMPS alone missed it in 7% (docs/inverse-
     problems.md). Needs ``sigma_y > 0``. Cost per output row: ``NFE = N K`` (a call on ``B K`` rows counts
-    ``K``), ``VJP = (N - 1) K (cg_iters + 1)`` (tweedie) or ``(N - 1) K`` (pigdm).
+    ``K``), ``VJP = (N - 1) K (cg_iters + 1)`` (tweedie) or ``(N - 1) K`` (pigdm), plus ``(N - 1) K
+    lanczos`` with ``variance="tweedie"``.
 
     References:
         Wu, Trippe, Naesseth, Blei & Cunningham, "Practical and Asymptotically Exact Conditional
         Sampling in Diffusion Models", NeurIPS 2023, Alg. 1 and eqs. 8-10.
+        Chow & Saad, "Preconditioned Krylov Subspace Methods for Sampling Multivariate Gaussian
+        Distributions", SIAM J. Sci. Comput. 2014 (``f(J) z`` by Lanczos).
     """
     sy = check_problem("tds", y, operator, x, sigma_y, linear=False)
     if sy <= 0:
@@ -133,6 +189,10 @@ def tds(
         )
     if isinstance(cg_iters, bool) or not isinstance(cg_iters, int) or cg_iters < 0:
         raise ValueError(f"cg_iters must be an int >= 0; got {cg_iters!r}")
+    if isinstance(lanczos, bool) or not isinstance(lanczos, int) or lanczos < 1:
+        raise ValueError(f"lanczos must be an int >= 1; got {lanczos!r}")
+    if variance not in ("ddpm", "tweedie"):
+        raise ValueError(f"variance must be 'ddpm' or 'tweedie'; got {variance!r}")
     b, k, shape = x.shape[0], particles, x.shape[1:]
     s = prepare(denoiser, x, sigmas)[0]
     fresh = randn_like(x.new_empty(b, k - 1, *shape), generator) * s[0]
@@ -150,6 +210,12 @@ def tds(
         with torch.enable_grad():
             xg = xp.detach().requires_grad_(not last)
             d = model(xg, s0)
+            # noise of covariance ~ J for the spread of x0 | x that the DDPM step leaves out
+            e2 = (
+                None
+                if last or variance == "ddpm"
+                else _tweedie_noise(d, xg, b, k, generator, lanczos)
+            )
             if twist == "tweedie" and not last:
                 lt, g = _tweedie_twist(d, xg, yp, operator, s0, sy, cg_iters)
             else:
@@ -170,6 +236,8 @@ def tds(
         ratio = (s1 / s0) ** 2
         mu = d + ratio * (xp - d)
         v = s1 * s1 * (1 - ratio)
+        if e2 is not None:  # children of one parent share it (each child's law is still p's)
+            mu = mu + (1 - ratio) * s0 * e2[rows]
         shift = (s0 * s0 - s1 * s1) * g
         z = randn_like(xp.reshape(b, k, *shape), generator).reshape(b * k, *shape)
         xp = mu + shift + v**0.5 * z
