@@ -126,7 +126,7 @@ def _pseudo_weights(nodes: Sequence[float], moments: Sequence[float]) -> list[fl
     return w
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Step:
     """One step ``lambda_s -> lambda_t`` on its quadrature grid (relative to ``lambda_s``)."""
 
