@@ -48,7 +48,8 @@ def test_quick_suite_table_is_recomputable_from_its_rows(tmp_path):
     pytest.importorskip("diffusers")
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert run(parser.parse_args(["--suite", "random", "--quick", "--out", str(tmp_path)])) == 0
+    args = ["--suite", "random", "--quick", "--fit", "4", "--out", str(tmp_path)]
+    assert run(parser.parse_args(args)) == 0
     res = json.loads((tmp_path / "random" / "results.json").read_text())
     assert (tmp_path / "random" / "table.txt").read_text().startswith("held-out")
     tuning, held = res["tuning_problems"], res["held_out_problems"]
@@ -63,6 +64,12 @@ def test_quick_suite_table_is_recomputable_from_its_rows(tmp_path):
             assert key == res["chosen"][part][nfe]["config"]
             if part == "no_stats":
                 assert "/tele" not in key
+    # the fitted row: per problem the fit with the lower calibration error, its evaluation error
+    ((fit_row,),) = [res["held_out"]["fitted"]]
+    f = held[0]["fitted"]["4"]
+    kind = min(("optimized", "bespoke"), key=lambda k: f[k]["calibration"])
+    assert f["chosen"] == kind and f["error"] == f[kind]["error"]
+    assert fit_row["median"] == pytest.approx(f["error"] / held[0]["diffusers"]["4"][1])
     # One held-out error rerun from scratch: its noise, the exact ODE solution, and the chosen
     # teleport config run through sample(sampler="auto") with the Choice the key names.
     p = held[0]

@@ -116,6 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reuse-diffusers", default=None, metavar="DIR",
         help="--suite random: diffusers' per-problem bests from DIR/results.json (same settings)",
     )  # fmt: skip
+    parser.add_argument(
+        "--fit", dest="fit_nfes", nargs="+", type=int, default=None, metavar="NFE",
+        help="--suite random: also fit optimized / bespoke per held-out problem at these NFEs",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="small batches and subsets: < 1 min")
     parser.add_argument("--targets", nargs="+", default=["ring8", "gmm64"])
     parser.add_argument("--nfe", nargs="+", type=int, default=[5, 10, 20])

@@ -30,6 +30,8 @@ Selection. For each NFE the candidate minimising ``max(median / 0.5, worst / 0.8
 worst <= 0.8) is chosen, twice: among all candidates (``with data statistics``: ``AUTO_TELEPORT``)
 and among those that start at ``sigma_max`` (``without``: ``AUTO``). The held-out tables report the
 chosen candidates' ratios on the held-out problems, which took no part in any choice.
+``--fit NFE ...`` adds, on the held-out problems, ``optimized`` and ``fit_bespoke`` fitted on each
+problem's own calibration noise from the ``with data statistics`` choice (``random_fitted``).
 ``--reuse-diffusers DIR`` takes diffusers' per-problem bests from an earlier ``results.json`` of the
 same settings (checked) instead of rerunning them. ``--quick``: 2 small problems (one per part), two
 NFEs, a few candidates.
@@ -59,6 +61,7 @@ from scorekit.bench.samplers.diffusers_harness import (
     run_diffusers,
 )
 from scorekit.bench.samplers.measure import Problem, rms_error
+from scorekit.bench.samplers.random_fitted import fitted_errors, fitted_table, fitted_text
 from scorekit.pfode import pf_ode_reference
 from scorekit.process import DiscreteProcess
 from scorekit.samplers.accelerators import GaussianFlow
@@ -269,12 +272,15 @@ def _run_problem(spec: Spec, cfg: dict, only: set[str] | None, log) -> dict:
     problem = _problem(spec, cfg["rows"], cfg["rtol"])
     cands = [c for c in candidates(cfg["quick"]) if only is None or _key(c) in only]
     reused = cfg["reuse"].get(spec.index)
+    flow = data_flow(spec, problem.gm)
     rec = {
         "spec": asdict(spec),
         "diffusers": reused or _diffusers_best(problem, cfg["nfes"], cfg["quick"]),
-        "scorekit": _scorekit_errors(problem, data_flow(spec, problem.gm), cands, cfg["nfes"]),
-        "seconds": time.perf_counter() - t0,
+        "scorekit": _scorekit_errors(problem, flow, cands, cfg["nfes"]),
     }
+    if spec.part == "held-out" and cfg.get("fit"):
+        rec["fitted"] = fitted_errors(problem, spec, flow, cfg["fit"], rtol=cfg["rtol"], log=log)
+    rec["seconds"] = time.perf_counter() - t0
     log(f"  {spec.part:8s} p{spec.index:<3d} d={spec.dim:<3d} K={spec.components:<2d} "
         f"{spec.covariance:4s} sep={spec.separation:.2f}  {rec['seconds']:.0f}s"
         f"{' (diffusers reused)' if reused else ''}")  # fmt: skip
@@ -328,10 +334,12 @@ def _reuse(path: str | None, settings: dict) -> dict[int, dict]:
 
 
 def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, quick: bool = False,
-              rtol: float = 1e-7, reuse_diffusers: str | None = None, log=print) -> dict:  # fmt: skip
+              rtol: float = 1e-7, reuse_diffusers: str | None = None, fit_nfes=None,
+              log=print) -> dict:  # fmt: skip
     """Run the suite: tuning part (all candidates), selection, held-out part (the chosen configs).
 
-    Writes ``<out>/results.json`` and ``<out>/table.txt`` (and ``partial.json`` while it runs);
+    ``fit_nfes``: also fit ``optimized`` / ``bespoke`` per held-out problem at these NFEs
+    (``random_fitted``). Writes ``<out>/results.json`` and ``<out>/table.txt`` (and ``partial.json`` while it runs);
     returns what ``results.json`` holds.
     """
     t0 = time.perf_counter()
@@ -351,16 +359,22 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
             atomic_write_json(out / "partial.json", {"tuning_problems": tuning})
     chosen = {"stats": select(tuning, nfes), "no_stats": select(tuning, nfes, teleport=False)}
     keep = {c[n]["config"] for c in chosen.values() for n in nfes}
+    by_key = {_key(c): c for c in candidates(quick)}
+    cfg["fit"] = {n: choice_of(by_key[chosen["stats"][n]["config"]]) for n in fit_nfes or ()}
     held = []
     for s in all_specs:  # the held-out part, the chosen configs only
         if s.part == "held-out":
             held.append(_run_problem(s, cfg, keep, log))
             atomic_write_json(out / "partial.json", {"tuning_problems": tuning, "held": held})
     tables = {k: held_out_table(held, c, nfes) for k, c in chosen.items()}
-    text = "\n\n".join([
+    texts = [
         table_text(tables["stats"], ", with the data's mean and covariance (AUTO_TELEPORT)"),
         table_text(tables["no_stats"], ", from sigma_max without data statistics (AUTO)"),
-    ])  # fmt: skip
+    ]
+    if cfg["fit"]:
+        tables["fitted"] = fitted_table(held, nfes)
+        texts.append(fitted_text(tables["fitted"]))
+    text = "\n\n".join(texts)
     log(text)
     result = {
         "settings": {**settings, "sigma_max": DiscreteProcess.linear().sigma_max,
@@ -377,5 +391,6 @@ def run(args: argparse.Namespace) -> int:
     """``scorekit bench samplers --suite random``: writes into ``<--out>/random``."""
     run_suite(out=Path(args.out) / "random", seed=args.seed, quick=args.quick,
               problems=args.problems, rows=args.rows,
-              reuse_diffusers=getattr(args, "reuse_diffusers", None))  # fmt: skip
+              reuse_diffusers=getattr(args, "reuse_diffusers", None),
+              fit_nfes=getattr(args, "fit_nfes", None))  # fmt: skip
     return 0
