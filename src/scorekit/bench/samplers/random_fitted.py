@@ -52,49 +52,62 @@ def fitted_errors(problem, spec, flow, choices: dict[int, Choice], *, rows: int 
     """Per NFE: the evaluation and calibration errors of ``optimized`` and ``bespoke`` started from
     ``choices[nfe]`` (a teleport choice), fitted on calibration noise only, and the seconds spent."""
     cal = _calibration(problem, spec, rows, rtol)
-    smax, gm = problem.sigma_max, problem.gm
     out = {}
     for nfe, choice in choices.items():
         t0 = time.perf_counter()
-        n = steps_within(choice.sampler, choice.options, nfe)
-        band, top = auto_sigmas(choice, n, smax, evals=flow.evals)
-        rec = {}
-        # the optimised schedule of the teleported sampler (the teleport target is its sigmas[1])
-        fn = get_sampler(choice.sampler) if top is None else with_teleport(choice.sampler, flow)
-        start = (
-            band if top is None else torch.cat([torch.tensor([smax], dtype=torch.float64), band])
-        )
-        sig = optimized(
-            gm, fn, len(start) - 1, sigma_min=SIGMA_FLOOR, sigma_max=smax, shape=cal[0].shape,
-            seed=spec.seed + 5, init=(), starts=[start], free_sigma_min=True,
-            iterations=iterations, sampler_options=choice.options, reference_rtol=rtol,
-        )  # fmt: skip
-        rec["optimized"] = {
-            "error": rms_error(fn(gm, problem.x_t.clone(), sig, **choice.options), problem.ref),
-            "calibration": rms_error(fn(gm, cal[0].clone(), sig, **choice.options), cal[1]),
-            "sigmas": sig.tolist(),
-        }
-        # the bespoke solver on the band, teleported from sigma_max
-        base = choice.sampler if choice.sampler in LINEAR else "dpmpp_2m"
-        opts = choice.options if base == choice.sampler else {}
-        solver = fit_bespoke(
-            gm, band, calibration=cal, base=base, base_options=opts,
-            gaussian=None if top is None else flow, sigma_max=smax if top else None,
-            iterations=bespoke_iterations,
-        )  # fmt: skip
-        g = None if top is None else flow
-        rec["bespoke"] = {
-            "error": rms_error(solver(gm, problem.x_t.clone(), gaussian=g), problem.ref),
-            "calibration": rms_error(solver(gm, cal[0].clone(), gaussian=g), cal[1]),
-            "base": base,
-        }
-        best = min(("optimized", "bespoke"), key=lambda k: rec[k]["calibration"])
-        rec["chosen"], rec["error"] = best, rec[best]["error"]
+        try:
+            rec = _fit_one(
+                problem, spec, flow, choice, nfe, cal, iterations, bespoke_iterations, rtol
+            )
+        except (ValueError, RuntimeError) as err:  # a fit that fails is reported, not hidden
+            rec = {"error": math.inf, "chosen": None, "failed": f"{type(err).__name__}: {err}"}
+            log(f"    fit p{spec.index} NFE {nfe} failed: {rec['failed']}")
+            out[nfe] = rec
+            continue
         rec["seconds"] = time.perf_counter() - t0
         log(f"    fit p{spec.index} NFE {nfe}: optimized {rec['optimized']['error']:.4g}, bespoke "
-            f"{rec['bespoke']['error']:.4g} -> {best} ({rec['seconds']:.0f}s)")  # fmt: skip
+            f"{rec['bespoke']['error']:.4g} -> {rec['chosen']} ({rec['seconds']:.0f}s)")  # fmt: skip
         out[nfe] = rec
     return out
+
+
+def _fit_one(problem, spec, flow, choice: Choice, nfe: int, cal, iterations: int,
+             bespoke_iterations: int, rtol: float) -> dict:  # fmt: skip
+    """``optimized`` and ``bespoke`` from ``choice`` at ``nfe``: their errors and the chosen one."""
+    smax, gm = problem.sigma_max, problem.gm
+    n = steps_within(choice.sampler, choice.options, nfe)
+    band, top = auto_sigmas(choice, n, smax, evals=flow.evals)
+    rec = {}
+    # the optimised schedule of the teleported sampler (the teleport target is its sigmas[1])
+    fn = get_sampler(choice.sampler) if top is None else with_teleport(choice.sampler, flow)
+    start = band if top is None else torch.cat([torch.tensor([smax], dtype=torch.float64), band])
+    sig = optimized(
+        gm, fn, len(start) - 1, sigma_min=SIGMA_FLOOR, sigma_max=smax, shape=cal[0].shape,
+        seed=spec.seed + 5, init=(), starts=[start], free_sigma_min=True,
+        iterations=iterations, sampler_options=choice.options, reference_rtol=rtol,
+    )  # fmt: skip
+    rec["optimized"] = {
+        "error": rms_error(fn(gm, problem.x_t.clone(), sig, **choice.options), problem.ref),
+        "calibration": rms_error(fn(gm, cal[0].clone(), sig, **choice.options), cal[1]),
+        "sigmas": sig.tolist(),
+    }
+    # the bespoke solver on the band, teleported from sigma_max
+    base = choice.sampler if choice.sampler in LINEAR else "dpmpp_2m"
+    opts = choice.options if base == choice.sampler else {}
+    solver = fit_bespoke(
+        gm, band, calibration=cal, base=base, base_options=opts,
+        gaussian=None if top is None else flow, sigma_max=smax if top else None,
+        iterations=bespoke_iterations,
+    )  # fmt: skip
+    g = None if top is None else flow
+    rec["bespoke"] = {
+        "error": rms_error(solver(gm, problem.x_t.clone(), gaussian=g), problem.ref),
+        "calibration": rms_error(solver(gm, cal[0].clone(), gaussian=g), cal[1]),
+        "base": base,
+    }
+    best = min(("optimized", "bespoke"), key=lambda k: rec[k]["calibration"])
+    rec["chosen"], rec["error"] = best, rec[best]["error"]
+    return rec
 
 
 def _fit_ratios(per: list[dict], nfe: int, kind: str) -> list[float]:
@@ -102,7 +115,7 @@ def _fit_ratios(per: list[dict], nfe: int, kind: str) -> list[float]:
     out = []
     for p in per:
         f = p["fitted"].get(nfe, p["fitted"].get(str(nfe)))
-        e = f["error"] if kind == "chosen" else f[kind]["error"]
+        e = f["error"] if kind == "chosen" or "failed" in f else f[kind]["error"]
         d = p["diffusers"].get(nfe, p["diffusers"].get(str(nfe)))[1]
         out.append(e / d if math.isfinite(e) else math.inf)
     return out
