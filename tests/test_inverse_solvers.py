@@ -262,16 +262,20 @@ def test_tds_converges_to_the_exact_posterior_as_particles_grow():
     n = 1000
     se = math.sqrt(exact * (1 - exact) / n)
     errors = {}
-    for twist, k in (("pigdm", 1), ("pigdm", 16), ("tweedie", 16)):
+    for twist, k, var in (("pigdm", 1, "ddpm"), ("pigdm", 16, "ddpm"), ("tweedie", 16, "ddpm"),
+                          ("tweedie", 16, "tweedie")):  # fmt: skip
         out = inverse.tds(
             gm, torch.full((n, 1), 0.2, dtype=F64), Identity([1]), _start(n, 1, sigma_max=20.0),
             _sigmas(60, 20.0), sigma_y=0.3, generator=torch.Generator().manual_seed(3), particles=k,
-            twist=twist,
+            twist=twist, variance=var,
         )  # fmt: skip
-        errors[twist, k] = abs(float((out > 0).double().mean()) - exact)
-    assert errors["pigdm", 1] > 6 * se
-    assert errors["pigdm", 16] < 3 * se
-    assert errors["tweedie", 16] < 3 * se
+        errors[twist, k, var] = abs(float((out > 0).double().mean()) - exact)
+    assert errors["pigdm", 1, "ddpm"] > 6 * se
+    assert errors["pigdm", 16, "ddpm"] < 3 * se
+    assert errors["tweedie", 16, "ddpm"] < 3 * se
+    assert (
+        errors["tweedie", 16, "tweedie"] < 3 * se
+    )  # the Tweedie-variance step keeps the weights right
 
 
 def test_tds_tweedie_variance_steps_exactly_on_a_gaussian_prior():

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from scorekit._util import append_dims
 from scorekit.inverse.common import (
     cg,
     check_option,
@@ -159,8 +160,9 @@ def tds(
     ``mu += (1 - (s1/s0)^2) s0 f(J) z``, ``f(l) = sqrt(min(l, 1))`` applied by ``lanczos`` Lanczos steps
     (``J`` taken symmetric, as Tweedie's ``J = Cov[x0 | x] / s0^2`` is for an exact denoiser), so that
     for a Gaussian prior each step is the exact reverse transition at any step size (tested); children
-    of one resampled parent share that term and differ by the DDPM noise, and the weights are
-    unchanged (the term has the same law under ``p`` and ``q``). At ``sigma = 0`` the twist is the exact likelihood
+    of one resampled parent share that term up to an alternating sign (antithetic: a duplicated parent's
+    two copies do not move as one) and differ by the DDPM noise; the weights are unchanged (the term has
+    the same law under ``p`` and ``q``). At ``sigma = 0`` the twist is the exact likelihood
     ``N(y; A(x0), sigma_y^2)``, so the particles target ``p(x0) p(y | x0)`` of the discretised chain
     whatever the twist, and one particle per row is returned (drawn by weight). The twist decides how
     few particles suffice: on the 64-D projection bench the Tweedie twist with 2 particles picks the
@@ -237,7 +239,10 @@ def tds(
         mu = d + ratio * (xp - d)
         v = s1 * s1 * (1 - ratio)
         if e2 is not None:  # children of one parent share it (each child's law is still p's)
-            mu = mu + (1 - ratio) * s0 * e2[rows]
+            # siblings alternate its sign (antithetic): two copies of a parent do not move as one
+            rank = torch.arange(k, device=x.device)[None] - torch.searchsorted(anc, anc)
+            sign = (1 - 2 * (rank % 2)).flatten().to(x.dtype)
+            mu = mu + (1 - ratio) * s0 * append_dims(sign, xp.ndim) * e2[rows]
         shift = (s0 * s0 - s1 * s1) * g
         z = randn_like(xp.reshape(b, k, *shape), generator).reshape(b * k, *shape)
         xp = mu + shift + v**0.5 * z
