@@ -23,7 +23,7 @@ from scipy.integrate import quad, solve_ivp
 
 from scorekit.analytic import GaussianMixture
 from scorekit.samplers import REGISTRY, nfe, sample
-from scorekit.samplers.dpm3 import EMS
+from scorekit.samplers.dpm3 import EMS, fit_ems
 from scorekit.schedules import karras, loglinear
 
 SIGMA_MAX, SIGMA_MIN, BATCH = 10.0, 0.05, 16
@@ -232,3 +232,29 @@ def test_exact_nfe_determinism_and_batch_independence():
         REGISTRY["dpm_solver_v3"](gm, x, karras(4, 0.05, 10.0), corrector=1)
     with pytest.raises(TypeError, match="pseudo_order"):
         REGISTRY["dpm_solver_v3"](gm, x, karras(4, 0.05, 10.0), pseudo_order="yes")
+
+
+def test_fit_ems_clips_the_ill_determined_slope():
+    # On ring8 at sigma 20, f = (1 - l) x - D barely varies across the rows and the least-squares
+    # slope s is huge; unclipped, e^{-S} over a few steps overflows. s_max (default 1) clips it.
+    from scorekit.analytic import target
+    from scorekit.pfode import pf_ode_reference
+
+    g = target("ring8")
+    kw = {"sigma_min": 0.02, "sigma_max": 20.0, "grid": 6, "seed": 1, "reference_rtol": 1e-4}
+    raw = fit_ems(g, (16, 2), s_max=None, **kw)
+    ems = fit_ems(g, (16, 2), **kw)
+    assert raw.s.abs().max() > 100 and ems.s.abs().max() <= 1.0
+    torch.testing.assert_close(ems.l, raw.l, rtol=0, atol=0)
+    kept = raw.s.abs() <= 1.0
+    assert torch.equal(ems.s[kept], raw.s[kept]) and torch.equal(ems.b[kept], raw.b[kept])
+    x = 20.0 * torch.randn(64, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref = pf_ode_reference(g, x, 20.0, 0.0, rtol=1e-8, atol=1e-8)
+    sig = karras(5, 0.05, 20.0)
+    e_uni = (REGISTRY["unipc"](g, x, sig, order=3) - ref).square().mean().sqrt()
+    e_v3 = (REGISTRY["dpm_solver_v3"](g, x, sig, statistics=ems) - ref).square().mean().sqrt()
+    assert e_v3 < 3 * e_uni, (float(e_v3), float(e_uni))  # measured 1.6x
+    with pytest.raises(FloatingPointError):
+        REGISTRY["dpm_solver_v3"](g, x, sig, statistics=raw)
+    with pytest.raises(ValueError, match="s_max"):
+        fit_ems(g, (4, 2), s_max=0.0, **kw)
