@@ -46,10 +46,11 @@ class Choice:
 
 
 #: NFE -> choice without the data's statistics, from the tuning part of ``scorekit bench samplers
-#: --suite random`` (seed 0, 20 problems, 64 rows each; candidates that start at sigma_max).
+#: --suite random`` (seed 0, 20 problems, 64 rows each; candidates that start at sigma_max, every
+#: sampler at its default options: ``dpmpp_3m`` with ``long_step`` 10).
 AUTO: dict[int, Choice] = {
-    3: Choice("dpmpp_3m", {"long_step": None}, "loglinear", 0.01),
-    4: Choice("dpmpp_3m", {"long_step": None}, "uniform_t", 0.25),
+    3: Choice("unipc", {"order": 2}, "loglinear", 0.01),
+    4: Choice("dpmpp_3m", {}, "uniform_t", 0.25),
     5: Choice("deis", {"order": 3}, "uniform_t", 0.25),
     6: Choice("deis", {"order": 3}, "uniform_t", 0.25),
     8: Choice("unipc", {"order": 2}, "loglinear", 0.1),
@@ -59,16 +60,17 @@ AUTO: dict[int, Choice] = {
 }
 
 #: NFE -> choice with the data's mean and covariance (teleport start, the spectral band), from the
-#: same tuning part.
+#: same tuning part (data statistics from 16384 rows; ``top`` in ``sqrt(max eigenvalue)``, ``last``
+#: in RMS data scales).
 AUTO_TELEPORT: dict[int, Choice] = {
     3: Choice("unipc", {"order": 2}, "karras", 0.2, 1.0),
     4: Choice("unipc", {"order": 2}, "karras", 0.2, 2.0),
     5: Choice("unipc", {"order": 2}, "karras", 0.2, 2.0),
-    6: Choice("unipc", {"order": 2}, "loglinear", 0.1, 2.0),
-    8: Choice("unipc", {"order": 2}, "loglinear", 0.1, 4.0),
+    6: Choice("unipc", {"order": 2}, "loglinear", 0.2, 4.0),
+    8: Choice("unipc", {"order": 3}, "loglinear", 0.1, 8.0),
     10: Choice("unipc", {"order": 2}, "loglinear", 0.1, 4.0),
-    15: Choice("unipc", {"order": 3}, "loglinear", 0.05, 4.0),
-    20: Choice("unipc", {"order": 3}, "loglinear", 0.05, 4.0),
+    15: Choice("unipc", {"order": 3}, "loglinear", 0.02, 8.0),
+    20: Choice("unipc", {"order": 2}, "loglinear", 0.05, 8.0),
 }
 
 
