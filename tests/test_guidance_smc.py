@@ -334,3 +334,29 @@ def test_fk_smc_resample_move_correctors_reach_the_exact_tilted_variance():
         assert st["nfe"] == 2 * 30 + 2 * n_corr * 29
         var[n_corr] = float(out.var(0).mean())
     assert abs(var[4] - 1 / 13) < 0.004 and abs(var[0] - 1 / 13) > 0.03, var
+
+
+def test_fk_smc_sigma_final_returns_distinct_rows_at_the_exact_tilted_variance():
+    # The same 4-D Gaussian pair (tilted target N(0, I / 13) exactly). Without sigma_final the last
+    # resample copies rows exactly; with it the last resample happens at the first sigma <= 0.05
+    # and the remaining moves separate the copies, so every returned row is distinct, and the
+    # variance still matches the exact one.
+    from scorekit.analytic import GaussianMixture
+
+    d = 4
+    mk = lambda v: GaussianMixture(torch.zeros(1, d, dtype=torch.float64),  # noqa: E731
+                                   torch.full((1, d), v, dtype=torch.float64))  # fmt: skip
+    c, u = mk(0.25), mk(1.0)
+    sig = karras(30, 0.002, 80.0, dtype=torch.float64)
+    out, st = {}, {}
+    for sf in (0.0, 0.05):
+        g = torch.Generator().manual_seed(0)
+        x = 80 * torch.randn(4096, d, generator=g, dtype=torch.float64)
+        st[sf] = {}
+        out[sf] = fk_smc(c, u, x, sig, scale=4.0, generator=g, particles=256, n_corrector=4,
+                         sigma_final=sf, stats=st[sf])  # fmt: skip
+    last = int((sig[:-1] <= 0.05).nonzero()[0])  # the first step at or below sigma_final
+    assert st[0.05]["resampled"][-1] == last and st[0.0]["resampled"][-1] == 30
+    assert torch.unique(out[0.0], dim=0).shape[0] < 4096  # exact copies from the final resample
+    assert torch.unique(out[0.05], dim=0).shape[0] == 4096
+    assert abs(float(out[0.05].var(0).mean()) - 1 / 13) < 0.004
