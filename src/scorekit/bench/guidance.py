@@ -23,6 +23,8 @@ with ``dpmpp_2m``; ``cfg_ddpm`` (CFG with DDPM ancestral steps, the reference pr
 
 ``--digits RUN`` measures the rules on a class-conditional digits run instead (class accuracy, FD,
 MMD against held-out digits, at equal network evaluations): ``scorekit.bench.guidance_digits``.
+``--digits RUN --minority-run CLS``: minority guidance with a trained minority classifier, per-scale
+rarity and FD with a PNG grid per scale (``scorekit.bench.guidance_minority``).
 ``--digits RUN --adaptive-sweep``: adaptive guidance's saving against CFG's quality, threshold tuned on
 one seed and reported on held-out ones (``scorekit.bench.guidance_adaptive``).
 """
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from scorekit._util import atomic_write_json
 from scorekit.guidance import (
     adaptive_guidance,
     apg,
@@ -69,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--fk-steps", type=int, nargs="+", default=[100, 200])
     f.add_argument("--fk-correctors", type=int, nargs="+", default=[0, 4])
     f.add_argument("--fk-particles", type=int, default=256)
+    f.add_argument("--fk-sigma-final", type=float, nargs="+", default=[0.0],
+                   help="fk_smc's sigma_final values (0: weights to the end, a final resample)")  # fmt: skip
+    f.add_argument("--fk-targets", nargs="+", default=["gmm16"], help="default gmm16")
     g = parser.add_argument_group("digits (scorekit.bench.guidance_digits)")
     g.add_argument("--digits", metavar="RUN_DIR", help="a class-conditional digits run: measure the "
                    "rules on it (class accuracy, FD, MMD) instead of the exact mixtures")  # fmt: skip
@@ -91,11 +97,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "against CFG's quality (scorekit.bench.guidance_adaptive) instead of the rules")  # fmt: skip
     g.add_argument("--ag-thresholds", type=float, nargs="+", default=[0.8, 0.9, 0.95, 0.97, 0.99],
                    help="--adaptive-sweep: the x0-frame thresholds")  # fmt: skip
-    g.add_argument("--ag-tune-seed", type=int, default=0, help="--adaptive-sweep: the tuning seed")
-    g.add_argument("--ag-stops", type=float, nargs="+", default=[4.0, 2.0, 1.0],
+    g.add_argument("--ag-tune-seed", type=int, nargs="+", default=[0],
+                   help="--adaptive-sweep: the tuning seeds (accuracy and FD averaged over them)")  # fmt: skip
+    g.add_argument("--ag-budgets", type=int, nargs="+", help="--adaptive-sweep: several budgets; "
+                   "the threshold must qualify on the tuning seeds at every one (default: --budget)")  # fmt: skip
+    g.add_argument("--ag-stops", type=float, nargs="*", default=[4.0, 2.0, 1.0],
                    help="--adaptive-sweep: fixed sigma stops cfg(interval=(S, inf)) to compare")  # fmt: skip
     g.add_argument("--ag-seeds", type=int, nargs="+", default=[1, 2, 3],
                    help="--adaptive-sweep: the held-out seeds")  # fmt: skip
+    m = parser.add_argument_group("minority guidance on digits (scorekit.bench.guidance_minority)")
+    m.add_argument("--minority-run", metavar="CLS_DIR", help="with --digits RUN: a minority "
+                   "classifier (train-classifier --minority-of RUN); per-scale table and PNG grids")  # fmt: skip
+    m.add_argument("--minority-scales", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0])
+    m.add_argument("--minority-n", type=int, default=500, help="samples per scale (default 500)")
+    m.add_argument("--minority-seed", type=int, default=2, help="default 2 (held out)")
+    m.add_argument("--minority-calls", type=int, default=20, help="ipndm calls (default 20)")
 
 
 class _Counting:
@@ -232,29 +248,45 @@ def _print_convergence(res: dict) -> None:
 
 
 def _fk_sweep(args) -> list[dict]:
-    """``fk_smc`` on gmm16 at ``--convergence-scale``: ratio to the exact floor per steps, correctors, seed."""
-    t, w, n = class_target("gmm16"), args.convergence_scale, args.n
+    """``fk_smc`` at ``--convergence-scale`` on each of ``--fk-targets``: ratio to the exact floor
+    per steps, correctors, ``sigma_final`` and seed."""
+    rows = []
+    for name in args.fk_targets:
+        rows += _fk_target(name, args)
+    return rows
+
+
+def _fk_target(name: str, args) -> list[dict]:
+    t, w, n = class_target(name), args.convergence_scale, args.n
     g = torch.Generator().manual_seed(1000)
     exact, *others = (t.tilted_sample(0, w, n, g) for _ in range(4))
     floor = sum(sliced_wasserstein(exact, o) for o in others) / len(others)
     print(
-        f"fk_smc on gmm16, w={w:g}, {n} samples, groups of {args.fk_particles}, floor {floor:.4f}"
+        f"fk_smc on {name}, w={w:g}, {n} samples, groups of {args.fk_particles}, floor {floor:.4f}"
     )
     rows = []
     for steps in args.fk_steps:
         for c in args.fk_correctors:
-            for seed in args.fk_seeds:
-                g = torch.Generator().manual_seed(seed)
-                x = 80.0 * torch.randn(n, t.dim, generator=g, dtype=torch.float64)
-                st: dict = {}
-                out = fk_smc(t.cond(0), t.uncond, x, karras(steps, 0.002, 80.0, dtype=torch.float64),
-                             scale=w, generator=g, particles=args.fk_particles, n_corrector=c,
-                             stats=st)  # fmt: skip
-                sw = sliced_wasserstein(out, exact)
-                rows.append({"steps": steps, "n_corrector": c, "seed": seed, "sw2": sw,
-                             "ratio": sw / floor, "nfe_per_sample": st["nfe"]})  # fmt: skip
-                print(f"  steps {steps:<4} C {c:<2} seed {seed}: sw2 {sw:.4f}  ratio {sw / floor:.2f}"
-                      f"  nfe/sample {st['nfe']}", flush=True)  # fmt: skip
+            for sf in args.fk_sigma_final:
+                for seed in args.fk_seeds:
+                    g = torch.Generator().manual_seed(seed)
+                    x = 80.0 * torch.randn(n, t.dim, generator=g, dtype=torch.float64)
+                    st: dict = {}
+                    sig = karras(steps, 0.002, 80.0, dtype=torch.float64)
+                    out = fk_smc(t.cond(0), t.uncond, x, sig, scale=w, generator=g,
+                                 particles=args.fk_particles, n_corrector=c, sigma_final=sf,
+                                 stats=st)  # fmt: skip
+                    sw = sliced_wasserstein(out, exact)
+                    rows.append({"target": name, "steps": steps, "n_corrector": c,
+                                 "sigma_final": sf, "seed": seed, "sw2": sw, "floor": floor,
+                                 "ratio": sw / floor, "nfe_per_sample": st["nfe"],
+                                 "min_ess": min(st["ess"])})  # fmt: skip
+                    print(f"  steps {steps:<4} C {c:<2} sigma_final {sf:<5g} seed {seed}: sw2 "
+                          f"{sw:.4f}  ratio {sw / floor:.2f}  nfe/sample {st['nfe']}  min ESS "
+                          f"{min(st['ess']):.1f}", flush=True)  # fmt: skip
+                rs = [r["ratio"] for r in rows[-len(args.fk_seeds) :]]
+                print(f"  steps {steps:<4} C {c:<2} sigma_final {sf:<5g} ratios {min(rs):.2f} .. "
+                      f"{max(rs):.2f}, mean {sum(rs) / len(rs):.2f}", flush=True)  # fmt: skip
     return rows
 
 
@@ -264,7 +296,15 @@ def run(args: argparse.Namespace) -> int:
         rows = _fk_sweep(args)
         out = Path(args.out) / "guidance_fk.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=1))
+        atomic_write_json(out, rows)
+        return 0
+    if args.minority_run is not None:
+        if args.digits is None:
+            raise ValueError("--minority-run needs --digits RUN (the run it was trained on)")
+        from scorekit.bench.guidance_minority import run_minority
+
+        torch.set_num_threads(1)
+        run_minority(args)
         return 0
     if args.digits is not None and args.adaptive_sweep:
         from scorekit.bench.guidance_adaptive import run_adaptive

@@ -9,7 +9,10 @@ noise-frame rule (``adaptive``, threshold 0.999) and ``adaptive_guidance(frame="
 threshold of ``--ag-thresholds``, all with the same sampler calls (ipndm, ``--budget`` / 2 of them:
 CFG's two evaluations per call make the budget); the chosen threshold (``choose_threshold``) is
 the lowest whose accuracy is within ``ACC_TOL`` of CFG's and whose FD is no higher than CFG's on
-the tuning seed. On the held-out seeds (``--ag-seeds``, default 1 2 3): ``cond``, CFG, ``adaptive``
+the tuning seed. With several tuning seeds (``--ag-tune-seed 0 4``) accuracy and FD are averaged
+over them first; with several budgets (``--ag-budgets 20 40``: 10 and 20 sampler calls) the
+threshold must qualify at every budget (``choose_over_budgets``), and the held-out seeds are
+measured at each. On the held-out seeds (``--ag-seeds``, default 1 2 3): ``cond``, CFG, ``adaptive``
 and ``adaptive_x0`` at every threshold (the whole saving-vs-quality curve, the chosen one marked).
 For comparison, ``cfg_stop@S`` for every ``S`` of ``--ag-stops``: one fixed stop for every row,
 ``cfg(interval=(S, inf))``, the non-adaptive rule of the same kind (guidance in the first steps only).
@@ -19,6 +22,7 @@ Evaluations are counted rows of network calls, not assumed.
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -27,7 +31,7 @@ import numpy as np
 from scorekit._util import atomic_write_json
 from scorekit.bench.guidance_digits import measure_rule, setup
 
-__all__ = ["ACC_TOL", "choose_threshold", "cosine_trace", "run_adaptive"]
+__all__ = ["ACC_TOL", "choose_over_budgets", "choose_threshold", "cosine_trace", "run_adaptive"]
 
 #: How much lower than CFG's the accuracy may be on the tuning seed (one digit in a hundred).
 ACC_TOL = 0.01
@@ -75,55 +79,81 @@ def _measure_stop(s, sigma_stop: float, w: float, seed: int, args) -> dict:
             "nfe_per_sample": s.counts["net"] / len(labels), **_quality(s, x, labels)}  # fmt: skip
 
 
+def _tuning_mean(rows: list[dict]) -> dict:
+    """Accuracy and FD averaged over the tuning seeds' rows of one rule (what ``choose_threshold`` reads)."""
+    return {"accuracy": float(np.mean([r["accuracy"] for r in rows])),
+            "fd": float(np.mean([r["fd"] for r in rows]))}  # fmt: skip
+
+
+def choose_over_budgets(tunes: list[dict], thresholds: list[float]) -> float | None:
+    """The lowest threshold that ``choose_threshold`` accepts at *every* tuning budget.
+
+    ``tunes``: one dict per budget, rule name -> list of the tuning seeds' rows (accuracy and FD are
+    averaged over those seeds first)."""
+    ok = set(thresholds)
+    for tune in tunes:
+        cfg_row = _tuning_mean(tune["cfg"])
+        ok = {t for t in ok
+              if choose_threshold(cfg_row, {t: _tuning_mean(tune[f"adaptive_x0@{t:g}"])}) == t}  # fmt: skip
+    return min(ok) if ok else None
+
+
 def run_adaptive(args) -> dict:
-    """The tuning sweep and the held-out curve; prints them and writes ``guidance_adaptive.json``."""
+    """The tuning sweep and the held-out curve; prints them and writes ``guidance_adaptive.json``.
+
+    With several ``--ag-budgets`` the threshold is chosen once per scale, as the lowest that
+    qualifies on the tuning seeds at every budget (``choose_over_budgets``), and the held-out
+    seeds are measured at each budget."""
     start = time.perf_counter()
     s = setup(args.digits)
     thresholds = sorted(float(t) for t in args.ag_thresholds)
-    result = {"run": str(args.digits), "per_class": args.per_class, "budget": args.budget,
-              "tune_seed": args.ag_tune_seed, "seeds": list(args.ag_seeds), "scales": []}  # fmt: skip
+    budgets = list(getattr(args, "ag_budgets", None) or [args.budget])
+    tseeds = (
+        args.ag_tune_seed if isinstance(args.ag_tune_seed, (list, tuple)) else [args.ag_tune_seed]
+    )
+    result = {"run": str(args.digits), "per_class": args.per_class, "budgets": budgets,
+              "tune_seeds": list(tseeds), "seeds": list(args.ag_seeds), "scales": []}  # fmt: skip
+    rules = ["cfg", "adaptive", *(f"adaptive_x0@{t:g}" for t in thresholds),
+             *(f"cfg_stop@{stop:g}" for stop in args.ag_stops)]  # fmt: skip
     for w in args.digit_scales:
-        print(f"scale {w:g}: tuning seed {args.ag_tune_seed}", flush=True)
-        trace = cosine_trace(s, w, per_class=args.per_class, budget=args.budget,
-                             seed=args.ag_tune_seed)  # fmt: skip
-        for t in trace:
-            print(f"  CFG trajectory: sigma {t['sigma']:7.3f}  1 - cos, median (q90): noise frame "
-                  f"{t['eps_median']:.1e} ({t['eps_q90']:.1e}), x0 frame {t['x0_median']:.1e} "
-                  f"({t['x0_q90']:.1e})", flush=True)  # fmt: skip
-        tune = {"cfg": _measure(s, "cfg", w, args.ag_tune_seed, args)}
-        tune["adaptive"] = _measure(s, "adaptive", w, args.ag_tune_seed, args)
-        for t in thresholds:
-            tune[f"adaptive_x0@{t:g}"] = _measure(
-                s, f"adaptive_x0@{t:g}", w, args.ag_tune_seed, args
-            )
-        for stop in args.ag_stops:
-            tune[f"cfg_stop@{stop:g}"] = _measure(
-                s, f"cfg_stop@{stop:g}", w, args.ag_tune_seed, args
-            )
-        for r in tune.values():
-            print(_line("tuning", r, tune["cfg"]["nfe_per_sample"]), flush=True)
-        chosen = choose_threshold(tune["cfg"], {t: tune[f"adaptive_x0@{t:g}"] for t in thresholds})
-        print(f"  chosen threshold: {chosen}", flush=True)
-        held = []
-        for seed in args.ag_seeds:
-            rules = ["cond", "cfg", "adaptive", *(f"adaptive_x0@{t:g}" for t in thresholds),
-                     *(f"cfg_stop@{stop:g}" for stop in args.ag_stops)]  # fmt: skip
-            rows = {rule: _measure(s, rule, w, seed, args) for rule in rules}
-            for r in rows.values():
-                mark = (
-                    "held-out*"
-                    if chosen is not None and r["rule"] == f"adaptive_x0@{chosen:g}"
-                    else "held-out"
-                )
-                print(_line(mark, r, rows["cfg"]["nfe_per_sample"]), flush=True)
-            held += rows.values()
-        summary = _summary(held, list(dict.fromkeys(r["rule"] for r in held)))
-        for rule, m in summary.items():
-            print(f"  mean over held-out seeds  {rule:<18} acc {m['accuracy']:.3f}  FD {m['fd']:.2f} "
-                  f"(+-{m['fd_sd']:.2f})  MMD {m['mmd']:.4f}  nfe/sample {m['nfe_per_sample']:.2f}  "
-                  f"saving {100 * m['saving']:.1f}%", flush=True)  # fmt: skip
-        result["scales"].append({"scale": w, "cosine_trace": trace, "tuning": list(tune.values()), "chosen": chosen,
-                                 "held_out": held, "summary": summary})  # fmt: skip
+        entry: dict = {"scale": w, "budgets": []}
+        tunes = []
+        for budget in budgets:
+            b_args = argparse.Namespace(**{**vars(args), "budget": budget})
+            print(f"scale {w:g}, budget {budget}: tuning seeds {tseeds}", flush=True)
+            trace = cosine_trace(s, w, per_class=args.per_class, budget=budget, seed=tseeds[0])
+            for t in trace:
+                print(f"  CFG trajectory: sigma {t['sigma']:7.3f}  1 - cos, median (q90): noise "
+                      f"frame {t['eps_median']:.1e} ({t['eps_q90']:.1e}), x0 frame "
+                      f"{t['x0_median']:.1e} ({t['x0_q90']:.1e})", flush=True)  # fmt: skip
+            tune = {rule: [_measure(s, rule, w, seed, b_args) for seed in tseeds] for rule in rules}
+            for rs in tune.values():
+                for r in rs:
+                    print(_line("tuning", r, tune["cfg"][0]["nfe_per_sample"]), flush=True)
+            tunes.append(tune)
+            entry["budgets"].append({"budget": budget, "cosine_trace": trace,
+                                     "tuning": [r for rs in tune.values() for r in rs]})  # fmt: skip
+        chosen = choose_over_budgets(tunes, thresholds)
+        print(f"  chosen threshold (every budget {budgets}): {chosen}", flush=True)
+        entry["chosen"] = chosen
+        for budget, b_entry in zip(budgets, entry["budgets"], strict=True):
+            b_args = argparse.Namespace(**{**vars(args), "budget": budget})
+            held = []
+            for seed in args.ag_seeds:
+                rows = {rule: _measure(s, rule, w, seed, b_args) for rule in ["cond", *rules]}
+                for r in rows.values():
+                    star = chosen is not None and r["rule"] == f"adaptive_x0@{chosen:g}"
+                    print(_line("held-out*" if star else "held-out", r,
+                                rows["cfg"]["nfe_per_sample"]), flush=True)  # fmt: skip
+                held += rows.values()
+            summary = _summary(held, list(dict.fromkeys(r["rule"] for r in held)))
+            for rule, m in summary.items():
+                print(f"  mean over held-out seeds, budget {budget}  {rule:<18} acc "
+                      f"{m['accuracy']:.3f}  FD {m['fd']:.2f} (+-{m['fd_sd']:.2f})  MMD "
+                      f"{m['mmd']:.4f}  nfe/sample {m['nfe_per_sample']:.2f}  saving "
+                      f"{100 * m['saving']:.1f}%", flush=True)  # fmt: skip
+            b_entry.update(held_out=held, summary=summary)
+        result["scales"].append(entry)
     result["seconds"] = time.perf_counter() - start
     out = Path(args.out) / "guidance_adaptive.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -204,13 +204,7 @@ def _make(rule: str, s: Setup, w: float, labels: Tensor) -> Callable:
 
         return G.classifier_guidance(u, log_p, w)
     if rule == "reward":  # the classifier's log p(label | x0) at sigma 0.01 on Tweedie's estimate
-
-        def r(x0: Tensor) -> Tensor:
-            s.counts["clf"] += x0.shape[0]
-            logits = s.clf(x0, torch.full((x0.shape[0],), 0.01, dtype=x0.dtype))
-            return F.log_softmax(logits, 1).gather(1, labels[:, None])[:, 0].to(x0.dtype)
-
-        return G.reward_guidance(u, r, w)
+        return G.reward_guidance(u, _reward(s, labels), w)
     if rule == "cads":
         emb = s.den.net.class_emb.embed(labels)
         noisy = G.cads(_counted(s, s.den, labels), emb, sigma_lo=0.5, sigma_hi=5.0,
@@ -225,6 +219,45 @@ def _make(rule: str, s: Setup, w: float, labels: Tensor) -> Callable:
         "adaptive_x0": lambda: G.adaptive_guidance(c, u, w, threshold=_threshold(rule), frame="x0"),
     }
     return makers[rule.partition("@")[0]]()
+
+
+def _reward(s: Setup, labels: Tensor) -> Callable[[Tensor], Tensor]:
+    """``r(x0) = log p(label | x0)`` under ``--classifier`` at sigma 0.01 (its lowest trained
+    level), per row; counts the classifier's rows. The reward of ``reward`` and ``svdd`` (whose
+    ``M`` candidates come candidate-major: pass ``labels.repeat(M)``)."""
+
+    def r(x0: Tensor) -> Tensor:
+        s.counts["clf"] += x0.shape[0]
+        logits = s.clf(x0, torch.full((x0.shape[0],), 0.01, dtype=x0.dtype))
+        return F.log_softmax(logits, 1).gather(1, labels[:, None])[:, 0].to(x0.dtype)
+
+    return r
+
+
+def _svdd_steps(rule: str, budget: int) -> tuple[int, int]:
+    """``svdd`` (4 candidates) or ``svdd@M``: ``(M, N)``, the most DDPM steps ``N`` whose cost
+    ``1 + M (N - 1)`` network evaluations fits the budget (at least 2 steps)."""
+    m = int(rule.partition("@")[2] or 4)
+    return m, max(2, (budget - 1) // m + 1)
+
+
+def _sample_svdd(s: Setup, rule: str, w: float, labels: Tensor, *, nfe: int, seed: int) -> Tensor:
+    """SVDD-PM (``scorekit.guidance.svdd``) on the label-dropped branch with ``_reward``,
+    temperature ``1 / w``, ``nfe`` DDPM steps on ``sample()``'s grid for the run, and row ``i``'s
+    noise from the generator of ``(seed, i)``, as ``scorekit sample --guidance svdd`` draws them."""
+    from scorekit.samplers import schedule_sigmas
+    from scorekit.samplers.common import row_generators
+    from scorekit.train.preview import sampling_range
+
+    m = int(rule.partition("@")[2] or 4)
+    lo, hi = sampling_range(s.info["process"], s.info.get("sigma_data", 4.0))
+    sig = torch.tensor(schedule_sigmas("karras", nfe, None if lo <= 0.002 else lo, hi),
+                       dtype=torch.float64)  # fmt: skip
+    gens = row_generators(seed, range(len(labels)))
+    x = torch.stack([torch.randn(tuple(s.info["shape"]), generator=g) for g in gens])
+    with torch.no_grad():
+        return G.svdd(_counted(s, s.den, -1), _reward(s, labels.repeat(m)), x * sig[0].item(), sig,
+                      generator=gens, candidates=m, alpha=1.0 / w)  # fmt: skip
 
 
 def _threshold(rule: str) -> float:
@@ -257,6 +290,8 @@ def sample_rule(s: Setup, rule: str, w: float, labels: Tensor, *, nfe: int, seed
     """Samples of ``rule`` at scale ``w`` for per-row ``labels``: ipndm with ``nfe`` sampler calls;
     the network evaluations it made are counted in ``s.counts`` (reset here)."""
     s.counts.update(net=0, clf=0)
+    if rule.partition("@")[0] == "svdd":
+        return _sample_svdd(s, rule, w, labels, nfe=nfe, seed=seed)
     info = s.gf[1] if rule == "guidance_free" else s.info
     return draw(_make(rule, s, w, labels), info, len(labels), nfe=nfe, sampler="ipndm", seed=seed)
 
@@ -266,7 +301,9 @@ def measure_rule(s: Setup, rule: str, w: float, *, per_class: int, budget: int, 
     """Samples of one rule at one scale, and their accuracy, FD, MMD and counted evaluations;
     ``steps`` sampler calls if given, else as many as ``budget`` evaluations per sample allow."""
     labels = torch.arange(10).repeat_interleave(per_class)
-    nfe = steps or max(2, budget // _CALLS[rule.partition("@")[0]])
+    kind = rule.partition("@")[0]
+    nfe = steps or (_svdd_steps(rule, budget)[1] if kind == "svdd" else
+                    max(2, budget // _CALLS[kind]))  # fmt: skip
     x = sample_rule(s, rule, w, labels, nfe=nfe, seed=seed)
     q = _quality(s, x, labels)
     return {"rule": rule, "scale": w, "seed": seed, "sampler_calls": nfe,
@@ -425,8 +462,9 @@ def _run_gf(s: Setup, args, out: Path) -> list[dict]:
 
 
 def _available(rule: str, s: Setup) -> bool:
-    need = {"autoguidance": s.weak, "classifier": s.clf, "reward": s.clf, "guidance_free": s.gf}
-    if rule in need and need[rule] is None:
+    need = {"autoguidance": s.weak, "classifier": s.clf, "reward": s.clf, "svdd": s.clf,
+            "guidance_free": s.gf}  # fmt: skip
+    if need.get(rule.partition("@")[0], True) is None:
         print(f"skipping {rule}: give --weak-step / --classifier / --gf-run")
         return False
     return True
