@@ -26,7 +26,7 @@ mmps       N     N (cg_iters + 1)      linear     Tweedie covariance ``sigma^2 d
 ddrm       N     0                     SVD        spectral variational step (Kawar et al. 2022)
 ddnm       N     0                     SVD        range-space correction (DDNM+)
 diffpir    N     0                     linear     proximal data step, partial re-noising
-tds        N K   (N-1) K (cg_iters+1)  any        SMC, K = ``particles``; Tweedie twist (pigdm: VJP (N-1) K)
+tds        N K   (N-1) K (cg+1+lz)     any        SMC, K = ``particles``; Tweedie twist and variance (lz Lanczos)
 dmps       N     0                     linear     uninformative-prior likelihood, closed form
 daps       N K   0                     linear     K = ``ode_steps``; exact Gaussian x0 | x, y draw
 repaint    *     0                     SVD        * (N - 1) U + 1, U = ``resample``; noiseless
@@ -105,8 +105,9 @@ __all__ = [
     "vjps",
 ]
 
-#: The default posterior sampler (``scorekit restore``, the demo): TDS with the Tweedie twist and 2
-#: particles, chosen on the bench's tuning set and checked on its held-out set (docs/inverse-problems.md).
+#: The default posterior sampler (``scorekit restore``, the demo): TDS with the Tweedie twist, 6 particles
+#: and the Tweedie-variance step, chosen on the bench's tuning sets and checked on its held-out set
+#: (docs/inverse-problems.md).
 DEFAULT = "tds"
 
 #: Posterior sampler name -> function.
