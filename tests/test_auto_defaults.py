@@ -127,7 +127,7 @@ def test_auto_tables_and_errors():
     for table in (AUTO, AUTO_TELEPORT):
         for c in table.values():
             assert isinstance(c, Choice) and c.sampler in REGISTRY and c.last > 0
-            assert (c.top is None) == (table is AUTO)
+            assert c.start in (("sigma_max", "jump") if table is AUTO else ("jump", "teleport"))
     assert auto_choice(2) == AUTO[3] and auto_choice(7, teleport=True) == AUTO_TELEPORT[6]
     mean, cov = _gaussian(2)
     target = gaussian(mean, cov)
@@ -137,3 +137,30 @@ def test_auto_tables_and_errors():
         sample(target, (2, 2), nfe=5, gaussian=GaussianFlow(mean, cov))
     with pytest.raises(TypeError, match=r"gaussian must be a samplers\.GaussianFlow"):
         sample(target, (2, 2), nfe=5, sampler="auto", gaussian=(mean, cov))
+
+
+def test_jump_start_spends_one_call_at_sigma_max_then_the_band():
+    from unittest.mock import patch
+
+    mean, cov = _gaussian(2)
+    target = gaussian(mean, cov)
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    jump = Choice("unipc", {"order": 2}, "loglinear", 0.1, 4.0, "jump")
+    seen = []
+
+    def recording(x, sigma):
+        seen.append(float(sigma[0]))
+        return target(x, sigma)
+
+    recording.sigma_data = 0.5  # the band is in data scales: top 2, last 0.05
+    with patch.dict(AUTO, {6: jump}):
+        got = sample(recording, (4, 2), nfe=6, sampler="auto", noise=z, sigma_max=S,
+                     dtype=torch.float64)  # fmt: skip
+    band = np.exp(np.linspace(np.log(2.0), np.log(0.05), 5))
+    np.testing.assert_allclose(seen, [S, *band], rtol=1e-12)
+    sig = torch.tensor([S, *band, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(got, REGISTRY["unipc"](target, S * z, sig, order=2))
+    with pytest.raises(ValueError, match="start must be"):
+        Choice("unipc", {}, "loglinear", 0.1, 4.0, "leap")
+    with pytest.raises(ValueError, match="top is given exactly"):
+        Choice("unipc", {}, "loglinear", 0.1, None, "jump")

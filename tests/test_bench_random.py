@@ -85,8 +85,9 @@ def test_quick_suite_table_is_recomputable_from_its_rows(tmp_path):
     choice = choice_of(cand)
     stats = gm.sample(STATS_ROWS, generator=torch.Generator().manual_seed(spec.seed + 3))
     flow = GaussianFlow(stats.mean(0), torch.cov(stats.T))
-    with patch.dict(AUTO_TELEPORT if choice.top else AUTO, {row["nfe"]: choice}):
+    tele = choice.start == "teleport"
+    with patch.dict(AUTO_TELEPORT if tele else AUTO, {row["nfe"]: choice}):
         out = sample(gm, (16, gm.dim), nfe=row["nfe"], sampler="auto", noise=z, sigma_max=sig_max,
-                     gaussian=flow if choice.top else None, dtype=torch.float64)  # fmt: skip
+                     gaussian=flow if tele else None, dtype=torch.float64)  # fmt: skip
     err = float((out - ref).square().mean().sqrt())
     assert err == pytest.approx(p["scorekit"][row["config"]][str(row["nfe"])], rel=1e-4)

@@ -11,11 +11,13 @@ Two tables, because one rule needs something only the user has:
   denoiser call; ``accelerators.GaussianFlow``), and every call is spent inside the band
   ``schedules.spectral_band(evals, top=..., last=...)``: ``sigma_top = top sqrt(max lam)`` down to
   ``sigma_last = last sqrt(mean lam)``, then the Tweedie jump to 0.
-* ``AUTO``, without the data's statistics: the schedule runs from ``sigma_max`` to ``last`` times the
-  denoiser's declared data scale (``denoiser.data_scale``; 1 when it declares none, which is the
-  suite's unit-scale data).
+* ``AUTO``, without the data's statistics, in units of the denoiser's declared data scale
+  (``denoiser.data_scale``; 1 when it declares none, which is the suite's unit-scale data): either
+  the schedule from ``sigma_max`` to ``last`` (``start="sigma_max"``), or the **jump** start
+  (``start="jump"``): the first call at ``sigma_max`` (where ``D`` is nearly the data mean, so one
+  step is nearly exact), then the other calls on the band from ``top`` down to ``last``.
 
-A choice is ``Choice(sampler, options, schedule, last, top)``; ``top`` is ``None`` in ``AUTO``.
+A choice is ``Choice(sampler, options, schedule, last, top, start)``.
 """
 
 from __future__ import annotations
@@ -35,14 +37,21 @@ __all__ = ["AUTO", "AUTO_TELEPORT", "Choice", "auto_choice", "auto_sigmas"]
 @dataclass(frozen=True)
 class Choice:
     """One NFE's pick: sampler (registry name) and options, schedule name, ``last`` (the last nonzero
-    sigma in RMS data scales) and ``top`` (the teleport target in ``sqrt(max eigenvalue)`` units, or
-    ``None``: no teleport)."""
+    sigma in RMS data scales), ``top`` (the band's top: in ``sqrt(max eigenvalue)`` units for
+    ``start="teleport"``, in data scales for ``"jump"``; unused for ``"sigma_max"``) and ``start``."""
 
     sampler: str
     options: dict = field(default_factory=dict)
     schedule: str = "loglinear"
     last: float = 0.1
     top: float | None = None
+    start: str = "sigma_max"
+
+    def __post_init__(self):
+        if self.start not in ("sigma_max", "jump", "teleport"):
+            raise ValueError(f"start must be 'sigma_max', 'jump' or 'teleport'; got {self.start!r}")
+        if (self.top is None) != (self.start == "sigma_max"):
+            raise ValueError(f"top is given exactly for the jump and teleport starts; got {self}")
 
 
 #: NFE -> choice without the data's statistics, from the tuning part of ``scorekit bench samplers
@@ -63,14 +72,14 @@ AUTO: dict[int, Choice] = {
 #: same tuning part (data statistics from 16384 rows; ``top`` in ``sqrt(max eigenvalue)``, ``last``
 #: in RMS data scales).
 AUTO_TELEPORT: dict[int, Choice] = {
-    3: Choice("unipc", {"order": 2}, "karras", 0.2, 1.0),
-    4: Choice("unipc", {"order": 2}, "karras", 0.2, 2.0),
-    5: Choice("unipc", {"order": 2}, "karras", 0.2, 2.0),
-    6: Choice("unipc", {"order": 2}, "loglinear", 0.2, 4.0),
-    8: Choice("unipc", {"order": 3}, "loglinear", 0.1, 8.0),
-    10: Choice("unipc", {"order": 2}, "loglinear", 0.1, 4.0),
-    15: Choice("unipc", {"order": 3}, "loglinear", 0.02, 8.0),
-    20: Choice("unipc", {"order": 2}, "loglinear", 0.05, 8.0),
+    3: Choice("unipc", {"order": 2}, "karras", 0.2, 1.0, "teleport"),
+    4: Choice("unipc", {"order": 2}, "karras", 0.2, 2.0, "teleport"),
+    5: Choice("unipc", {"order": 2}, "karras", 0.2, 2.0, "teleport"),
+    6: Choice("unipc", {"order": 2}, "loglinear", 0.2, 4.0, "teleport"),
+    8: Choice("unipc", {"order": 3}, "loglinear", 0.1, 8.0, "teleport"),
+    10: Choice("unipc", {"order": 2}, "loglinear", 0.1, 4.0, "teleport"),
+    15: Choice("unipc", {"order": 3}, "loglinear", 0.02, 8.0, "teleport"),
+    20: Choice("unipc", {"order": 2}, "loglinear", 0.05, 8.0, "teleport"),
 }
 
 
@@ -105,21 +114,31 @@ def auto_sigmas(
 ) -> tuple[Tensor, float | None]:
     """``(sigmas, teleport_to)`` of ``choice`` for ``n`` steps from ``sigma_max``.
 
-    With ``choice.top`` and the data covariance's eigenvalues ``evals``: ``n`` steps of the choice's
-    schedule over ``spectral_band(evals, top, last)`` (its top capped at ``sigma_max``), and
-    ``teleport_to`` the band's top (``None`` when it is not below ``sigma_max``); the caller moves
-    the start there by the Gaussian flow. Otherwise ``n`` steps from ``sigma_max`` to ``last * scale``
-    and ``teleport_to = None``. An explicit ``schedule`` (a function) or ``sigma_min`` wins over the
-    choice's.
+    * ``start="teleport"`` (needs the data covariance's eigenvalues ``evals``): ``n`` steps of the
+      choice's schedule over ``spectral_band(evals, top, last)``, and ``teleport_to`` the band's top;
+      the caller moves the start there by the Gaussian flow.
+    * ``start="jump"``: ``sigma_max``, then ``n - 1`` steps of the schedule from ``top * scale`` to
+      ``last * scale``.
+    * ``start="sigma_max"``: ``n`` steps from ``sigma_max`` to ``last * scale``.
+
+    A band whose top is not below ``sigma_max`` starts at ``sigma_max`` (no teleport, no jump).
+    ``teleport_to`` is ``None`` unless a teleport is due. An explicit ``schedule`` (a function) or
+    ``sigma_min`` wins over the choice's.
     """
     fn = schedule_of(choice) if schedule is None else schedule
-    if choice.top is not None and evals is not None:
+    if choice.start == "teleport":
+        if evals is None:
+            raise ValueError("a teleport choice needs the data covariance's eigenvalues (evals)")
         top, last = spectral_band(evals, top=choice.top, last=choice.last)
-        last = last if sigma_min is None else sigma_min
-        if top < sigma_max:
-            return torch.as_tensor(fn(n, last, top), dtype=torch.float64), top
-        return torch.as_tensor(fn(n, last, sigma_max), dtype=torch.float64), None
-    last = choice.last * scale if sigma_min is None else sigma_min
+    else:
+        top = None if choice.top is None else choice.top * scale
+        last = choice.last * scale
+    last = last if sigma_min is None else sigma_min
     if not (math.isfinite(last) and 0 < last < sigma_max):
         raise ValueError(f"auto: last sigma {last:.4g} must lie in (0, sigma_max={sigma_max:.4g})")
-    return torch.as_tensor(fn(n, last, sigma_max), dtype=torch.float64), None
+    if top is None or top >= sigma_max or (choice.start == "jump" and n < 2):
+        return torch.as_tensor(fn(n, last, sigma_max), dtype=torch.float64), None
+    if choice.start == "teleport":
+        return torch.as_tensor(fn(n, last, top), dtype=torch.float64), top
+    band = torch.as_tensor(fn(n - 1, last, top), dtype=torch.float64)
+    return torch.cat([band.new_tensor([sigma_max]), band]), None

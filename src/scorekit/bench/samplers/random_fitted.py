@@ -32,7 +32,6 @@ from scorekit.samplers import fit_bespoke, optimized
 from scorekit.samplers.accelerators import with_teleport
 from scorekit.samplers.bespoke import LINEAR
 from scorekit.samplers.defaults import Choice, auto_sigmas
-from scorekit.samplers.registry import get_sampler
 
 __all__ = ["CAL_ROWS", "fitted_errors", "fitted_table"]
 
@@ -79,8 +78,10 @@ def _fit_one(problem, spec, flow, choice: Choice, nfe: int, cal, iterations: int
     band, top = auto_sigmas(choice, n, smax, evals=flow.evals)
     rec = {}
     # the optimised schedule of the teleported sampler (the teleport target is its sigmas[1])
-    fn = get_sampler(choice.sampler) if top is None else with_teleport(choice.sampler, flow)
-    start = band if top is None else torch.cat([torch.tensor([smax], dtype=torch.float64), band])
+    if top is None:  # a choice without the teleport (the jump start, or from sigma_max)
+        raise ValueError(f"the fitted row starts from a teleport choice; got {choice}")
+    fn = with_teleport(choice.sampler, flow)
+    start = torch.cat([torch.tensor([smax], dtype=torch.float64), band])
     sig = optimized(
         gm, fn, len(start) - 1, sigma_min=SIGMA_FLOOR, sigma_max=smax, shape=cal[0].shape,
         seed=spec.seed + 5, init=(), starts=[start], free_sigma_min=True,
@@ -96,13 +97,12 @@ def _fit_one(problem, spec, flow, choice: Choice, nfe: int, cal, iterations: int
     opts = choice.options if base == choice.sampler else {}
     solver = fit_bespoke(
         gm, band, calibration=cal, base=base, base_options=opts,
-        gaussian=None if top is None else flow, sigma_max=smax if top else None,
+        gaussian=flow, sigma_max=smax,
         iterations=bespoke_iterations,
     )  # fmt: skip
-    g = None if top is None else flow
     rec["bespoke"] = {
-        "error": rms_error(solver(gm, problem.x_t.clone(), gaussian=g), problem.ref),
-        "calibration": rms_error(solver(gm, cal[0].clone(), gaussian=g), cal[1]),
+        "error": rms_error(solver(gm, problem.x_t.clone(), gaussian=flow), problem.ref),
+        "calibration": rms_error(solver(gm, cal[0].clone(), gaussian=flow), cal[1]),
         "base": base,
     }
     best = min(("optimized", "bespoke"), key=lambda k: rec[k]["calibration"])

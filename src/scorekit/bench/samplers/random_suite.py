@@ -21,17 +21,20 @@ runs a ``samplers.defaults.Choice``: either a schedule from ``sigma_max`` to a l
 the Tweedie jump to 0), or the teleport start: the data's Gaussian approximation (mean and covariance
 of ``STATS_ROWS`` exact samples of the mixture, drawn with the problem's own seed, as a user estimates
 them from data rows) moves ``x_T`` along its exact flow to ``top sqrt(max lam)`` and every call is
-spent in the band ``schedules.spectral_band`` down to ``last sqrt(mean lam)``. The grid of candidates
-was pruned from a wider search on the tuning problems only (teleport tops 1-16, last sigmas
-0.005-0.5, five samplers, karras / loglinear).
+spent in the band ``schedules.spectral_band`` down to ``last sqrt(mean lam)``; or, without data
+statistics, the jump start: the first call at ``sigma_max``, the others on a band from ``top`` to
+``last`` (in data scales). The grid of candidates
+was pruned from a wider search on the tuning problems only (teleport tops 1-16, jump tops 2-8, last
+sigmas 0.005-0.5, five samplers, karras / loglinear).
 
 Selection. For each NFE the candidate minimising ``max(median / 0.5, worst / 0.8)`` of the ratios
 ``scorekit error / diffusers' best error`` over the **tuning** problems (the goal: median <= 0.5,
 worst <= 0.8) is chosen, twice: among all candidates (``with data statistics``: ``AUTO_TELEPORT``)
-and among those that start at ``sigma_max`` (``without``: ``AUTO``). The held-out tables report the
+and among those that use no data statistics (from ``sigma_max`` or the jump start; ``without``:
+``AUTO``). The held-out tables report the
 chosen candidates' ratios on the held-out problems, which took no part in any choice.
 ``--fit NFE ...`` adds, on the held-out problems, ``optimized`` and ``fit_bespoke`` fitted on each
-problem's own calibration noise from the ``with data statistics`` choice (``random_fitted``).
+problem's own calibration noise from the best teleport candidate on the tuning part (``random_fitted``).
 ``--reuse-diffusers DIR`` takes diffusers' per-problem bests from an earlier ``results.json`` of the
 same settings (checked) instead of rerunning them. ``--quick``: 2 small problems (one per part), two
 NFEs, a few candidates.
@@ -94,11 +97,13 @@ CANDIDATE_SAMPLERS = [
 #: jump to 0), in RMS data scales (the data are unit-scale).
 SCHEDULE_NAMES = ("karras", "loglinear", "uniform_t")
 SIGMA_LAST = (0.01, 0.05, 0.1, 0.25)
-#: teleport candidates: samplers, and (top, last) pairs of ``schedules.spectral_band``.
+#: teleport and jump candidates: samplers; teleport (top, last) pairs of ``schedules.spectral_band``.
 TELEPORT_SAMPLERS = ("dpmpp_2m", "unipc2", "unipc3")
 TELEPORT_BANDS = [(t, lo) for t in (1.0, 2.0, 4.0) for lo in (0.1, 0.2, 0.35)] + [
     (t, lo) for t in (4.0, 8.0, 16.0) for lo in (0.02, 0.05, 0.1) if (t, lo) != (4.0, 0.1)
 ]
+#: jump candidates (no data statistics; in data scales): (top, last) of the band after the first call.
+JUMP_BANDS = [(t, lo) for t in (4.0, 8.0) for lo in (0.05, 0.1, 0.2)]
 #: data rows from which the teleport's mean and covariance are estimated.
 STATS_ROWS = 16384
 
@@ -158,29 +163,32 @@ def data_flow(spec: Spec, gm: GaussianMixture, rows: int = STATS_ROWS) -> Gaussi
 
 
 def _key(c) -> str:
-    lab, _, _, top, sch, lo = c
-    return f"{lab}/{sch}/{lo:g}" if top is None else f"{lab}/tele{top:g}/{sch}/{lo:g}"
+    lab, _, _, top, sch, lo, start = c
+    tag = "" if start == "sigma_max" else f"{'tele' if start == 'teleport' else 'jump'}{top:g}/"
+    return f"{lab}/{tag}{sch}/{lo:g}"
 
 
-def candidates(quick: bool) -> list[tuple[str, str, dict, float | None, str, float]]:
-    """``(sampler label, registry name, options, teleport top or None, schedule, last sigma)`` of
-    every candidate."""
+def candidates(quick: bool) -> list[tuple]:
+    """``(sampler label, registry name, options, top or None, schedule, last sigma, start)`` of every
+    candidate (``start``: ``"sigma_max"``, ``"jump"`` or ``"teleport"``, as ``defaults.Choice``)."""
     samplers = CANDIDATE_SAMPLERS[::2] if quick else CANDIDATE_SAMPLERS
     lasts = (0.05, 0.25) if quick else SIGMA_LAST
     floor = DiscreteProcess.linear().sigma_min  # uniform_t stays inside the DDPM table
-    out = [(lab, name, opts, None, sch, lo) for lab, name, opts in samplers
+    out = [(lab, name, opts, None, sch, lo, "sigma_max") for lab, name, opts in samplers
            for sch in SCHEDULE_NAMES for lo in lasts
            if sch != "uniform_t" or lo >= floor]  # fmt: skip
-    bands = [(2.0, 0.2), (8.0, 0.05)] if quick else TELEPORT_BANDS
-    out += [(lab, name, opts, top, sch, lo) for lab, name, opts in samplers
-            if lab in TELEPORT_SAMPLERS for sch in ("karras", "loglinear") for top, lo in bands]  # fmt: skip
+    for start, bands in (("teleport", TELEPORT_BANDS), ("jump", JUMP_BANDS)):
+        bands = [(2.0, 0.2), (8.0, 0.05)] if quick else bands
+        out += [(lab, name, opts, top, sch, lo, start) for lab, name, opts in samplers
+                if lab in TELEPORT_SAMPLERS for sch in ("karras", "loglinear")
+                for top, lo in bands]  # fmt: skip
     return out
 
 
 def choice_of(c) -> Choice:
     """A candidate as the ``samplers.defaults.Choice`` that ``sample(sampler="auto")`` runs."""
-    _, name, opts, top, sch, lo = c
-    return Choice(name, dict(opts), sch, lo, top)
+    _, name, opts, top, sch, lo, start = c
+    return Choice(name, dict(opts), sch, lo, top, start)
 
 
 def _problem(spec: Spec, rows: int, rtol: float) -> Problem:
@@ -250,11 +258,13 @@ def ratios_of(problems: list[dict], key: str, nfe: int) -> list[float]:
     return [p["scorekit"][key][nfe] / p["diffusers"][nfe][1] for p in problems]
 
 
-def select(tuning: list[dict], nfes, teleport: bool = True) -> dict[int, dict]:
-    """Per NFE, the candidate with the lowest ``max(median / 0.5, worst / 0.8)`` on ``tuning``
-    (among all candidates, or with ``teleport=False`` among those that start at sigma_max)."""
+def select(tuning: list[dict], nfes, teleport: bool | None = True) -> dict[int, dict]:
+    """Per NFE, the candidate with the lowest ``max(median / 0.5, worst / 0.8)`` on ``tuning``:
+    among all candidates (``teleport=True``), those without the teleport start (``False``) or those
+    with it (``None``: the start of the fitted row)."""
     chosen = {}
-    keys = [k for k in tuning[0]["scorekit"] if teleport or "/tele" not in k]
+    keys = [k for k in tuning[0]["scorekit"]
+            if teleport or (("/tele" in k) == (teleport is None))]  # fmt: skip
     for nfe in nfes:
         best = None
         for key in keys:
@@ -358,9 +368,11 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
             tuning.append(_run_problem(s, cfg, None, log))
             atomic_write_json(out / "partial.json", {"tuning_problems": tuning})
     chosen = {"stats": select(tuning, nfes), "no_stats": select(tuning, nfes, teleport=False)}
+    if fit_nfes:  # the fits start from the best teleport candidate on the tuning part
+        chosen["teleport"] = select(tuning, nfes, teleport=None)
     keep = {c[n]["config"] for c in chosen.values() for n in nfes}
     by_key = {_key(c): c for c in candidates(quick)}
-    cfg["fit"] = {n: choice_of(by_key[chosen["stats"][n]["config"]]) for n in fit_nfes or ()}
+    cfg["fit"] = {n: choice_of(by_key[chosen["teleport"][n]["config"]]) for n in fit_nfes or ()}
     held = []
     for s in all_specs:  # the held-out part, the chosen configs only
         if s.part == "held-out":
@@ -369,9 +381,12 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
     tables = {k: held_out_table(held, c, nfes) for k, c in chosen.items()}
     texts = [
         table_text(tables["stats"], ", with the data's mean and covariance (AUTO_TELEPORT)"),
-        table_text(tables["no_stats"], ", from sigma_max without data statistics (AUTO)"),
+        table_text(tables["no_stats"], ", without data statistics (AUTO)"),
     ]
     if cfg["fit"]:
+        texts.append(
+            table_text(tables["teleport"], ", the best teleport candidate (the fits' start)")
+        )
         tables["fitted"] = fitted_table(held, nfes)
         texts.append(fitted_text(tables["fitted"]))
     text = "\n\n".join(texts)
