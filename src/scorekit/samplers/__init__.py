@@ -9,9 +9,11 @@ with ``x`` ``[B, ...]`` already at ``sigmas[0]`` and ``sigmas`` 1-D, strictly de
 denoiser calls it makes; ``sample()`` picks the number of steps that gives a requested NFE exactly,
 by default ``dpmpp_2m`` on karras steps to 0.002 (the one multistep method that stayed bounded on
 every network of the robustness suite, ``scorekit bench samplers --suite robust``), and with
-``sampler="auto"`` the sampler, schedule and last sigma that the random-mixture suite chose for that
-NFE on exact mixtures (``defaults.AUTO``, ``docs/choosing-a-sampler.md``; not yet checked on trained
-networks: its NFE 3-4 choice, ``dpmpp_3m``, diverges on eps networks at NFE 5).
+``sampler="auto"`` the sampler, schedule and noise band that the random-mixture suite chose for that
+NFE on its tuning problems (``samplers.defaults``, ``docs/choosing-a-sampler.md``): with
+``gaussian=GaussianFlow(mean, cov)`` of the data, the teleport start and ``schedules.spectral_band``
+(``AUTO_TELEPORT``), otherwise a band in the denoiser's data scale (``AUTO``). Checked bounded on the
+robustness suite's perturbed mixtures, not yet on trained networks.
 
 Choosing (``N`` steps = ``len(sigmas) - 1``; orders as measured in ``tests/test_samplers_order.py``):
 
