@@ -10,6 +10,10 @@ Evaluations are counted, not assumed (adaptive guidance and a guidance interval 
 ``reward`` (gradient guidance of the label-dropped branch by ``log p(label | x0)`` of ``--classifier``
 at sigma 0.01 on Tweedie's estimate) makes a forward and a backward pass through the network per
 sampler call, charged as 2 against the budget; its ``nfe_per_sample`` counts the forwards.
+``svdd`` / ``svdd@M`` (SVDD-PM, ``scorekit.guidance.svdd``: ``M`` DDPM candidates per step, default
+4, kept by the same reward at temperature ``1 / w``, on the label-dropped branch) takes the most
+DDPM steps ``N`` whose ``1 + M (N - 1)`` network evaluations fit the budget, on ``sample()``'s grid
+with row ``i``'s noise from ``(seed, i)`` (``svdd@1`` is ``euler_ancestral``).
 
 Judges, all fitted on the run's *training* split of the real digits only, and scored against its
 *held-out* split (the same stratified split as the run's ``--holdout``):
