@@ -86,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "split) against cfg of its scale at equal steps and at equal evaluations")  # fmt: skip
     g.add_argument("--gf-seed", type=int, nargs="+", default=[2], help="digits: the seeds of the "
                    "--gf-run comparison (default 2; 0 tunes the scales, 1 re-measures them)")  # fmt: skip
+    g.add_argument("--gf-sampler", default="ipndm", help="digits: the sampler of every row of the "
+                   "--gf-run comparison (default ipndm)")  # fmt: skip
     g.add_argument("--per-class", type=int, default=20, help="digits per class (default 20)")
     g.add_argument(
         "--budget", type=int, default=20, help="network evaluations per sample (default 20)"

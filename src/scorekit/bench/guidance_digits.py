@@ -290,32 +290,34 @@ def _quality(s: Setup, x: Tensor, labels: Tensor) -> dict:
     }
 
 
-def sample_rule(s: Setup, rule: str, w: float, labels: Tensor, *, nfe: int, seed: int) -> Tensor:
+def sample_rule(s: Setup, rule: str, w: float, labels: Tensor, *, nfe: int, seed: int,
+                sampler: str = "ipndm") -> Tensor:  # fmt: skip
     """Samples of ``rule`` at scale ``w`` for per-row ``labels``: ipndm with ``nfe`` sampler calls;
     the network evaluations it made are counted in ``s.counts`` (reset here)."""
     s.counts.update(net=0, clf=0)
     if rule.partition("@")[0] == "svdd":
         return _sample_svdd(s, rule, w, labels, nfe=nfe, seed=seed)
     info = s.gf[1] if rule == "guidance_free" else s.info
-    return draw(_make(rule, s, w, labels), info, len(labels), nfe=nfe, sampler="ipndm", seed=seed)
+    return draw(_make(rule, s, w, labels), info, len(labels), nfe=nfe, sampler=sampler, seed=seed)
 
 
 def measure_rule(s: Setup, rule: str, w: float, *, per_class: int, budget: int, seed: int,
-                 steps: int | None = None) -> dict:  # fmt: skip
+                 steps: int | None = None, sampler: str = "ipndm") -> dict:  # fmt: skip
     """Samples of one rule at one scale, and their accuracy, FD, MMD and counted evaluations;
     ``steps`` sampler calls if given, else as many as ``budget`` evaluations per sample allow."""
     labels = torch.arange(10).repeat_interleave(per_class)
     kind = rule.partition("@")[0]
     nfe = steps or (_svdd_steps(rule, budget)[1] if kind == "svdd" else
                     max(2, budget // _CALLS[kind]))  # fmt: skip
-    x = sample_rule(s, rule, w, labels, nfe=nfe, seed=seed)
+    x = sample_rule(s, rule, w, labels, nfe=nfe, seed=seed, sampler=sampler)
     q = _quality(s, x, labels)
     return {"rule": rule, "scale": w, "seed": seed, "sampler_calls": nfe,
             "nfe_per_sample": s.counts["net"] / len(labels),
             "classifier_per_sample": s.counts["clf"] / len(labels), **q, "samples": x}  # fmt: skip
 
 
-def compare_guidance_free(s: Setup, *, per_class: int, steps: int, seed: int) -> list[dict]:
+def compare_guidance_free(s: Setup, *, per_class: int, steps: int, seed: int,
+                          sampler: str = "ipndm") -> list[dict]:  # fmt: skip
     """The guidance-free run against CFG on the ``--digits`` run at the scale ``S`` it was trained for.
 
     Rows (each with ``compare`` saying which; one ``seed`` for all, so all rows share the noise):
@@ -324,6 +326,7 @@ def compare_guidance_free(s: Setup, *, per_class: int, steps: int, seed: int) ->
     ``steps`` calls (equal steps, half the evaluations) and with ``2 steps`` calls (equal
     evaluations); ``cond`` (the ``--digits`` run's conditional branch, unguided) at both.
     Evaluations are counted (``nfe_per_sample``), not assumed. Rows keep their ``samples``.
+    Every row uses ``sampler`` (``--gf-sampler``, default ipndm).
     """
     if s.gf is None:
         raise ValueError("compare_guidance_free needs a guidance-free run (setup(..., gf_run=RUN))")
@@ -337,7 +340,8 @@ def compare_guidance_free(s: Setup, *, per_class: int, steps: int, seed: int) ->
             ("cond", 1.0, 2 * steps, "cond, equal evaluations")]  # fmt: skip
     rows = []
     for rule, scale, n, what in plan:
-        r = measure_rule(s, rule, scale, per_class=per_class, budget=0, seed=seed, steps=n)
+        r = measure_rule(s, rule, scale, per_class=per_class, budget=0, seed=seed, steps=n,
+                         sampler=sampler)  # fmt: skip
         rows.append({**r, "compare": what, "trained_scale": w})
     return rows
 
@@ -447,8 +451,8 @@ def _run_gf(s: Setup, args, out: Path) -> list[dict]:
     print(f"guidance-free run {args.gf_run} against cfg, seeds {seeds} (held out)")
     rows = []
     for seed in seeds:
-        for r in compare_guidance_free(s, per_class=args.per_class,
-                                       steps=max(2, args.budget // 2), seed=seed):  # fmt: skip
+        for r in compare_guidance_free(s, per_class=args.per_class, steps=max(2, args.budget // 2),
+                                       seed=seed, sampler=getattr(args, "gf_sampler", "ipndm")):  # fmt: skip
             x = r.pop("samples")
             if r["compare"] == "guidance-free, equal steps" and seed == seeds[0]:
                 picture(out / "guidance_guidance_free.png", x[:: max(1, args.per_class // 10)],
