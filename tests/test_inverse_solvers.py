@@ -114,13 +114,15 @@ def test_exact_nfe_and_backward_passes(name, options):
 def test_declared_backward_passes():
     sig = _sigmas(10)
     names = ("dps", "pigdm", "ddrm", "ddnm", "diffpir", "tds", "dmps", "daps", "repaint", "mcg")
-    assert [vjps(n, sig) for n in names] == [10, 10, 0, 0, 0, 9 * 6 * (5 + 3), 0, 0, 0, 10]
+    assert [vjps(n, sig) for n in names] == [10, 10, 0, 0, 0, 9 * 2 * (5 + 3), 0, 0, 0, 10]
     assert vjps("mmps", sig) == 40 and vjps("mmps", sig, cg_iters=0) == 10
     assert vjps("tds", sig, particles=3, twist="pigdm", variance="ddpm") == 27
     assert vjps("tds", sig, particles=3, twist="pigdm") == 9 * 3 * (1 + 3)
     assert vjps("tds", sig, particles=2, variance="ddpm") == 9 * 2 * 5
-    assert vjps("tds", sig, variance="tweedie", lanczos=1, twist="pigdm") == 9 * 6 * 2
-    assert [nfe(n, sig) for n in names] == [10] * 5 + [60] + [10] * 4
+    assert vjps("tds", sig, variance="tweedie", lanczos=1, twist="pigdm") == 9 * 2 * 2
+    # particles=None: 2 below 12 steps, 4 below 16, 6 from 16 on
+    assert [nfe("tds", _sigmas(n)) for n in (11, 12, 15, 16, 30)] == [22, 48, 60, 96, 180]
+    assert [nfe(n, sig) for n in names] == [10] * 5 + [20] + [10] * 4
     assert nfe("tds", sig, particles=7) == 70
     assert nfe("daps", sig, ode_steps=3) == 30
     assert nfe("repaint", sig, resample=4) == 9 * 4 + 1 and nfe("daps", sig, ode_steps=1) == 10
@@ -486,8 +488,9 @@ def test_posterior_samples_fits_the_budget_and_does_not_depend_on_the_batch():
     kw = {"sigma_y": 0.1, "n": 3, "solver": "tds", "sigma_min": 2e-3, "sigma_max": 80.0, "seed": 4}
     den = Counting(RING)
     one = posterior_samples(den, y, Matrix(OBSERVE_X), nfe=21, batch=64, **kw)
-    assert steps_for_budget(inverse.tds, 21, 2e-3, 80.0, {}) == 3  # 3 steps x 6 particles
-    assert den.calls == 6 * 18 and one.shape == (2, 3, 2)
+    assert steps_for_budget(inverse.tds, 21, 2e-3, 80.0, {}) == 10  # 10 steps x 2 particles
+    assert steps_for_budget(inverse.tds, 100, 2e-3, 80.0, {}) == 16  # 16 steps x 6 particles
+    assert den.calls == 6 * 20 and one.shape == (2, 3, 2)
     two = posterior_samples(RING, y, Matrix(OBSERVE_X), nfe=21, batch=4, **kw)
     assert torch.allclose(one, two, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="nfe=1 is too small for tds"):

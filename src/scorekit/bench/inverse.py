@@ -55,6 +55,7 @@ from scorekit.inverse import (
     steps_for_budget,
     vjps,
 )
+from scorekit.inverse.smc import auto_particles
 from scorekit.metrics import sliced_wasserstein
 from scorekit.schedules import karras
 
@@ -175,6 +176,8 @@ def _solve(p: dict, name: str, budget: int, n: int, particles: int | None) -> di
     y = p["y"].expand(n, -1).reshape(n, *p["op"].out_shape)
     row = {"solver": name, "steps": steps, "nfe": nfe(name, sigmas, **options),
            "vjp": vjps(name, sigmas, **options), **options}  # fmt: skip
+    if name == "tds":  # the particle count that ran (auto_particles when not given)
+        row["particles"] = options.get("particles") or auto_particles(steps)
     t = time.perf_counter()
     try:
         out = REGISTRY[name](

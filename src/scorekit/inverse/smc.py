@@ -21,7 +21,7 @@ from scorekit.inverse.common import (
 from scorekit.inverse.operators import Operator
 from scorekit.samplers.common import GeneratorLike, emit, prepare, randn_like, steps
 
-__all__ = ["tds"]
+__all__ = ["auto_particles", "tds"]
 
 
 def _uniforms(b: int, like: Tensor, generator: GeneratorLike) -> Tensor:
@@ -107,11 +107,23 @@ def _tweedie_twist(d, xg, y, operator, s0, sy, iters):
     return lt, vjp(d, xg, operator.adjoint(v), retain=False)
 
 
+def auto_particles(steps: int) -> int:
+    """TDS's default particle count for ``steps`` steps: 2 below 12 steps, 4 below 16, else 6 (so 100
+    network evaluations run 6 x 16, 50 run 4 x 12, 20 run 2 x 10). Chosen on the inverse bench's tuning
+    problems, where the Tweedie-variance step needs about 12-16 steps and more particles weigh
+    modes better (docs/inverse-problems.md)."""
+    return 2 if steps < 12 else 4 if steps < 16 else 6
+
+
+def _k(n: int, o: dict) -> int:
+    return auto_particles(n) if o["particles"] is None else o["particles"]
+
+
 @solver(
-    nfe=lambda n, o: n * o["particles"],
+    nfe=lambda n, o: n * _k(n, o),
     vjp=lambda n, o: (
         (n - 1)
-        * o["particles"]
+        * _k(n, o)
         * (
             (o["cg_iters"] + 1 if o["twist"] == "tweedie" else 1)
             + o["lanczos"] * (o["variance"] == "tweedie")
@@ -129,7 +141,7 @@ def tds(
     generator: GeneratorLike = None,
     callback: Callable | None = None,
     progress: bool = False,
-    particles: int = 6,
+    particles: int | None = None,
     data_var: float = 1.0,
     twist: str = "tweedie",
     cg_iters: int = 4,
@@ -138,7 +150,8 @@ def tds(
 ) -> Tensor:
     """Twisted diffusion sampler: SMC over the DDPM chain, twisted by an approximate likelihood.
 
-    Each output row runs its own ``K = particles`` particles (row ``b``'s particle 0 starts at
+    Each output row runs its own ``K = particles`` particles (``None``: ``auto_particles(N)``, 6 at 16
+    steps or more) (row ``b``'s particle 0 starts at
     ``x[b]``, the others at fresh ``sigma_0`` noise from that row's generator). With ``d = D(x, sigma)``,
     ``r = y - A d`` and ``J = dD/dx``, the twisting function is a Gaussian likelihood ``log pt_i(y | x) =
     -r^T S_i^{-1} r / 2``:
@@ -168,7 +181,7 @@ def tds(
     whatever the twist, and one particle per row is returned (drawn by weight). The twist decides how
     few particles suffice (on the 64-D projection bench MMPS alone puts 7% of its samples in the wrong
     mixture component, TDS none), the Tweedie variance how few steps: the defaults (6 particles x 16
-    steps at 100 NFE, ``variance="tweedie"``) were chosen on the bench's tuning problems, where the DDPM
+    steps at 100 NFE, 4 x 12 at 50, 2 x 10 at 20; ``variance="tweedie"``) were chosen on the bench's tuning problems, where the DDPM
     step at 25 steps left a 64-D projection 2.1x the floor (coverage 0.80) and this one 1.0x
     (docs/inverse-problems.md). Needs ``sigma_y > 0``. Cost per output row: ``NFE = N K`` (a call on ``B K`` rows counts
     ``K``), ``VJP = (N - 1) K (cg_iters + 1)`` (tweedie) or ``(N - 1) K`` (pigdm), plus ``(N - 1) K
@@ -183,8 +196,10 @@ def tds(
     sy = check_problem("tds", y, operator, x, sigma_y, linear=False)
     if sy <= 0:
         raise ValueError("tds needs sigma_y > 0 (the final weights are the likelihood); got 0")
-    if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
-        raise ValueError(f"particles must be a positive int; got {particles!r}")
+    if particles is not None and (
+        isinstance(particles, bool) or not isinstance(particles, int) or particles < 1
+    ):
+        raise ValueError(f"particles must be a positive int or None (auto); got {particles!r}")
     check_option("data_var", data_var, 1e-12)
     if twist not in ("pigdm", "tweedie"):
         raise ValueError(f"twist must be 'pigdm' or 'tweedie'; got {twist!r}")
@@ -198,8 +213,8 @@ def tds(
         raise ValueError(f"lanczos must be an int >= 1; got {lanczos!r}")
     if variance not in ("ddpm", "tweedie"):
         raise ValueError(f"variance must be 'ddpm' or 'tweedie'; got {variance!r}")
-    b, k, shape = x.shape[0], particles, x.shape[1:]
     s = prepare(denoiser, x, sigmas)[0]
+    b, k, shape = x.shape[0], particles or auto_particles(len(s) - 1), x.shape[1:]
     fresh = randn_like(x.new_empty(b, k - 1, *shape), generator) * s[0]
     xp = torch.cat([x[:, None], fresh], 1).reshape(b * k, *shape)
     _, model = prepare(denoiser, xp, sigmas)
