@@ -94,19 +94,23 @@ def test_auto_without_statistics_is_the_table_choice():
     )
     z = torch.randn(4, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     # nfe 12 uses the entry of 10 (the largest listed NFE not above it); 4 may use uniform_t on DDPM
-    for nfe, key in ((4, 4), (8, 8), (12, 10), (40, 20)):
+    for nfe, key in ((3, 3), (4, 4), (8, 8), (12, 10), (40, 20)):
         c = AUTO[key]
         extra = {"process": DiscreteProcess.linear()} if c.schedule == "uniform_t" else {}
-        sig = SCHEDULES[c.schedule](nfe, c.last, 80.0, **extra)  # one call per step here
+        if c.start == "jump":  # one call at sigma_max, then the band (one call per step here)
+            band = SCHEDULES[c.schedule](nfe - 1, c.last, c.top, **extra)
+            sig = torch.cat([torch.tensor([80.0], dtype=torch.float64), band])
+        else:
+            sig = SCHEDULES[c.schedule](nfe, c.last, 80.0, **extra)
         want = REGISTRY[c.sampler](gm, 80.0 * z, sig, **c.options)
         got = sample(gm, (4, 2), nfe=nfe, noise=z, dtype=torch.float64, sampler="auto")
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     # an explicit schedule or sigma_min wins over the table
-    c = AUTO[8]
-    a = sample(gm, (4, 2), nfe=8, noise=z, dtype=torch.float64, sigma_min=0.5, sampler="auto",
+    c = AUTO[3]
+    a = sample(gm, (4, 2), nfe=3, noise=z, dtype=torch.float64, sigma_min=0.5, sampler="auto",
                schedule="karras")  # fmt: skip
     torch.testing.assert_close(
-        a, REGISTRY[c.sampler](gm, 80.0 * z, karras(8, 0.5, 80.0), **c.options), rtol=0, atol=1e-12
+        a, REGISTRY[c.sampler](gm, 80.0 * z, karras(3, 0.5, 80.0), **c.options), rtol=0, atol=1e-12
     )
 
     # the last sigma is in data scales: a denoiser declaring sigma_data = 2 ends twice as high
@@ -116,9 +120,9 @@ def test_auto_without_statistics_is_the_table_choice():
         def __call__(self, x, sigma):
             return gm(x, sigma)
 
-    got = sample(Scaled(), (4, 2), nfe=8, noise=z, dtype=torch.float64, sampler="auto",
+    got = sample(Scaled(), (4, 2), nfe=3, noise=z, dtype=torch.float64, sampler="auto",
                  sigma_max=40.0)  # fmt: skip
-    sig = SCHEDULES[c.schedule](8, 2.0 * c.last, 40.0)
+    sig = SCHEDULES[c.schedule](3, 2.0 * c.last, 40.0)
     torch.testing.assert_close(got, REGISTRY[c.sampler](gm, 40.0 * z, sig, **c.options))
 
 
