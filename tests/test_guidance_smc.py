@@ -360,3 +360,51 @@ def test_fk_smc_sigma_final_returns_distinct_rows_at_the_exact_tilted_variance()
     assert torch.unique(out[0.0], dim=0).shape[0] < 4096  # exact copies from the final resample
     assert torch.unique(out[0.05], dim=0).shape[0] == 4096
     assert abs(float(out[0.05].var(0).mean()) - 1 / 13) < 0.004
+
+
+def test_fk_smc_ess_step_substeps_reach_the_exact_tilted_variance_on_a_coarse_grid():
+    # The 4-D Gaussian pair (tilted target N(0, I / 13) exactly) on 12 karras steps with 2
+    # correctors: the weights of single steps collapse at small sigma and the variance is about
+    # twice the exact one; with ess_step = 0.5 the steps whose increment would take a group's
+    # conditional ESS below P / 2 are split in u = sigma^2 and the variance comes to the exact one.
+    # Every extra sub-step costs its network evaluations (counted by the denoisers themselves).
+    from scorekit.analytic import GaussianMixture
+
+    d, n, c_steps = 4, 12, 2
+    mk = lambda v: GaussianMixture(torch.zeros(1, d, dtype=torch.float64),  # noqa: E731
+                                   torch.full((1, d), v, dtype=torch.float64))  # fmt: skip
+    var = {}
+    for tau in (0.0, 0.5):
+        c, u = Counting(mk(0.25)), Counting(mk(1.0))
+        g = torch.Generator().manual_seed(0)
+        sig = karras(n, 0.002, 80.0, dtype=torch.float64)
+        x = 80 * torch.randn(4096, d, generator=g, dtype=torch.float64)
+        st = {}
+        out = fk_smc(c, u, x, sig, scale=4.0, generator=g, particles=256, n_corrector=c_steps,
+                     ess_step=tau, stats=st)  # fmt: skip
+        k = st["substeps"]
+        assert (k == 0) == (tau == 0) and k <= 16 * n
+        assert st["nfe"] == c.calls + u.calls == 2 * (n + k) + 2 * c_steps * (n - 1 + k)
+        var[tau] = float(out.var(0).mean())
+    assert abs(var[0.5] - 1 / 13) < 0.012 and abs(var[0.0] - 1 / 13) > 0.05, var
+
+
+def test_fk_smc_ess_step_without_a_split_is_the_unsplit_sampler():
+    # ess_step = 1e-4 is below every conditional ESS this run meets (substeps == 0 checks it), so the
+    # split machinery runs but never splits: the same draws give the same rows as ess_step = 0, and
+    # no extra evaluation is counted. Bad values are errors.
+    sig = karras(20, 0.002, 80.0, dtype=torch.float64)
+    out, st = {}, {}
+    for tau in (0.0, 1e-4):
+        g = torch.Generator().manual_seed(3)
+        x = 80 * torch.randn(512, 1, generator=g, dtype=torch.float64)
+        st[tau] = {}
+        out[tau] = fk_smc(PAIR.cond(0), PAIR.uncond, x, sig, scale=4.0, generator=g, particles=64,
+                          n_corrector=1, ess_step=tau, stats=st[tau])  # fmt: skip
+    assert torch.equal(out[0.0], out[1e-4]) and st[1e-4]["substeps"] == 0
+    assert st[0.0]["nfe"] == st[1e-4]["nfe"] == 2 * 20 + 2 * 19
+    x = torch.zeros(8, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="ess_step"):
+        fk_smc(PAIR.cond(0), PAIR.uncond, x, sig, scale=2.0, ess_step=1.5)
+    with pytest.raises(ValueError, match="max_split"):
+        fk_smc(PAIR.cond(0), PAIR.uncond, x, sig, scale=2.0, ess_step=0.5, max_split=0)

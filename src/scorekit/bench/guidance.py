@@ -75,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--fk-sigma-final", type=float, nargs="+", default=[0.0],
                    help="fk_smc's sigma_final values (0: weights to the end, a final resample)")  # fmt: skip
     f.add_argument("--fk-targets", nargs="+", default=["gmm16"], help="default gmm16")
+    f.add_argument("--fk-ess-step", type=float, nargs="+", default=[0.0],
+                   help="fk_smc's ess_step values (0: no adaptive sub-steps)")  # fmt: skip
     g = parser.add_argument_group("digits (scorekit.bench.guidance_digits)")
     g.add_argument("--digits", metavar="RUN_DIR", help="a class-conditional digits run: measure the "
                    "rules on it (class accuracy, FD, MMD) instead of the exact mixtures")  # fmt: skip
@@ -269,7 +271,7 @@ def _fk_target(name: str, args) -> list[dict]:
     rows = []
     for steps in args.fk_steps:
         for c in args.fk_correctors:
-            for sf in args.fk_sigma_final:
+            for sf, es in ((a, b) for a in args.fk_sigma_final for b in args.fk_ess_step):
                 for seed in args.fk_seeds:
                     g = torch.Generator().manual_seed(seed)
                     x = 80.0 * torch.randn(n, t.dim, generator=g, dtype=torch.float64)
@@ -277,17 +279,20 @@ def _fk_target(name: str, args) -> list[dict]:
                     sig = karras(steps, 0.002, 80.0, dtype=torch.float64)
                     out = fk_smc(t.cond(0), t.uncond, x, sig, scale=w, generator=g,
                                  particles=args.fk_particles, n_corrector=c, sigma_final=sf,
-                                 stats=st)  # fmt: skip
+                                 ess_step=es, stats=st)  # fmt: skip
                     sw = sliced_wasserstein(out, exact)
                     rows.append({"target": name, "steps": steps, "n_corrector": c,
-                                 "sigma_final": sf, "seed": seed, "sw2": sw, "floor": floor,
+                                 "sigma_final": sf, "ess_step": es, "seed": seed, "sw2": sw,
+                                 "floor": floor, "substeps": st["substeps"],
                                  "ratio": sw / floor, "nfe_per_sample": st["nfe"],
                                  "min_ess": min(st["ess"])})  # fmt: skip
-                    print(f"  steps {steps:<4} C {c:<2} sigma_final {sf:<5g} seed {seed}: sw2 "
+                    print(f"  steps {steps:<4} C {c:<2} sigma_final {sf:<5g} ess_step {es:<4g} "
+                          f"seed {seed}: sw2 "
                           f"{sw:.4f}  ratio {sw / floor:.2f}  nfe/sample {st['nfe']}  min ESS "
                           f"{min(st['ess']):.1f}", flush=True)  # fmt: skip
                 rs = [r["ratio"] for r in rows[-len(args.fk_seeds) :]]
-                print(f"  steps {steps:<4} C {c:<2} sigma_final {sf:<5g} ratios {min(rs):.2f} .. "
+                print(f"  steps {steps:<4} C {c:<2} sigma_final {sf:<5g} ess_step {es:<4g} ratios "
+                      f"{min(rs):.2f} .. "
                       f"{max(rs):.2f}, mean {sum(rs) / len(rs):.2f}", flush=True)  # fmt: skip
     return rows
 
