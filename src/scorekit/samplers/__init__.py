@@ -28,8 +28,8 @@ dpmpp_2s          2N - 1          order 2, singlestep, data prediction
 dpmpp_2m          N               order 2, multistep; a good default at 10-30 NFE
 dpmpp_3m          N               third-order steps, multistep
 unipc             N               predictor-corrector; ``order`` 1-3, ``variant`` bh1/bh2
-dc_solver         N               unipc + dynamic compensation, ratios fitted by ``fit_dc``
-dpm_solver_v3     N               multistep with empirical model statistics (``fit_ems``)
+dc_solver         N               unipc + dynamic compensation, ratios by ``fit_dc`` / ``fit_dc_cascade`` (any NFE)
+dpm_solver_v3     N               multistep (+ ``corrector``, ``pseudo_order``), statistics by ``fit_ems``
 deis              N               Adams in sigma / log sigma; ``order`` 1-3
 ipndm             N               Adams-Bashforth in sigma up to order 4 (variable-step; ``variant="equal"``: published)
 bespoke           N               explicit linear-solver coefficients, fitted by ``fit_bespoke``
@@ -50,7 +50,8 @@ Modules: ``common`` (the plumbing every sampler shares, public for guidance and 
 ``fitted`` (``optimized`` schedules and ``fit_bespoke`` solvers, fitted to one denoiser: they run the
 samplers, so they sit above them), ``accelerators`` (teleport start, exposure-bias corrections),
 ``sa``, ``dc``, ``dpm3`` (SA-Solver, DC-Solver with ``fit_dc``, DPM-Solver-v3 with ``fit_ems``) and
-``parallel`` (``parallel_euler``: Picard iterations, fewer sequential rounds; not in the registry).
+``parallel`` (``parallel_euler``, ``parallel_sample``: Picard iterations for any deterministic sampler
+with a fixed step map, fewer sequential rounds; not in the registry).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ from scorekit.samplers.accelerators import GaussianFlow
 from scorekit.samplers.adaptive import adaptive_ode, adaptive_sde
 from scorekit.samplers.bespoke import BespokeSolver, bespoke, linear_coefficients
 from scorekit.samplers.common import check_sigmas, row_generators
-from scorekit.samplers.dc import DCSolver, dc_solver, fit_dc
+from scorekit.samplers.dc import DCCascade, DCSolver, dc_solver, fit_dc, fit_dc_cascade
 from scorekit.samplers.defaults import AUTO, AUTO_TELEPORT, auto_choice, auto_sigmas
 from scorekit.samplers.dpm3 import EMS, dpm_solver_v3, fit_ems
 from scorekit.samplers.fitted import fit_bespoke, optimized
@@ -83,7 +84,7 @@ from scorekit.samplers.ode import (
     ipndm,
     unipc,
 )
-from scorekit.samplers.parallel import parallel_euler
+from scorekit.samplers.parallel import linear_step_map, parallel_euler, parallel_sample
 from scorekit.samplers.registry import (
     ADAPTIVE,
     REGISTRY,
@@ -113,6 +114,7 @@ __all__ = [
     "REGISTRY",
     "STOCHASTIC",
     "BespokeSolver",
+    "DCCascade",
     "DCSolver",
     "GaussianFlow",
     "adaptive_ode",
@@ -135,14 +137,17 @@ __all__ = [
     "euler_maruyama",
     "fit_bespoke",
     "fit_dc",
+    "fit_dc_cascade",
     "fit_ems",
     "get_sampler",
     "heun",
     "ipndm",
     "linear_coefficients",
+    "linear_step_map",
     "nfe",
     "optimized",
     "parallel_euler",
+    "parallel_sample",
     "pc_langevin",
     "restart",
     "sa_solver",
