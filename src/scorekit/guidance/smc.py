@@ -168,7 +168,8 @@ def fk_smc(
             gmm16, ``w = 4``, 100 steps, ``C = 8``, groups of 256, ``ess_step = 0.8``: about 11
             sub-steps (+11% evaluations), held-out seeds 2-6 at 1.16-1.41x the floor (mean 1.26),
             where 111 unsplit steps at the same evaluations give 1.25-1.70x (mean 1.43); on the
-            tuning seeds 0-1 the two are level (mean 1.34 both).
+            tuning seeds 0-1 the two are level (mean 1.34 both), so it is not the default. On
+            ring6 (1-4 sub-steps) the figure stays mode-share noise (0.54-1.99x held out).
 
     Cost: ``2 (N + S) + 2 C (N - 1 + S)`` network evaluations for ``N = len(sigmas) - 1`` steps and
     ``S`` extra sub-steps (``S = 0`` unless ``ess_step > 0``).
