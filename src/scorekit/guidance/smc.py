@@ -164,7 +164,7 @@ def fk_smc(
             are resampled (by ``ess_threshold``) and take their ``C`` correctors at the intermediate
             sigma before the next sub-step; the trapezoid rule in ``u`` runs over the sub-steps. The
             smallest sub-step is ``1 / max_split`` of the step it splits (``max_split >= 1``).
-            ``stats["substeps"]`` counts the extra sub-steps ``S`` (at most ``max_split - 1`` per
+            ``stats["substeps"]`` counts the extra sub-steps ``S`` (about ``max_split - 1`` at most per
             step); ``stats["ess"]`` then has one entry per sub-step, and ``callback`` is called at
             every sub-step with the step's ``i`` and the sub-step's sigma. Measured (docs/guidance.md):
             gmm16, ``w = 4``, 100 steps, ``C = 8``, groups of 256, ``ess_step = 0.8``: about 11
