@@ -296,6 +296,15 @@ def test_sample_with_explicit_sigmas_and_an_adaptive_sampler_refuses_nfe():
     assert out.shape == (3, 2) and stats["nfe"] == g.calls > 4
 
 
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "auto"])
+@pytest.mark.parametrize("arg", ["generator", "callback"])
+def test_sample_refuses_a_generator_or_callback_before_any_call(sampler, arg):
+    g = Counting(target("ring8"))
+    with pytest.raises(TypeError, match=f"sample\\(\\) takes no {arg}=.*seed="):
+        sample(g, (3, 2), nfe=4, sampler=sampler, **{arg: torch.Generator()})
+    assert g.calls == 0
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_stochastic_flag_matches_the_use_of_the_generator(name):
     # A sampler marked stochastic must change with the generator; one not marked must not.

@@ -294,6 +294,13 @@ def sample(
     Returns:
         ``[B, ...]`` samples in ``dtype`` on ``device``.
     """
+    for name in ("generator", "callback"):
+        if name in options:
+            raise TypeError(
+                f"sample() takes no {name}=: row i draws from its own generator seeded by "
+                "(seed, i), so give seed= (an int); call the sampler itself for a generator or a "
+                "callback"
+            )
     if sigma_max is None:
         sigma_max = default_sigma_max(denoiser)
     teleport_to = None
