@@ -125,3 +125,22 @@ def test_fitted_cascade_beats_unipc_on_held_out_noise_at_an_unfitted_nfe():
     e_cas = (cas(g, x, sig) - ref).square().mean().sqrt()
     e_uni = (REGISTRY["unipc"](g, x, sig, order=3) - ref).square().mean().sqrt()
     assert e_cas < 0.8 * e_uni, (float(e_cas), float(e_uni))
+
+
+def test_fit_dc_cascade_refuses_too_few_schedules_before_any_call():
+    calls = []
+
+    def den(x, sigma):
+        calls.append(1)
+        return x
+
+    sch = [karras(n, 0.02, 20.0, dtype=torch.float64) for n in (5, 6)]
+    with pytest.raises(ValueError, match=r"schedules must be a non-empty list"):
+        fit_dc_cascade(den, [], shape=(4, 2))
+    with pytest.raises(
+        ValueError, match=r"degrees\[1\] = 2 needs schedules of at least 3 distinct"
+    ):
+        fit_dc_cascade(den, sch, degrees=(1, 2), shape=(4, 2))
+    with pytest.raises(ValueError, match=r"degrees\[0\] = 3 needs at least 4 compensated steps"):
+        fit_dc_cascade(den, sch, degrees=(3, 1), shape=(4, 2))
+    assert calls == []

@@ -7,7 +7,7 @@ for Diffusion Models", ICLR 2024; ``scorekit.guidance.minority_score`` / ``minor
 label-dropped branch (its own denoiser for an unconditional run) is sampled with
 ``classifier_guidance`` towards the top level ``L - 1`` at each scale of ``--minority-scales``
 (``0``: unguided), ipndm with ``--minority-calls`` sampler calls, ``--minority-n`` samples, seed
-``--minority-seed`` (held out: seed 0 was looked at first, seed 1 reported in docs/guidance.md).
+``--minority-seed`` (held out: seed 0 was looked at first; seeds 1 and 2 in docs/guidance.md).
 
 Per scale: the samples' mean minority score (the labels' own score: RUN's denoiser, the
 classifier's sigma and draws, higher is rarer), the fraction above the top level's lower edge (20%

@@ -470,6 +470,23 @@ def fit_dc_cascade(
     References:
         Zhao et al., "DC-Solver", ECCV 2024, Sec. 3.3-3.4.
     """
+    p, q = (check_int(f"degrees[{k}]", d, least=0) for k, d in enumerate(degrees))
+    if isinstance(schedules, Tensor) or not schedules:
+        raise ValueError(
+            "schedules must be a non-empty list of sigma schedules (one per NFE, each ending in 0); "
+            f"got {type(schedules).__name__}"
+        )
+    steps = [len(check_sigmas(s, name=f"schedules[{i}]")) - 1 for i, s in enumerate(schedules)]
+    if len(set(steps)) < q + 1:  # checked before any fit: the fits are the expensive part
+        raise ValueError(
+            f"degrees[1] = {q} needs schedules of at least {q + 1} distinct NFEs; got {steps}"
+        )
+    k = fit_options.get("dc_order", 2)
+    if min(steps) - k < p + 1:
+        raise ValueError(
+            f"degrees[0] = {p} needs at least {p + 1} compensated steps per schedule (NFE - "
+            f"dc_order >= {p + 1}, dc_order = {k}); the shortest schedule has NFE {min(steps)}"
+        )
     solvers = tuple(fit_dc(denoiser, s, bounds=bounds, **fit_options) for s in schedules)
     coef = regress_ratios(solvers, degrees=degrees)
     v = solvers[0]

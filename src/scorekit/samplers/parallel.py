@@ -38,6 +38,15 @@ from scorekit.samplers.registry import ADAPTIVE, STOCHASTIC, get_sampler
 __all__ = ["linear_step_map", "parallel_euler", "parallel_sample"]
 
 
+def _checked(d, xs: Tensor) -> Tensor:
+    """The denoiser's output for the stacked points ``xs``, or a one-line error if it is not a tensor
+    of their shape and dtype."""
+    if not isinstance(d, Tensor) or d.shape != xs.shape or d.dtype != xs.dtype:
+        got = f"{tuple(d.shape)} {d.dtype}" if isinstance(d, Tensor) else type(d).__name__
+        raise ValueError(f"denoiser must return a tensor of x's shape and dtype; got {got}")
+    return d
+
+
 def parallel_euler(
     denoiser: Callable,
     x: Tensor,
@@ -84,10 +93,9 @@ def parallel_euler(
     while t < n:
         w = min(p, n - t)
         xs = torch.cat(traj[t : t + w])
-        d = denoiser(xs, torch.cat([x.new_full((batch,), s[i]) for i in range(t, t + w)]))
-        if not isinstance(d, Tensor) or d.shape != xs.shape or d.dtype != xs.dtype:
-            got = f"{tuple(d.shape)} {d.dtype}" if isinstance(d, Tensor) else type(d).__name__
-            raise ValueError(f"denoiser must return a tensor of x's shape and dtype; got {got}")
+        d = _checked(
+            denoiser(xs, torch.cat([x.new_full((batch,), s[i]) for i in range(t, t + w)])), xs
+        )
         rounds, evals = rounds + 1, evals + w
         ratio = torch.tensor([s[i + 1] / s[i] - 1 for i in range(t, t + w)], dtype=x.dtype)
         delta = append_dims(ratio.repeat_interleave(batch).to(x.device), x.ndim) * (xs - d)
@@ -228,19 +236,14 @@ def parallel_sample(
         w = min(p, m - t)
         xs = pts[t : t + w].reshape(w * batch, *x.shape[1:])
         sig = torch.cat([x.new_full((batch,), levels[j]) for j in range(t, t + w)])
-        out = denoiser(xs, sig)
-        if not isinstance(out, Tensor) or out.shape != xs.shape or out.dtype != xs.dtype:
-            got = (
-                f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
-            )
-            raise ValueError(f"denoiser must return a tensor of x's shape and dtype; got {got}")
+        out = _checked(denoiser(xs, sig), xs)
         rounds, evals = rounds + 1, evals + w
         d[t : t + w] = out.reshape(w, *flat.shape)
         d[t + w :] = d[t + w - 1]  # calls not evaluated yet: the latest output
         new = a[:, None, None] * flat + torch.einsum("ij,jbf->ibf", b, d)
         stride = w
         for j in range(1, w):  # point t + j was evaluated this round: did it move?
-            scale = levels[t + j] ** 2
+            scale = levels[t + j] ** 2 if levels[t + j] > 0 else 1.0
             change = (new[t + j] - pts[t + j]).square().mean(1).max()
             if float(change) > tol**2 * scale:
                 stride = j
