@@ -19,6 +19,7 @@ from scorekit.bench.samplers.random_suite import (
     build,
     candidates,
     choice_of,
+    run_suite,
     specs,
 )
 from scorekit.pfode import pf_ode_reference
@@ -91,3 +92,9 @@ def test_quick_suite_table_is_recomputable_from_its_rows(tmp_path):
                      gaussian=flow if tele else None, dtype=torch.float64)  # fmt: skip
     err = float((out - ref).square().mean().sqrt())
     assert err == pytest.approx(p["scorekit"][row["config"]][str(row["nfe"])], rel=1e-4)
+
+
+def test_a_fit_nfe_outside_the_suite_is_one_line_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"--fit: NFE \[10\] not in this suite's NFEs \[4, 8\]"):
+        run_suite(out=tmp_path / "r", quick=True, fit_nfes=[10])
+    assert not (tmp_path / "r").exists()

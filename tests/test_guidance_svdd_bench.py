@@ -3,6 +3,7 @@ the samples of one candidate are the DDPM sampler's (euler_ancestral through ``d
 and per-row noise), the cost charged is what the test's own counters saw, and the steps fit the
 budget by the formula ``1 + M (N - 1)``."""
 
+import pytest
 import torch
 
 from scorekit.bench import guidance_digits as gd
@@ -78,3 +79,10 @@ def test_minority_bench_refuses_a_classifier_without_minority_levels(tmp_path, c
     assert main(["bench", "guidance", "--minority-run", str(tmp_path), "--out",
                  str(tmp_path / "o")]) != 0  # fmt: skip
     assert "--minority-run needs --digits RUN" in capsys.readouterr().err
+
+
+def test_svdd_rule_names_are_checked_in_one_line():
+    assert gd._svdd_steps("svdd@3", 20) == (3, 7)  # 1 + 3 * 6 = 19 <= 20 < 1 + 3 * 7
+    for rule in ("svdd@x", "svdd@0", "svdd@-2"):
+        with pytest.raises(ValueError, match=r"needs svdd@M with an integer M >= 1"):
+            gd._candidates(rule)

@@ -238,10 +238,20 @@ def _reward(s: Setup, labels: Tensor) -> Callable[[Tensor], Tensor]:
     return r
 
 
+def _candidates(rule: str) -> int:
+    """``svdd`` (4) or ``svdd@M``: the number of candidates ``M >= 1``, or a one-line error."""
+    text = rule.partition("@")[2] or "4"
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(
+            f"--digit-rules: {rule!r} needs svdd@M with an integer M >= 1; got M={text!r}"
+        )
+    return int(text)
+
+
 def _svdd_steps(rule: str, budget: int) -> tuple[int, int]:
     """``svdd`` (4 candidates) or ``svdd@M``: ``(M, N)``, the most DDPM steps ``N`` whose cost
     ``1 + M (N - 1)`` network evaluations fits the budget (at least 2 steps)."""
-    m = int(rule.partition("@")[2] or 4)
+    m = _candidates(rule)
     return m, max(2, (budget - 1) // m + 1)
 
 
@@ -253,7 +263,9 @@ def _sample_svdd(s: Setup, rule: str, w: float, labels: Tensor, *, nfe: int, see
     from scorekit.samplers.common import row_generators
     from scorekit.train.preview import sampling_range
 
-    m = int(rule.partition("@")[2] or 4)
+    m = _candidates(rule)
+    if not w > 0:
+        raise ValueError(f"--digit-scales: svdd's temperature is 1 / w, so w must be > 0; got {w}")
     lo, hi = sampling_range(s.info["process"], s.info.get("sigma_data", 4.0))
     sig = torch.tensor(schedule_sigmas("karras", nfe, None if lo <= 0.002 else lo, hi),
                        dtype=torch.float64)  # fmt: skip

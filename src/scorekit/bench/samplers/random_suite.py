@@ -356,6 +356,9 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
     if quick:
         problems, rows, rtol = min(problems, 2), min(rows, 16), max(rtol, 1e-6)
     nfes = (4, 8) if quick else NFES
+    bad = sorted(set(fit_nfes or ()) - set(nfes))
+    if bad:
+        raise ValueError(f"--fit: NFE {bad} not in this suite's NFEs {list(nfes)}")
     settings = {"rows": rows, "rtol": rtol, "quick": quick, "nfes": list(nfes), "problems": problems,
                 "seed": seed, "suite_seed": SUITE_SEED}  # fmt: skip
     cfg = {**settings, "nfes": nfes, "reuse": _reuse(reuse_diffusers, settings)}
