@@ -391,3 +391,15 @@ def test_bad_option_values_are_clear_errors(name, options, match):
     with pytest.raises(ValueError, match=match):
         REGISTRY[name](den, torch.ones(2, 2), karras(5, 0.1, 10.0), **options)
     assert den.calls == 0
+
+
+def test_sample_auto_refuses_a_gaussian_of_another_dimension_before_any_call():
+    from scorekit.samplers import GaussianFlow
+
+    g = Counting(target("ring8"))
+    flow = GaussianFlow(torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(
+        ValueError, match=r"gaussian= is a Gaussian of 3 values per row; shape \(4, 2\)"
+    ):
+        sample(g, (4, 2), nfe=6, sampler="auto", gaussian=flow)
+    assert g.calls == 0

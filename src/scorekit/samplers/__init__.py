@@ -56,6 +56,7 @@ with a fixed step map, fewer sequential rounds; not in the registry).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -321,6 +322,11 @@ def sample(
     shape = tuple(int(v) for v in shape)
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"shape must be [B, ...] with rank >= 2 and positive sizes; got {shape}")
+    if gaussian is not None and gaussian.dim != math.prod(shape[1:]):
+        raise ValueError(
+            f"gaussian= is a Gaussian of {gaussian.dim} values per row; shape {shape} has "
+            f"{math.prod(shape[1:])}"
+        )
     if sampler in ADAPTIVE and nfe is not None:
         raise ValueError(
             f"{sampler} is adaptive: its NFE follows from its tolerances (rtol/atol), so nfe must "
@@ -355,6 +361,6 @@ def sample(
     if teleport_to is None:
         x = x * s[0]
     else:  # z at sigma_max, moved along the Gaussian approximation's exact flow to the band's top
-        x = gaussian(x * sigma_max, sigma_max, teleport_to)
+        x = gaussian(x.to(gaussian.mean.device) * sigma_max, sigma_max, teleport_to).to(device)
     sig = torch.tensor(s, dtype=torch.float64)
     return fn(denoiser, x, sig, generator=gens, progress=progress, **options)
