@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from scorekit.analytic import GaussianMixture, gaussian
+from scorekit.analytic import GaussianMixture, gaussian, target
 from scorekit.process import DiscreteProcess
 from scorekit.samplers import REGISTRY, GaussianFlow, sample
 from scorekit.samplers.defaults import AUTO, AUTO_TELEPORT, Choice, auto_choice
@@ -168,3 +168,9 @@ def test_jump_start_spends_one_call_at_sigma_max_then_the_band():
         Choice("unipc", {}, "loglinear", 0.1, 4.0, "leap")
     with pytest.raises(ValueError, match="top is given exactly"):
         Choice("unipc", {}, "loglinear", 0.1, None, "jump")
+
+
+def test_a_sigma_min_above_the_band_is_one_line_naming_the_band():
+    den = target("ring8").denoise
+    with pytest.raises(ValueError, match=r"sigma_min=10 must lie below the band's top 8 \(jump"):
+        sample(den, (4, 2), nfe=6, sampler="auto", sigma_min=10.0)

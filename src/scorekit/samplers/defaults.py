@@ -136,6 +136,11 @@ def auto_sigmas(
     last = last if sigma_min is None else sigma_min
     if not (math.isfinite(last) and 0 < last < sigma_max):
         raise ValueError(f"auto: last sigma {last:.4g} must lie in (0, sigma_max={sigma_max:.4g})")
+    if top is not None and top < sigma_max and not last < top:
+        raise ValueError(
+            f"auto: sigma_min={last:.4g} must lie below the band's top {top:.4g} "
+            f"({choice.start} start, top = {choice.top} data scales); give a smaller sigma_min"
+        )
     if top is None or top >= sigma_max or (choice.start == "jump" and n < 2):
         return torch.as_tensor(fn(n, last, sigma_max), dtype=torch.float64), None
     if choice.start == "teleport":
