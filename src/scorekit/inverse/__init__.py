@@ -64,7 +64,7 @@ from scorekit.inverse.operators import (
     as_matrix,
 )
 from scorekit.inverse.replace import mcg, repaint
-from scorekit.inverse.smc import tds
+from scorekit.inverse.smc import particles_for_budget, tds
 from scorekit.inverse.spectral import ddnm, ddrm
 from scorekit.inverse.variational import flowdps, red_diff
 from scorekit.samplers.common import check_sigmas, row_generators
@@ -83,6 +83,7 @@ __all__ = [
     "Operator",
     "Saturate",
     "as_matrix",
+    "budget_options",
     "daps",
     "ddnm",
     "ddrm",
@@ -155,11 +156,23 @@ def vjps(name: str, sigmas: Tensor | Sequence[float], **options) -> int:
     return REGISTRY[name].vjp_formula(len(check_sigmas(sigmas)) - 1, o)
 
 
+def budget_options(fn: Callable, budget: int, options: dict) -> dict:
+    """``options`` with what a budget of ``budget`` network evaluations per sample decides filled in:
+    TDS's ``particles`` when not given (``None``) is ``smc.particles_for_budget(budget)`` (chosen with
+    the budget, not from the steps: every budget of 20 or more is at least 94% spent). Pass the result
+    to both ``steps_for_budget`` and the solver."""
+    if fn is tds and options.get("particles") is None and isinstance(budget, int) and budget >= 1:
+        return {**options, "particles": particles_for_budget(budget)}
+    return dict(options)
+
+
 def steps_for_budget(
     fn: Callable, budget: int, sigma_min: float, sigma_max: float, options: dict
 ) -> int:
-    """The most steps whose cost per sample (``fn.nfe_formula``) is at most ``budget``; a ValueError if
-    even one step costs more."""
+    """The most steps whose cost per sample (``fn.nfe_formula``) is at most ``budget``, with the options
+    ``budget_options(fn, budget, options)`` (run the solver with those); a ValueError if even one step
+    costs more."""
+    options = budget_options(fn, budget, options)
     full = options_of(fn.__name__, options)
     if fn.nfe_formula(1, full) > budget:
         raise ValueError(
@@ -191,7 +204,8 @@ def posterior_samples(
     """``[M, n, *operator.in_shape]`` samples of ``p(x0 | y_j)`` for ``y`` ``[M, *operator.out_shape]``.
 
     ``solver`` names ``scorekit.inverse.REGISTRY`` (``options`` are its keyword options); the schedule
-    is ``karras(steps, sigma_min, sigma_max)`` with the most steps whose cost per sample fits ``nfe``.
+    is ``karras(steps, sigma_min, sigma_max)`` with the most steps whose cost per sample fits ``nfe``
+    (TDS without ``particles``: ``particles_for_budget(nfe)`` particles, see ``budget_options``).
     """
     fn = lookup(REGISTRY, solver, "posterior sampler")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -201,6 +215,7 @@ def posterior_samples(
             f"the measurement must have the operator's output shape {list(operator.out_shape)} per "
             f"row; got {list(y.shape[1:])}"
         )
+    options = budget_options(fn, nfe, options)
     steps = steps_for_budget(fn, nfe, sigma_min, sigma_max, options)
     sigmas = karras(steps, sigma_min, sigma_max, dtype=y.dtype, device=y.device)
     m = y.shape[0]

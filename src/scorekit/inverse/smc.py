@@ -21,7 +21,7 @@ from scorekit.inverse.common import (
 from scorekit.inverse.operators import Operator
 from scorekit.samplers.common import GeneratorLike, emit, prepare, randn_like, steps
 
-__all__ = ["auto_particles", "tds"]
+__all__ = ["auto_particles", "particles_for_budget", "tds"]
 
 
 def _uniforms(b: int, like: Tensor, generator: GeneratorLike) -> Tensor:
@@ -111,8 +111,28 @@ def auto_particles(steps: int) -> int:
     """TDS's default particle count for ``steps`` steps: 2 below 12 steps, 4 below 16, else 6 (so 100
     network evaluations run 6 x 16, 50 run 4 x 12, 20 run 2 x 10). Chosen on the inverse bench's tuning
     problems, where the Tweedie-variance step needs about 12-16 steps and more particles weigh
-    modes better (docs/inverse-problems.md)."""
+    modes better (docs/inverse-problems.md). For a given schedule; a budget picks its particles with
+    ``particles_for_budget`` (here the cost ``N K`` jumps: 11 steps cost 22, 12 cost 48)."""
     return 2 if steps < 12 else 4 if steps < 16 else 6
+
+
+#: The measured rule as (particles, fewest steps that may run them), most particles first: 6 from 16
+#: steps, 4 from 12, 2 always (``auto_particles``).
+_TIERS = ((6, 16), (4, 12), (2, 1))
+
+
+def particles_for_budget(budget: int) -> int:
+    """TDS's default particle count for a budget of ``budget`` network evaluations per sample: the most
+    particles ``K`` whose fewest steps under ``auto_particles``'s rule fit, ``K x min_steps(K) <=
+    budget`` (6 from 96, 4 from 48, else 2); the budget then runs ``budget // K`` steps. So 20 runs 2 x
+    10, 50 runs 4 x 12 and 100 runs 6 x 16, as ``auto_particles`` (the measured choices), and every
+    budget of 20 or more spends at least ``budget - K + 1`` of itself (94%): choosing ``K`` from the
+    steps instead would leave budgets just short of a jump (47 -> 2 x 11 = 22, 95 -> 4 x 15 = 60)
+    half spent. More particles still only run with enough steps; fewer than ``auto_particles(N)`` may
+    run on ``N`` steps (2 x 23 at 47)."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive int (network evaluations); got {budget!r}")
+    return next(k for k, n in _TIERS if k * n <= budget or n == 1)
 
 
 def _k(n: int, o: dict) -> int:
@@ -151,7 +171,8 @@ def tds(
     """Twisted diffusion sampler: SMC over the DDPM chain, twisted by an approximate likelihood.
 
     Each output row runs its own ``K = particles`` particles (``None``: ``auto_particles(N)``, 6 at 16
-    steps or more) (row ``b``'s particle 0 starts at
+    steps or more; ``scorekit.inverse.posterior_samples`` with a budget passes
+    ``particles_for_budget(nfe)`` instead) (row ``b``'s particle 0 starts at
     ``x[b]``, the others at fresh ``sigma_0`` noise from that row's generator). With ``d = D(x, sigma)``,
     ``r = y - A d`` and ``J = dD/dx``, the twisting function is a Gaussian likelihood ``log pt_i(y | x) =
     -r^T S_i^{-1} r / 2``:
