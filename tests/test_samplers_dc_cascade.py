@@ -109,6 +109,12 @@ def test_the_solver_runs_on_regressed_ratios_at_an_unfitted_nfe_and_round_trips(
         regress_ratios([_solver(n, _poly) for n in NFES], degrees=(3, 1))
     with pytest.raises(ValueError, match="coefficients"):
         DCCascade.from_dict({**cas.to_dict(), "coefficients": [[1.0], [1.0, 2.0]]})
+    with pytest.raises(ValueError, match=r"bounds must be \[lo, hi\]"):
+        DCCascade.from_dict({**cas.to_dict(), "bounds": [0.2, 1.0, 2.0]})
+    with pytest.raises(ValueError, match="order must be 1-3"):
+        DCCascade.from_dict({**cas.to_dict(), "order": True, "dc_order": True})
+    with pytest.raises(ValueError, match="fitted with other options"):
+        DCCascade.from_dict({**cas.to_dict(), "variant": "bh1" if cas.variant == "bh2" else "bh2"})
 
 
 def test_fitted_cascade_beats_unipc_on_held_out_noise_at_an_unfitted_nfe():

@@ -437,15 +437,32 @@ class DCCascade:
             raise ValueError("coefficients must be a non-empty rectangular list of lists")
         if not all(math.isfinite(c) for r in rows for c in r):
             raise ValueError("coefficients must be finite")
-        lo, hi = (float(v) for v in d["bounds"])
+        bounds = d["bounds"]
+        if not isinstance(bounds, list | tuple) or len(bounds) != 2:
+            raise ValueError(f"bounds must be [lo, hi]; got {bounds!r}")
+        lo, hi = (float(v) for v in bounds)
         if not 0 < lo < hi < math.inf:
-            raise ValueError(f"bounds must be 0 < lo < hi; got {d['bounds']}")
+            raise ValueError(f"bounds must be 0 < lo < hi; got {bounds}")
         solvers = tuple(DCSolver.from_dict(v) for v in d.get("solvers", ()))
         order, variant, dc_order = d["order"], d["variant"], d["dc_order"]
-        if order not in (1, 2, 3) or variant not in ("bh1", "bh2") or dc_order not in (1, 2, 3):
+        ints = all(type(v) is int for v in (order, dc_order))  # not bool: True == 1
+        if (
+            not ints
+            or order not in (1, 2, 3)
+            or variant not in ("bh1", "bh2")
+            or dc_order not in (1, 2, 3)
+        ):
             raise ValueError(
                 f"order must be 1-3, variant 'bh1'/'bh2', dc_order 1-3; got {order!r}, "
                 f"{variant!r}, {dc_order!r}"
+            )
+        other = [
+            v.nfe for v in solvers if (v.order, v.variant, v.dc_order) != (order, variant, dc_order)
+        ]
+        if other:
+            raise ValueError(
+                f"solvers (NFE {other}) were fitted with other options than the cascade's "
+                f"order={order}, variant={variant!r}, dc_order={dc_order}"
             )
         coef = tuple(tuple(r) for r in rows)
         return cls(coef, order, variant, dc_order, (lo, hi), solvers)
