@@ -134,6 +134,11 @@ def linear_step_map(
         ValueError: a stochastic or adaptive sampler, or a sampler that is not a fixed affine map.
     """
     name = sampler if isinstance(sampler, str) else getattr(sampler, "__name__", "sampler")
+    if options.get("statistics") is not None:
+        raise ValueError(
+            f"{name}: statistics= (dpm_solver_v3's EMS) differ per coordinate, and a step map read "
+            "off one coordinate needs them shared; run it without statistics or sequentially"
+        )
     if isinstance(sampler, str):
         if sampler in STOCHASTIC or sampler in ADAPTIVE:
             raise ValueError(
