@@ -111,5 +111,5 @@ def test_bad_input_is_refused():
         parallel_sample(g, x, sig, tol=-1.0)
     with pytest.raises(ValueError, match="window"):
         parallel_sample(g, x, sig, window=0)
-    with pytest.raises(ValueError, match="statistics= .* differ per coordinate"):
+    with pytest.raises(ValueError, match=r"statistics= .* differ per coordinate"):
         parallel_sample(g, x, sig, sampler="dpm_solver_v3", statistics=object())
