@@ -51,6 +51,7 @@ from scorekit.inverse import (
     Mask,
     Matrix,
     as_matrix,
+    budget_options,
     nfe,
     steps_for_budget,
     vjps,
@@ -165,6 +166,7 @@ def _steps_for(name: str, budget: int, options: dict) -> int | None:
 
 def _solve(p: dict, name: str, budget: int, n: int, particles: int | None) -> dict | None:
     options = {"particles": particles} if name == "tds" and particles is not None else {}
+    options = budget_options(REGISTRY[name], budget, options)  # tds: particles from the budget
     seed = p["seed"]
     steps = _steps_for(name, budget, options)
     if steps is None:
@@ -393,8 +395,9 @@ def demo_section(run_dir, out_dir, *, quick: bool = False, solver: str = DEFAULT
         mean = decode(x.mean(1), info).reshape(k, 8, 8)
         acc = lambda v, lab: float((judge.predict(v.reshape(len(v), -1)) == lab).mean())  # noqa: E731
         steps = steps_for_budget(REGISTRY[solver], budget, lo, hi, {})
+        opts = budget_options(REGISTRY[solver], budget, {})  # what posterior_samples ran
         row = {"solver": solver, "sigma_y": sy, "nfe": budget, "steps": steps,
-               "vjp": vjps(solver, karras(steps, lo, hi)), "digits": k, "samples_per_digit": 8,
+               "vjp": vjps(solver, karras(steps, lo, hi), **opts), "digits": k, "samples_per_digit": 8,
                "accuracy_samples": acc(px.reshape(k * 8, 64), np.repeat(labels, 8)),
                "accuracy_mean": acc(mean, labels),
                "accuracy_truth": acc(decode(truth, info).reshape(k, 64), labels),
