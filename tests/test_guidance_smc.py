@@ -7,6 +7,7 @@ sample-size floor is the sliced W2 between two independent exact sample sets of 
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -408,3 +409,66 @@ def test_fk_smc_ess_step_without_a_split_is_the_unsplit_sampler():
         fk_smc(PAIR.cond(0), PAIR.uncond, x, sig, scale=2.0, ess_step=1.5)
     with pytest.raises(ValueError, match="max_split"):
         fk_smc(PAIR.cond(0), PAIR.uncond, x, sig, scale=2.0, ess_step=0.5, max_split=0)
+
+
+def test_fk_smc_ess_step_weights_are_the_trapezoid_rule_on_the_refined_grid(monkeypatch):
+    # cond N(0, 0.25 I) and uncond N(0, I) in 2-D, written out here: D_v(x, s) = v x / (v + s^2), so
+    # the FK rate is g = w (w - 1) / 2 (0.75 / ((0.25 + u) (1 + u)))^2 |x|^2 in u = s^2. A coarse grid
+    # with ess_step = 0.9 splits the last step (to sigma 0) and an inner one. With no resampling
+    # before the end (ess_threshold = 0) the log-weights must be the trapezoid rule in u over every
+    # point the sampler visited (the callback gives them), computed here from g: each point takes
+    # half of the interval before and after it, the last one all of the interval to 0. The same
+    # points as a plain grid (ess_step = 0, same draws) give the same weights. Each sub-step's
+    # increment keeps the conditional ESS >= 0.9 and an inner split point sits on 0.9 (bisection).
+    smc = importlib.import_module("scorekit.guidance.smc")
+    w, vc, vu, tau, m = 4.0, 0.25, 1.0, 0.9, 8
+    den = lambda v: lambda x, s: v / (v + s[:, None] ** 2) * x  # noqa: E731
+    sig = torch.tensor([4.0, 2.0, 0.8, 0.0], dtype=torch.float64)
+    x0 = 4.0 * torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    real = smc._resample
+
+    def run(sigmas, es):
+        pts, lws, st = [], [], {}
+
+        def spy(x, d, log_w, *a):
+            lws.append(log_w.flatten().clone())
+            return real(x, d, log_w, *a)
+
+        monkeypatch.setattr(smc, "_resample", spy)
+        fk_smc(den(vc), den(vu), x0, sigmas, scale=w, generator=torch.Generator().manual_seed(1),
+               ess_threshold=0.0, ess_step=es, max_split=m, stats=st,
+               callback=lambda e: pts.append((e["i"], e["sigma"], e["x"].clone())))  # fmt: skip
+        return pts, lws, st
+
+    pts, lws, st = run(sig, tau)
+    steps_of = [i for i, _, _ in pts]
+    assert steps_of.count(2) >= 2 and max(steps_of.count(i) for i in range(2)) >= 2, steps_of
+    assert st["substeps"] == len(pts) - 3
+    u = np.array([s * s for _, s, _ in pts] + [0.0])
+    h = u[:-1] - u[1:]
+    rate = w * (w - 1) / 2 * (0.75 / ((vc + u[:-1]) * (vu + u[:-1]))) ** 2
+    g = rate[:, None] * np.stack([x.square().sum(1).numpy() for _, _, x in pts])
+    halves = np.concatenate([[0.0], h[:-1]]) + h * np.where(np.arange(len(h)) == len(h) - 1, 2, 1)
+    inc = g * halves[:, None] / 2
+    want = np.cumsum(inc, 0)
+    np.testing.assert_allclose(torch.stack(lws[:-1]).numpy(), want, rtol=1e-10)
+    np.testing.assert_allclose(lws[-1].numpy(), want[-1], rtol=1e-10)
+    # conditional ESS of each sub-step's increment, from the weights before it
+    grid_h = {i: float(sig[i] ** 2 - sig[i + 1] ** 2) for i in range(3)}
+    before = np.concatenate([np.zeros((1, 64)), want[:-1]])
+    wn = np.exp(before - before.max(1, keepdims=True))
+    wn /= wn.sum(1, keepdims=True)
+    cess = (wn * np.exp(inc)).sum(1) ** 2 / (wn * np.exp(2 * inc)).sum(1)
+    at_min = np.array(
+        [abs(hk - grid_h[i] / m) < 1e-9 * grid_h[i] for hk, (i, _, _) in zip(h, pts, strict=True)]
+    )
+    inner = np.array([k + 1 < len(pts) and pts[k + 1][0] == pts[k][0] for k in range(len(pts))])
+    assert ((cess >= tau - 1e-9) | at_min).all(), cess
+    bisected = inner & ~at_min  # must include one of the last step's inner points
+    assert (bisected & (np.array(steps_of) == 2)).any(), (steps_of, at_min)
+    assert np.abs(cess[bisected] - tau).max() < 1e-6, cess
+    # the refined points as a plain grid: the same weights (same draws: no corrector, no resample)
+    refined = torch.tensor([s for _, s, _ in pts] + [0.0], dtype=torch.float64)
+    _, plain, st0 = run(refined, 0.0)
+    assert st0["substeps"] == 0
+    np.testing.assert_allclose(torch.stack(plain).numpy(), torch.stack(lws).numpy(), rtol=1e-9)

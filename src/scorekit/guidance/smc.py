@@ -354,9 +354,11 @@ def _move(models, bs, x, s0, s1, c, eps_rel, generator, info) -> Tensor:
 def _increment(outs, bs, d_bar, x, s0, h_prev, h, to_zero, log_w, split, grid_h):
     """The sub-step ``h`` in ``u`` and ``g(x) du`` in float64 ``[B]``: the trapezoid rule in
     ``u = sigma^2`` gives ``g(x)`` half of the interval before it (``h_prev``) and half of the one
-    after (``h``; all of it for the step to sigma = 0). With ``split = (tau, m)``, ``tau > 0``, ``h``
-    is shortened (bisection in ``log h``, no network calls) until every group's conditional ESS of
-    the increment is at least ``tau P``, but not below ``grid_h / m``."""
+    after (``h``; all of it when ``h`` reaches sigma = 0, where ``g`` is not evaluated). With
+    ``split = (tau, m)``, ``tau > 0``, ``h`` is shortened (bisection in ``log h``, no network calls)
+    until every group's conditional ESS of the increment is at least ``tau P``, but not below
+    ``grid_h / m``; a shortened ``h`` ends at an inner point, which takes the other half itself, so
+    the sub-steps are exactly the trapezoid rule on the refined grid (also on the step to 0)."""
     total = sum(bs)
     sq = [(dk - d_bar).flatten(1).double().square().sum(1) for dk in outs]
     two_g = -sum(bk * q for bk, q in zip(bs, sq, strict=True))
@@ -366,8 +368,10 @@ def _increment(outs, bs, d_bar, x, s0, h_prev, h, to_zero, log_w, split, grid_h)
     tau, m = split
     if tau > 0:
         back = ((0.25 * h_prev / s0**4) * two_g).view_as(log_w)
-        rate = ((0.25 * fwd / s0**4) * two_g).view_as(log_w)
-        h = _substep(log_w, back, rate, h, tau, grid_h / m)
+        rate = ((0.25 / s0**4) * two_g).view_as(log_w)
+        full = h
+        h = _substep(log_w, back, rate, fwd, h, tau, grid_h / m)
+        fwd = fwd if h >= full else 1.0
     return h, (0.25 * (h_prev + fwd * h) / s0**4) * two_g
 
 
@@ -379,9 +383,11 @@ def _conditional_ess(log_w: Tensor, inc: Tensor) -> float:
     return float(two.exp().min())
 
 
-def _substep(log_w, back, rate, h, tau, h_min) -> float:
-    """The largest ``h' <= h`` (down to ``h_min``) with conditional ESS of ``back + rate h'`` >= tau."""
-    if h <= h_min or _conditional_ess(log_w, back + rate * h) >= tau:
+def _substep(log_w, back, rate, fwd, h, tau, h_min) -> float:
+    """The largest ``h' <= h`` (down to ``h_min``) with conditional ESS >= tau of the increment
+    ``back + fwd rate h`` for the whole ``h`` and ``back + rate h'`` for a shorter ``h'`` (an inner
+    point: the next sub-step's point takes the other half of the interval)."""
+    if h <= h_min or _conditional_ess(log_w, back + fwd * rate * h) >= tau:
         return h
     if _conditional_ess(log_w, back + rate * h_min) < tau:
         return h_min
@@ -391,4 +397,4 @@ def _substep(log_w, back, rate, h, tau, h_min) -> float:
         lo, hi = (
             (mid, hi) if _conditional_ess(log_w, back + rate * math.exp(mid)) >= tau else (lo, mid)
         )
-    return math.exp(lo)
+    return min(math.exp(lo), h)
