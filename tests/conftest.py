@@ -26,3 +26,30 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield torch.float64
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(scope="module")
+def mixture_ode():
+    """The PF-ODE of an exact 3-component 2-D mixture from sigma 10 to 0.05, solved by scipy's DOP853
+    at 1e-13 (the reference of the sampler order tests): ``(mixture, start [16, 2], solution)``."""
+    import math
+
+    from scipy.integrate import solve_ivp
+
+    from scorekit.analytic import GaussianMixture
+
+    gm = GaussianMixture(
+        torch.tensor([[-1.0, 0.0], [1.0, 0.5], [0.0, -1.2]], dtype=torch.float64),
+        torch.tensor([[0.3, 0.2], [0.2, 0.4], [0.25, 0.25]], dtype=torch.float64),
+    )
+    hi, lo, batch = 10.0, 0.05, 16
+    x0 = hi * torch.randn(batch, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def rhs(u, y):
+        x = torch.from_numpy(y).reshape(batch, 2)
+        return (x - gm.denoise(x, math.exp(u))).reshape(-1).numpy()
+
+    sol = solve_ivp(rhs, (math.log(hi), math.log(lo)), x0.reshape(-1).numpy(), method="DOP853",
+                    rtol=1e-13, atol=1e-13)  # fmt: skip
+    assert sol.success
+    return gm, x0, torch.from_numpy(sol.y[:, -1].copy()).reshape(batch, 2)

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.integrate import quad, solve_ivp
+from scipy.integrate import quad
 
 from scorekit.analytic import GaussianMixture
 from scorekit.samplers import REGISTRY, nfe, sample
@@ -128,23 +128,9 @@ def test_matches_the_papers_formulas_with_constant_statistics(order, corrector, 
 
 
 @pytest.fixture(scope="module")
-def problem():
-    """The exact mixture's PF-ODE from sigma 10 to 0.05 by scipy's DOP853 at 1e-13."""
-    gm = _mixture()
-    x0 = SIGMA_MAX * torch.randn(
-        BATCH, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64
-    )
-
-    def rhs(u, y):
-        x = torch.from_numpy(y).reshape(BATCH, 2)
-        return (x - gm.denoise(x, math.exp(u))).reshape(-1).numpy()
-
-    sol = solve_ivp(
-        rhs, (math.log(SIGMA_MAX), math.log(SIGMA_MIN)), x0.reshape(-1).numpy(),
-        method="DOP853", rtol=1e-13, atol=1e-13,
-    )  # fmt: skip
-    assert sol.success
-    return gm, x0, torch.from_numpy(sol.y[:, -1].copy()).reshape(BATCH, 2)
+def problem(mixture_ode):
+    """``conftest.mixture_ode``: the exact mixture's PF-ODE from sigma 10 to 0.05 (DOP853, 1e-13)."""
+    return mixture_ode
 
 
 def _fine_start_grid(n):

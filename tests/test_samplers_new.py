@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-from scipy.integrate import solve_ivp
 
 from scorekit.analytic import GaussianMixture, gaussian, target
 from scorekit.samplers import REGISTRY, sample
@@ -154,24 +153,9 @@ SIGMA_MAX, SIGMA_MIN, BATCH = 10.0, 0.05, 16
 
 
 @pytest.fixture(scope="module")
-def ode_problem():
-    """The exact 2-D mixture's PF-ODE from sigma 10 to 0.05, solved by scipy's DOP853 at 1e-13
-    (as in ``test_samplers_order.py``): ``(mixture, start [16, 2], solution at 0.05)``."""
-    gm = _mixture()
-    x0 = SIGMA_MAX * torch.randn(
-        BATCH, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64
-    )
-
-    def rhs(u, y):
-        x = torch.from_numpy(y).reshape(BATCH, 2)
-        return (x - gm.denoise(x, math.exp(u))).reshape(-1).numpy()
-
-    sol = solve_ivp(
-        rhs, (math.log(SIGMA_MAX), math.log(SIGMA_MIN)), x0.reshape(-1).numpy(),
-        method="DOP853", rtol=1e-13, atol=1e-13,
-    )  # fmt: skip
-    assert sol.success
-    return gm, x0, torch.from_numpy(sol.y[:, -1].copy()).reshape(BATCH, 2)
+def ode_problem(mixture_ode):
+    """``conftest.mixture_ode``: the exact mixture's PF-ODE from sigma 10 to 0.05 (DOP853, 1e-13)."""
+    return mixture_ode
 
 
 def _error_at_sigma_min(problem, name, opts, n):
