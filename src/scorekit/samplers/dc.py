@@ -185,16 +185,28 @@ class DCSolver:
             raise ValueError(f"a DCSolver dict needs the keys {sorted(missing)}")
         s = check_sigmas(d["sigmas"])
         ratios = _check_ratios(d["ratios"], len(s) - 1)
-        order, variant, dc_order = d["order"], d["variant"], d["dc_order"]
-        if order not in (1, 2, 3) or variant not in ("bh1", "bh2") or dc_order not in (1, 2, 3):
-            raise ValueError(
-                f"order must be 1-3, variant 'bh1'/'bh2', dc_order 1-3; got {order!r}, "
-                f"{variant!r}, {dc_order!r}"
-            )
+        order, variant, dc_order = _stored_options(d)
         rms = tuple(float(v) for v in d.get("calibration_rms", (math.nan, math.nan)))
         return cls(
             torch.tensor(s, dtype=torch.float64), tuple(ratios), order, variant, dc_order, rms
         )
+
+
+def _stored_options(d: dict) -> tuple[int, str, int]:
+    """``(order, variant, dc_order)`` read from a stored DCSolver / DCCascade dict, or a one-line error."""
+    order, variant, dc_order = d["order"], d["variant"], d["dc_order"]
+    ints = all(type(v) is int for v in (order, dc_order))  # not bool: True == 1
+    if (
+        not ints
+        or order not in (1, 2, 3)
+        or variant not in ("bh1", "bh2")
+        or dc_order not in (1, 2, 3)
+    ):
+        raise ValueError(
+            f"order must be 1-3, variant 'bh1'/'bh2', dc_order 1-3; got {order!r}, "
+            f"{variant!r}, {dc_order!r}"
+        )
+    return order, variant, dc_order
 
 
 class _Stop(Exception):
@@ -444,18 +456,7 @@ class DCCascade:
         if not 0 < lo < hi < math.inf:
             raise ValueError(f"bounds must be 0 < lo < hi; got {bounds}")
         solvers = tuple(DCSolver.from_dict(v) for v in d.get("solvers", ()))
-        order, variant, dc_order = d["order"], d["variant"], d["dc_order"]
-        ints = all(type(v) is int for v in (order, dc_order))  # not bool: True == 1
-        if (
-            not ints
-            or order not in (1, 2, 3)
-            or variant not in ("bh1", "bh2")
-            or dc_order not in (1, 2, 3)
-        ):
-            raise ValueError(
-                f"order must be 1-3, variant 'bh1'/'bh2', dc_order 1-3; got {order!r}, "
-                f"{variant!r}, {dc_order!r}"
-            )
+        order, variant, dc_order = _stored_options(d)
         other = [
             v.nfe for v in solvers if (v.order, v.variant, v.dc_order) != (order, variant, dc_order)
         ]
