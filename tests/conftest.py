@@ -53,3 +53,23 @@ def mixture_ode():
                     rtol=1e-13, atol=1e-13)  # fmt: skip
     assert sol.success
     return gm, x0, torch.from_numpy(sol.y[:, -1].copy()).reshape(batch, 2)
+
+
+def _fine_start(n: int) -> torch.Tensor:
+    """Log-linear sigmas from 10 to 0.05 with step ``h`` whose first two steps are ``h^2/4``: the
+    lower-order warm-up of a multistep method then costs O(h^4) locally, so the global error shows
+    the order of its multistep steps. ``n`` steps, then 0."""
+    import math
+
+    hi, lo = math.log(10.0), math.log(0.05)
+    h = (hi - lo) / (n - 1)
+    d = h * h / 4
+    body = torch.linspace(hi - 2 * d, lo, n - 2, dtype=torch.float64)[1:]
+    logs = torch.cat([torch.tensor([hi, hi - d, hi - 2 * d], dtype=torch.float64), body])
+    return torch.cat([logs.exp(), torch.zeros(1, dtype=torch.float64)])
+
+
+@pytest.fixture(scope="session")
+def fine_start_grid():
+    """``n -> sigmas``: the fine-start grid of the multistep order tests, on ``mixture_ode``'s range."""
+    return _fine_start

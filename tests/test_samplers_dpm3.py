@@ -133,16 +133,6 @@ def problem(mixture_ode):
     return mixture_ode
 
 
-def _fine_start_grid(n):
-    """Log-linear sigmas whose first two steps are h^2/4 (the warm-up then costs O(h^4) locally)."""
-    hi, lo = math.log(SIGMA_MAX), math.log(SIGMA_MIN)
-    h = (hi - lo) / (n - 1)
-    d = h * h / 4
-    body = torch.linspace(hi - 2 * d, lo, n - 2, dtype=torch.float64)[1:]
-    logs = torch.cat([torch.tensor([hi, hi - d, hi - 2 * d], dtype=torch.float64), body])
-    return torch.cat([logs.exp(), torch.zeros(1, dtype=torch.float64)])
-
-
 #: statistics linear in lambda (exact under EMS's linear interpolation: no kinks), s and b nonzero
 _LINEAR = EMS(
     torch.tensor([-4.0, 5.0], dtype=torch.float64),
@@ -174,11 +164,11 @@ def _name(case):
 
 
 @pytest.mark.parametrize(("opts", "grid", "order"), ORDERS, ids=[_name(c) for c in ORDERS])
-def test_convergence_order(problem, opts, grid, order):
+def test_convergence_order(problem, fine_start_grid, opts, grid, order):
     gm, x0, ref = problem
     errs = []
     for n in (24, 48, 96):
-        sig = loglinear(n, SIGMA_MIN, SIGMA_MAX) if grid == "loglinear" else _fine_start_grid(n)
+        sig = loglinear(n, SIGMA_MIN, SIGMA_MAX) if grid == "loglinear" else fine_start_grid(n)
         states: list[dict] = []
         REGISTRY["dpm_solver_v3"](gm, x0.clone(), sig, callback=states.append, **opts)
         assert states[-1]["sigma"] == pytest.approx(SIGMA_MIN)

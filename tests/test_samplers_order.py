@@ -23,9 +23,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.integrate import solve_ivp
 
-from scorekit.analytic import GaussianMixture
 from scorekit.samplers import ADAPTIVE, REGISTRY, STOCHASTIC
 from scorekit.schedules import loglinear
 
@@ -67,29 +65,9 @@ def test_every_ode_sampler_has_an_order_case():
 
 
 @pytest.fixture(scope="module")
-def problem():
-    gm = GaussianMixture(
-        torch.tensor([[-1.0, 0.0], [1.0, 0.5], [0.0, -1.2]], dtype=torch.float64),
-        torch.tensor([[0.3, 0.2], [0.2, 0.4], [0.25, 0.25]], dtype=torch.float64),
-    )
-    gen = torch.Generator().manual_seed(0)
-    x0 = SIGMA_MAX * torch.randn(BATCH, 2, generator=gen, dtype=torch.float64)
-
-    def rhs(u, y):
-        x = torch.from_numpy(y).reshape(BATCH, 2)
-        return (x - gm.denoise(x, math.exp(u))).reshape(-1).numpy()
-
-    sol = solve_ivp(
-        rhs,
-        (math.log(SIGMA_MAX), math.log(SIGMA_MIN)),
-        x0.reshape(-1).numpy(),
-        method="DOP853",
-        rtol=1e-13,
-        atol=1e-13,
-    )
-    assert sol.success
-    ref = torch.from_numpy(sol.y[:, -1].copy()).reshape(BATCH, 2)
-    return gm, x0, ref
+def problem(mixture_ode):
+    """``conftest.mixture_ode``: the exact mixture's PF-ODE from sigma 10 to 0.05 (DOP853, 1e-13)."""
+    return mixture_ode
 
 
 def _error_at_sigma_min(problem, name, opts, n):
@@ -158,23 +136,12 @@ STEADY = [
 ]
 
 
-def _fine_start_grid(n):
-    """Log-linear sigmas with step ``h`` whose first two steps are ``h^2/4``: the lower-order warm-up
-    then costs O(h^4) locally, so the global error shows the order of the multistep steps."""
-    hi, lo = math.log(SIGMA_MAX), math.log(SIGMA_MIN)
-    h = (hi - lo) / (n - 1)
-    d = h * h / 4
-    body = torch.linspace(hi - 2 * d, lo, n - 2, dtype=torch.float64)[1:]
-    logs = torch.cat([torch.tensor([hi, hi - d, hi - 2 * d], dtype=torch.float64), body])
-    return torch.cat([logs.exp(), torch.zeros(1, dtype=torch.float64)])
-
-
 @pytest.mark.parametrize(("name", "opts", "order"), STEADY, ids=lambda v: str(v))
-def test_multistep_steps_have_their_declared_order(problem, name, opts, order):
+def test_multistep_steps_have_their_declared_order(problem, fine_start_grid, name, opts, order):
     gm, x0, ref = problem
     errs = []
     for n in NS:
-        sig = _fine_start_grid(n)
+        sig = fine_start_grid(n)
         states: list[dict] = []
         REGISTRY[name](gm, x0.clone(), sig, callback=states.append, **opts)
         states = [info["x"] for info in states]
