@@ -309,7 +309,7 @@ def fk_product(
             d_bar = sum(bk * dk for bk, dk in zip(bs, outs, strict=True)) / total
             d = d_bar if total == 1 else x + total * (d_bar - x)  # x + sigma^2 * (q's score)
             emit(callback, i, cur, x, d)
-            h = cur * cur - s1 * s1
+            h = rest = cur * cur - s1 * s1  # the rest of the step, in u
             if weighting:
                 h, inc = _increment(outs, bs, d_bar, x, cur, h_prev, h, s1 == 0, log_w, split,
                                     grid_h)  # fmt: skip
@@ -320,7 +320,7 @@ def fk_product(
                     x, d, log_w, 1.0 - 1e-9 if last else thr, generator, i, info
                 )
                 weighting = not last
-            nxt = s1 if h >= cur * cur - s1 * s1 else math.sqrt(cur * cur - h)
+            nxt = s1 if h >= rest else math.sqrt(cur * cur - h)
             h_prev = h
             if nxt == 0:
                 x = d
