@@ -85,7 +85,8 @@ def _ref_step(x_s, lam_s, lam_t, nodes, consts, pseudo):
     return out
 
 
-def _reference(den, x, sig, consts, order, corrector, pseudo):
+def _reference(den, x, sig, consts, order, corrector, pseudo, until=None):
+    """The sampler's path; ``until``: correct the state at node ``sigma_i`` only if ``sigma_i > until``."""
     l = consts[0]
     lams = [-math.log(v) for v in sig[:-1].tolist()]
     hist, plan = [], None  # hist: (lambda, f), most recent first
@@ -98,7 +99,8 @@ def _reference(den, x, sig, consts, order, corrector, pseudo):
         if i == len(lams) - 1:
             return d
         hist = [(lam, f), *hist[: order - 1]]
-        plan = (x, lam, hist) if corrector else None
+        keep = corrector and (until is None or sig[i + 1].item() > until)
+        plan = (x, lam, hist) if keep else None
         x = _ref_step(x, lam, lams[i + 1], hist, consts, pseudo)
     raise AssertionError("unreachable")
 
@@ -122,6 +124,46 @@ def test_matches_the_papers_formulas_with_constant_statistics(order, corrector, 
         # two nodes the pseudo-order and full estimates are the same divided difference
         base = _reference(gm, x, sig, consts, order, False, False)
         assert (want - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("until", [0.5, 2.0])
+def test_half_corrector(until):
+    # The half-corrector corrects the nodes with sigma > until only: against the reimplementation, and
+    # the states at the kept nodes equal the full corrector's, the final sample differs from both
+    # the full corrector's and the predictor's.
+    gm = _mixture()
+    x = 10.0 * torch.randn(6, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    sig = karras(7, 0.05, 10.0)
+    consts = [torch.tensor(v, dtype=torch.float64) for v in ([0.7, 0.9], [0.3, -0.2], [0.1, -0.05])]
+    kw = {"statistics": _constant_ems(*consts), "order": 3, "long_step": None, "corrector": True}
+    calls = []
+
+    def counting(x, sigma):
+        calls.append(1)
+        return gm(x, sigma)
+
+    half: list[dict] = []
+    got = REGISTRY["dpm_solver_v3"](
+        counting, x, sig, corrector_until=until, callback=half.append, **kw
+    )
+    assert len(calls) == 7 == nfe("dpm_solver_v3", sig, corrector_until=until, **kw)
+    want = _reference(gm, x, sig, consts, 3, True, False, until=until)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    full: list[dict] = []
+    REGISTRY["dpm_solver_v3"](gm, x, sig, callback=full.append, **kw)
+    kept = [i for i in range(7) if sig[i].item() > until]
+    assert 2 <= len(kept) < 7
+    for i in kept:  # callback i shows the state at node i after its correction
+        torch.testing.assert_close(half[i]["x"], full[i]["x"], rtol=0, atol=0)
+    first = kept[-1] + 1
+    assert (half[first]["x"] - full[first]["x"]).abs().max() > 1e-4
+    none = _reference(gm, x, sig, consts, 3, False, False)
+    full_end = _reference(gm, x, sig, consts, 3, True, False)
+    assert min((want - none).abs().max(), (want - full_end).abs().max()) > 1e-4
+    with pytest.raises(ValueError, match="corrector_until"):
+        REGISTRY["dpm_solver_v3"](gm, x, sig, corrector_until=1.0)
+    with pytest.raises(ValueError, match="corrector_until"):
+        REGISTRY["dpm_solver_v3"](gm, x, sig, corrector=True, corrector_until=-1.0)
 
 
 # -- convergence order ---------------------------------------------------------------------------------
