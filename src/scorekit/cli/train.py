@@ -4,6 +4,7 @@ scorekit train --data digits --out runs/digits --minutes 10
 scorekit train --data ring --out runs/ring --steps 2000 --process flow --param flow
 torchrun --nproc_per_node 2 $(which scorekit) train --data moons --out runs/m --steps 1000
 scorekit train --out runs/digits --resume --steps 20000     # continue exactly where it stopped
+scorekit train --data digits --cond --guidance-free 2 --init runs/digits-cond --out runs/gf --steps 300
 
 ``--resume`` restores the run's whole configuration; an option given again may change the run length,
 cadence or device (a note is printed) and is refused if it would change the model or the data.
@@ -58,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     a("--guidance-free", type=float, help="learn the CFG denoiser of this scale (> 1) directly: "
       "guided samples in one call per step (Tang et al. 2025; needs --cond)")  # fmt: skip
+    a("--init", metavar="RUN_DIR", help="fine-tune: start the weights from another run's EMA (its "
+      "newest checkpoint, or a checkpoint folder); fresh optimiser and step 0 (scorekit.train.warmstart)")  # fmt: skip
     a(
         "--ema",
         type=float,

@@ -58,6 +58,7 @@ from scorekit.train.loss import (
 from scorekit.train.plots import save_loss_curve
 from scorekit.train.preview import save_preview
 from scorekit.train.runfolder import RUN_FILES, fresh_folder, holds_run
+from scorekit.train.warmstart import init_weights
 
 __all__ = ["RUN_FILES", "DataOrder", "TrainConfig", "TrainResult", "holds_run", "train"]
 
@@ -104,6 +105,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     net: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None  # a run or checkpoint folder: its EMA weights start this one
 
     def validate(self) -> None:
         """Every number checked (finite, in range; ``steps`` >= 1: zero is not "the default"), each
@@ -284,9 +286,7 @@ class _Run:
     dist: Dist
     x_all: Tensor  # [N, ...] the training data in model units, on the device
     labels_all: Tensor | None  # [N] class labels when cfg.cond
-    info: dict[
-        str, Any
-    ]  # the data's description (shape, normalisation, sigma_data), saved with the run
+    info: dict[str, Any]  # the data's description (shape, normalisation, sigma_data), saved with it
     net_cfg: dict[str, Any]
     net: nn.Module  # the raw network being trained
     denoiser: NetDenoiser  # net wrapped by the parameterisation
@@ -303,9 +303,7 @@ class _Run:
     saved_step: int | None = None  # the newest checkpoint's step
     # The first step whose gradients were not finite (-1: none), a tensor on the device.
     bad_step: Tensor | None = None
-    model: nn.Module | None = (
-        None  # what the loss calls: the denoiser, DDP-wrapped when distributed
-    )
+    model: nn.Module | None = None  # what the loss calls: the denoiser (DDP-wrapped if distributed)
 
     @property
     def device(self) -> torch.device:
@@ -401,6 +399,8 @@ def _setup(cfg: TrainConfig, dataset, state: dict | None) -> _Run:
         }
         if not cfg.cond:
             net_cfg["num_classes"] = 0
+        if cfg.init:
+            net_cfg, init_w = init_weights(cfg.init, net_cfg, cfg.net, list(dataset.shape))
     else:
         info, net_cfg = state["data"], state["net"]
         if list(dataset.shape) != info["shape"]:
@@ -425,6 +425,9 @@ def _setup(cfg: TrainConfig, dataset, state: dict | None) -> _Run:
         cfg, dist, x_all, labels_all, info, net_cfg, net, denoiser, get_process(cfg.process),
         cfg.weighting or default_weighting(cfg.param), opt, EMA(net), DataOrder(len(x_all), cfg.seed),
     )  # fmt: skip
+    if state is None and cfg.init:  # fine-tuning: weights and EMA from the other run's EMA
+        net.load_state_dict(init_w)
+        run.ema.module.load_state_dict(init_w)
     torch.manual_seed(mix_seed(cfg.seed, dist.rank, 0xD209))  # dropout's RNG, one stream per rank
     return run
 
