@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from pathlib import Path
 from unittest.mock import patch
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from scorekit.bench.samplers import add_arguments, run
 from scorekit.bench.samplers.random_suite import (
+    BLOCK_B,
     _key,
     build,
     candidates,
@@ -43,28 +45,59 @@ def test_problems_are_seeded_split_and_unit_scale():
         assert float(gm.covariance.diagonal().mean()) == pytest.approx(1.0, rel=1e-10)
 
 
+def test_block_b_is_new_problems_of_the_same_family():
+    a, ab = specs(20, 0, False), specs(20, 0, False, block_b=True)
+    assert ab[:20] == a and ab == specs(20, 0, False, block_b=True)  # block a unchanged, seeded
+    b = ab[20:]
+    assert [s.part for s in b[:4]] == ["tuning-b", "held-out-b", "tuning-b", "held-out-b"]
+    assert [s.index for s in b] == list(range(BLOCK_B, BLOCK_B + 20))
+    # new seeds, also against a longer block a (every problem index below BLOCK_B)
+    assert not {s.seed for s in b} & {s.seed for s in specs(200, 0, False)}
+    assert {s.dim for s in b} <= {2, 4, 8, 16, 32, 64, 128, 256}
+    assert all(2 <= s.components <= 64 and 0.5 <= s.separation <= 8 for s in b)
+    gb, ga = build(b[1]), build(a[1])
+    assert gb.dim != ga.dim or not torch.equal(gb.means, ga.means)
+    with pytest.raises(ValueError, match=r"--problems: got 1001 with block b; allowed: at most"):
+        specs(1001, 0, False, block_b=True)
+    with pytest.raises(ValueError, match=r"--part: got 'b'; allowed: held-out, held-out-b"):
+        run_suite(out=Path("unused"), quick=True, part="b")
+
+
 @pytest.mark.peer
 @pytest.mark.slow
 def test_quick_suite_table_is_recomputable_from_its_rows(tmp_path):
     pytest.importorskip("diffusers")
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = ["--suite", "random", "--quick", "--fit", "4", "--out", str(tmp_path)]
-    assert run(parser.parse_args(args)) == 0
+    args = ["--suite", "random", "--quick", "--fit", "4", "--part", "held-out-b"]
+    assert run(parser.parse_args([*args, "--out", str(tmp_path)])) == 0
     res = json.loads((tmp_path / "random" / "results.json").read_text())
-    assert (tmp_path / "random" / "table.txt").read_text().startswith("held-out")
-    tuning, held = res["tuning_problems"], res["held_out_problems"]
-    assert {p["spec"]["part"] for p in tuning} == {"tuning"}
+    assert (tmp_path / "random" / "table.txt").read_text().startswith("held-out-b (fresh)")
+    tuning, held, held_b = (res[k] for k in ("tuning_problems", "held_out_problems",
+                                             "held_out_b_problems"))  # fmt: skip
+    assert [p["spec"]["part"] for p in tuning] == ["tuning", "tuning-b"]
     assert {p["spec"]["part"] for p in held} == {"held-out"}
-    for part in ("stats", "no_stats"):
-        for row in res["held_out"][part]:
-            nfe, key = str(row["nfe"]), row["config"]
-            ratios = [p["scorekit"][key][nfe] / p["diffusers"][nfe][1] for p in held]
-            assert row["median"] == pytest.approx(statistics.median(ratios))
-            assert row["worst"] == pytest.approx(max(ratios))
-            assert key == res["chosen"][part][nfe]["config"]
-            if part == "no_stats":
-                assert "/tele" not in key
+    assert {p["spec"]["part"] for p in held_b} == {"held-out-b"}
+    seeds = [{p["spec"]["seed"] for p in ps} for ps in (tuning, held, held_b)]
+    assert sum(map(len, seeds)) == len(set().union(*seeds)) == 4  # the parts are disjoint
+    for table, probs in (("held_out", held), ("held_out_b", held_b)):
+        for part in ("stats", "no_stats"):
+            for row in res[table][part]:
+                nfe, key = str(row["nfe"]), row["config"]
+                ratios = [p["scorekit"][key][nfe] / p["diffusers"][nfe][1] for p in probs]
+                assert row["median"] == pytest.approx(statistics.median(ratios))
+                assert row["worst"] == pytest.approx(max(ratios))
+                assert key == res["chosen"][part][nfe]["config"]
+                if part == "no_stats":
+                    assert "/tele" not in key
+    # the selection from the tuning records: the lowest max(median / 0.5, worst / 0.8) per NFE
+    for nfe, c in res["chosen"]["stats"].items():
+        score = {
+            k: max(statistics.median(r) / 0.5, max(r) / 0.8)
+            for k in tuning[0]["scorekit"]
+            for r in [[p["scorekit"][k][nfe] / p["diffusers"][nfe][1] for p in tuning]]
+        }
+        assert score[c["config"]] == pytest.approx(min(score.values()))  # fmt: skip
     # the fitted row: per problem the fit with the lower calibration error, its evaluation error
     ((fit_row,),) = [res["held_out"]["fitted"]]
     f = held[0]["fitted"]["4"]
@@ -91,6 +124,18 @@ def test_quick_suite_table_is_recomputable_from_its_rows(tmp_path):
                      gaussian=flow if tele else None, dtype=torch.float64)  # fmt: skip
     err = float((out - ref).square().mean().sqrt())
     assert err == pytest.approx(p["scorekit"][row["config"]][str(row["nfe"])], rel=1e-6)
+    # Rerun from the same seed, the tuning records and diffusers' bests reused: the same choices,
+    # and the held-out-b errors (computed again) equal.
+    again = run_suite(out=tmp_path / "again", quick=True, part="held-out-b", log=lambda _: None,
+                      reuse_tuning=str(tmp_path / "random"),
+                      reuse_diffusers=str(tmp_path / "random"))  # fmt: skip
+    assert [p.get("reused") for p in again["tuning_problems"]] == [True, True]
+    assert json.loads(json.dumps(again["chosen"])) == {k: v for k, v in res["chosen"].items()
+                                                       if k != "teleport"}  # fmt: skip
+    for p, q in zip(again["held_out_b_problems"], held_b, strict=True):
+        for key, errs in p["scorekit"].items():
+            for nfe, e in errs.items():
+                assert e == pytest.approx(q["scorekit"][key][str(nfe)], rel=1e-9)
 
 
 def test_a_fit_nfe_outside_the_suite_is_one_line_before_any_work(tmp_path):

@@ -117,6 +117,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--suite random: diffusers' per-problem bests from DIR/results.json (same settings)",
     )  # fmt: skip
     parser.add_argument(
+        "--part", choices=("held-out", "held-out-b"), default="held-out",
+        help="--suite random: held-out-b adds block b (new seeds): its tuning-b half joins the "
+        "tuning part, its held-out-b half is reported apart (used by no choice)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reuse-tuning", default=None, metavar="DIR",
+        help="--suite random: tuning problems' records from DIR/results.json (same settings) "
+        "where they hold every candidate",
+    )  # fmt: skip
+    parser.add_argument(
         "--fit", dest="fit_nfes", nargs="+", type=int, default=None, metavar="NFE",
         help="--suite random: also fit optimized / bespoke per held-out problem at these NFEs",
     )  # fmt: skip

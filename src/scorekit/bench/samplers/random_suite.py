@@ -8,7 +8,10 @@ log-uniform over powers of two), the number of components (2 to 64, likewise), t
 means ``c z / sqrt(d)``, so the distance between two means is about ``c sqrt(2)`` within-component
 standard deviations, from overlapping to well separated) and unequal weights; the mixture is then
 centred and scaled to unit mean per-coordinate variance. Even ``j`` form the **tuning** part, odd
-``j`` the **held-out** part (same family, disjoint problems).
+``j`` the **held-out** part (same family, disjoint problems). ``--part held-out-b`` adds block b:
+``problems`` more from the same generator at indices ``BLOCK_B`` (1000) on, so with new seeds;
+its even problems (**tuning-b**) join the tuning part and its odd ones form **held-out-b**, which no
+choice and no rule was ever fitted to (the held-out part of block a, once looked at, is "seen").
 
 Measure. As ``scorekit bench samplers``: noise ``x_T = sigma_max z`` (``sigma_max`` = 157.4, the
 DDPM linear table's last sigma; ``rows`` rows per problem, own seed per problem), the exact
@@ -36,7 +39,8 @@ chosen candidates' ratios on the held-out problems, which took no part in any ch
 ``--fit NFE ...`` adds, on the held-out problems, ``optimized`` and ``fit_bespoke`` fitted on each
 problem's own calibration noise from the best teleport candidate on the tuning part (``random_fitted``).
 ``--reuse-diffusers DIR`` takes diffusers' per-problem bests from an earlier ``results.json`` of the
-same settings (checked) instead of rerunning them. ``--quick``: 2 small problems (one per part), two
+same settings (checked) instead of rerunning them; ``--reuse-tuning DIR`` likewise whole tuning
+records (diffusers and every candidate) where they hold every candidate of this run. ``--quick``: 2 small problems (one per part), two
 NFEs, a few candidates.
 """
 
@@ -106,6 +110,11 @@ TELEPORT_BANDS = [(t, lo) for t in (1.0, 2.0, 4.0) for lo in (0.1, 0.2, 0.35)] +
 JUMP_BANDS = [(t, lo) for t in (4.0, 8.0) for lo in (0.05, 0.1, 0.2)]
 #: data rows from which the teleport's mean and covariance are estimated.
 STATS_ROWS = 16384
+#: first problem index of block b (``--part held-out-b``): its problems' seeds are new.
+BLOCK_B = 1000
+#: the parts a run reports: ``held-out`` (block a) or ``held-out-b`` (blocks a and b, tuning on both
+#: tuning parts, reported on both held-out parts).
+PARTS = ("held-out", "held-out-b")
 
 
 @dataclass(frozen=True)
@@ -121,10 +130,17 @@ class Spec:
     seed: int
 
 
-def specs(problems: int, seed: int, quick: bool) -> list[Spec]:
-    """The suite's problems, deterministic in ``(problems, seed, quick)``; even index = tuning."""
+def specs(problems: int, seed: int, quick: bool, block_b: bool = False) -> list[Spec]:
+    """The suite's problems, deterministic in ``(problems, seed, quick)``; even index = tuning.
+
+    ``block_b``: also block b, ``problems`` more of the same family drawn by the same generator from
+    indices ``BLOCK_B ..`` (seeds no run of block a uses): even = ``tuning-b``, odd = ``held-out-b``.
+    """
+    if block_b and problems > BLOCK_B:
+        raise ValueError(f"--problems: got {problems} with block b; allowed: at most {BLOCK_B}")
     out = []
-    for j in range(problems):
+    idx = list(range(problems)) + (list(range(BLOCK_B, BLOCK_B + problems)) if block_b else [])
+    for j in idx:
         s = mix_seed(SUITE_SEED, seed, j)
         g = torch.Generator().manual_seed(s)
         u = torch.rand(4, generator=g, dtype=torch.float64).tolist()
@@ -132,7 +148,7 @@ def specs(problems: int, seed: int, quick: bool) -> list[Spec]:
         comps = 2 ** (1 + int(u[1] * (2 if quick else 6)))  # 2..8 quick, 2..64
         full = u[2] < 0.5 and comps * dim * dim <= 2**17
         sep = 0.5 * 16 ** u[3]  # log-uniform in [0.5, 8]
-        part = "tuning" if j % 2 == 0 else "held-out"
+        part = ("tuning" if j % 2 == 0 else "held-out") + ("-b" if j >= BLOCK_B else "")
         out.append(Spec(j, part, dim, comps, "full" if full else "iso", sep, s))
     return out
 
@@ -279,8 +295,13 @@ def select(tuning: list[dict], nfes, teleport: bool | None = True) -> dict[int, 
 def _run_problem(spec: Spec, cfg: dict, only: set[str] | None, log) -> dict:
     """One problem: diffusers' best per NFE and the errors of the candidates (those in ``only``)."""
     t0 = time.perf_counter()
-    problem = _problem(spec, cfg["rows"], cfg["rtol"])
     cands = [c for c in candidates(cfg["quick"]) if only is None or _key(c) in only]
+    old = cfg.get("reuse_tuning", {}).get(spec.index)
+    if old is not None and old["spec"] == asdict(spec) and _covers(old, cands, cfg["nfes"]):
+        log(f"  {spec.part:10s} p{spec.index:<4d} d={spec.dim:<3d} K={spec.components:<2d} "
+            f"{spec.covariance:4s} sep={spec.separation:.2f}  (reused)")  # fmt: skip
+        return {**old, "reused": True}
+    problem = _problem(spec, cfg["rows"], cfg["rtol"])
     reused = cfg["reuse"].get(spec.index)
     flow = data_flow(spec, problem.gm)
     rec = {
@@ -291,10 +312,16 @@ def _run_problem(spec: Spec, cfg: dict, only: set[str] | None, log) -> dict:
     if spec.part == "held-out" and cfg.get("fit"):
         rec["fitted"] = fitted_errors(problem, spec, flow, cfg["fit"], rtol=cfg["rtol"], log=log)
     rec["seconds"] = time.perf_counter() - t0
-    log(f"  {spec.part:8s} p{spec.index:<3d} d={spec.dim:<3d} K={spec.components:<2d} "
+    log(f"  {spec.part:10s} p{spec.index:<4d} d={spec.dim:<3d} K={spec.components:<2d} "
         f"{spec.covariance:4s} sep={spec.separation:.2f}  {rec['seconds']:.0f}s"
         f"{' (diffusers reused)' if reused else ''}")  # fmt: skip
     return rec
+
+
+def _covers(record: dict, cands, nfes) -> bool:
+    """Whether a reused record holds every candidate's error at every NFE of this run."""
+    errs = record["scorekit"]
+    return all(_key(c) in errs and all(n in errs[_key(c)] for n in nfes) for c in cands)
 
 
 def held_out_table(held: list[dict], chosen: dict[int, dict], nfes) -> list[dict]:
@@ -312,10 +339,10 @@ def held_out_table(held: list[dict], chosen: dict[int, dict], nfes) -> list[dict
     return rows
 
 
-def table_text(rows: list[dict], title: str = "") -> str:
-    """The held-out table as fixed-width text."""
+def table_text(rows: list[dict], title: str = "", part: str = "held-out") -> str:
+    """A held-out part's table as fixed-width text."""
     lines = [
-        "held-out problems: scorekit error / diffusers' best error (per problem, chosen after the "
+        f"{part} problems: scorekit error / diffusers' best error (per problem, chosen after the "
         f"fact){title}",
         f"{'NFE':>4}  {'median':>7}  {'worst':>7}  {'wins':>6}  {'tuning med/worst':>17}  "
         "config (chosen on tuning)",
@@ -328,31 +355,56 @@ def table_text(rows: list[dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def _reuse(path: str | None, settings: dict) -> dict[int, dict]:
-    """``{problem index: diffusers bests}`` from an earlier ``results.json`` of the same settings."""
-    if path is None:
-        return {}
+def _old_problems(path: str, settings: dict, flag: str) -> list[dict]:
+    """The per-problem records of an earlier ``results.json`` of the same settings."""
     old = json.loads((Path(path) / "results.json").read_text())
     for k in ("rows", "rtol", "seed", "problems", "quick", "nfes", "suite_seed"):
         if old["settings"].get(k) != settings[k]:
             raise ValueError(
-                f"--reuse-diffusers {path}: its {k} is {old['settings'].get(k)!r}, this run's "
-                f"{settings[k]!r}"
+                f"{flag} {path}: its {k} is {old['settings'].get(k)!r}, this run's {settings[k]!r}"
             )
-    probs = old["tuning_problems"] + old["held_out_problems"]
+    return old["tuning_problems"] + old["held_out_problems"] + old.get("held_out_b_problems", [])
+
+
+def _reuse(path: str | None, settings: dict) -> dict[int, dict]:
+    """``{problem index: diffusers bests}`` from an earlier ``results.json`` of the same settings."""
+    if path is None:
+        return {}
+    probs = _old_problems(path, settings, "--reuse-diffusers")
     return {p["spec"]["index"]: {int(n): v for n, v in p["diffusers"].items()} for p in probs}
+
+
+def _reuse_tuning(path: str | None, settings: dict) -> dict[int, dict]:
+    """``{problem index: record}`` of the tuning problems of an earlier ``results.json`` of the same
+    settings (diffusers' bests and every candidate's errors; used where they cover this run's)."""
+    if path is None:
+        return {}
+    probs = _old_problems(path, settings, "--reuse-tuning")
+    return {
+        p["spec"]["index"]: {**p, "diffusers": {int(n): v for n, v in p["diffusers"].items()},
+                             "scorekit": {k: {int(n): e for n, e in v.items()}
+                                          for k, v in p["scorekit"].items()}}
+        for p in probs if p["spec"]["part"].startswith("tuning")
+    }  # fmt: skip
 
 
 def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, quick: bool = False,
               rtol: float = 1e-7, reuse_diffusers: str | None = None, fit_nfes=None,
+              part: str = "held-out", reuse_tuning: str | None = None,
               log=print) -> dict:  # fmt: skip
     """Run the suite: tuning part (all candidates), selection, held-out part (the chosen configs).
 
-    ``fit_nfes``: also fit ``optimized`` / ``bespoke`` per held-out problem at these NFEs
-    (``random_fitted``). Writes ``<out>/results.json`` and ``<out>/table.txt`` (and ``partial.json`` while it runs);
-    returns what ``results.json`` holds.
+    ``part="held-out-b"``: block b too (``specs``): its tuning-b problems join the tuning part and
+    its held-out-b problems, used by no choice, get their own tables (``held_out_b``).
+    ``fit_nfes``: also fit ``optimized`` / ``bespoke`` per held-out problem (block a) at these NFEs
+    (``random_fitted``). ``reuse_tuning``: tuning records (diffusers and every candidate) from an
+    earlier run's ``results.json`` where they cover this run's candidates. Writes
+    ``<out>/results.json`` and ``<out>/table.txt`` (and ``partial.json`` while it runs); returns
+    what ``results.json`` holds.
     """
     t0 = time.perf_counter()
+    if part not in PARTS:
+        raise ValueError(f"--part: got {part!r}; allowed: {', '.join(PARTS)}")
     if quick:
         problems, rows, rtol = min(problems, 2), min(rows, 16), max(rtol, 1e-6)
     nfes = (4, 8) if quick else NFES
@@ -361,13 +413,14 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
         raise ValueError(f"--fit: NFE {bad} not in this suite's NFEs {list(nfes)}")
     settings = {"rows": rows, "rtol": rtol, "quick": quick, "nfes": list(nfes), "problems": problems,
                 "seed": seed, "suite_seed": SUITE_SEED}  # fmt: skip
-    cfg = {**settings, "nfes": nfes, "reuse": _reuse(reuse_diffusers, settings)}
-    all_specs = specs(problems, seed, quick)
-    log(f"random suite: {problems} problems ({rows} rows each), NFE {list(nfes)}")
+    cfg = {**settings, "nfes": nfes, "reuse": _reuse(reuse_diffusers, settings),
+           "reuse_tuning": _reuse_tuning(reuse_tuning, settings)}  # fmt: skip
+    all_specs = specs(problems, seed, quick, block_b=part == "held-out-b")
+    log(f"random suite: {len(all_specs)} problems ({rows} rows each), NFE {list(nfes)}")
     out.mkdir(parents=True, exist_ok=True)
     tuning = []
-    for s in all_specs:  # the tuning part, every candidate
-        if s.part == "tuning":
+    for s in all_specs:  # the tuning part(s), every candidate
+        if s.part.startswith("tuning"):
             tuning.append(_run_problem(s, cfg, None, log))
             atomic_write_json(out / "partial.json", {"tuning_problems": tuning})
     chosen = {"stats": select(tuning, nfes), "no_stats": select(tuning, nfes, teleport=False)}
@@ -376,16 +429,27 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
     keep = {c[n]["config"] for c in chosen.values() for n in nfes}
     by_key = {_key(c): c for c in candidates(quick)}
     cfg["fit"] = {n: choice_of(by_key[chosen["teleport"][n]["config"]]) for n in fit_nfes or ()}
-    held = []
-    for s in all_specs:  # the held-out part, the chosen configs only
-        if s.part == "held-out":
-            held.append(_run_problem(s, cfg, keep, log))
-            atomic_write_json(out / "partial.json", {"tuning_problems": tuning, "held": held})
+    held, held_b = [], []
+    for s in all_specs:  # the held-out part(s), the chosen configs only
+        if s.part.startswith("held-out"):
+            (held if s.part == "held-out" else held_b).append(_run_problem(s, cfg, keep, log))
+            atomic_write_json(out / "partial.json", {"tuning_problems": tuning, "held": held,
+                                                     "held_b": held_b})  # fmt: skip
     tables = {k: held_out_table(held, c, nfes) for k, c in chosen.items()}
     texts = [
         table_text(tables["stats"], ", with the data's mean and covariance (AUTO_TELEPORT)"),
         table_text(tables["no_stats"], ", without data statistics (AUTO)"),
     ]
+    tables_b = {}
+    if held_b:
+        tables_b = {k: held_out_table(held_b, chosen[k], nfes) for k in ("stats", "no_stats")}
+        texts = [
+            table_text(tables_b["stats"], ", with the data's mean and covariance (AUTO_TELEPORT)",
+                       part="held-out-b (fresh)"),
+            table_text(tables_b["no_stats"], ", without data statistics (AUTO)",
+                       part="held-out-b (fresh)"),
+            *texts,
+        ]  # fmt: skip
     if cfg["fit"]:
         texts.append(
             table_text(tables["teleport"], ", the best teleport candidate (the fits' start)")
@@ -397,8 +461,9 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
     result = {
         "settings": {**settings, "sigma_max": DiscreteProcess.linear().sigma_max,
                      "stats_rows": STATS_ROWS, "reused_diffusers": reuse_diffusers},
-        "chosen": chosen, "held_out": tables, "tuning_problems": tuning,
-        "held_out_problems": held, "seconds": time.perf_counter() - t0,
+        "part": part, "chosen": chosen, "held_out": tables, "held_out_b": tables_b,
+        "tuning_problems": tuning, "held_out_problems": held, "held_out_b_problems": held_b,
+        "seconds": time.perf_counter() - t0,
     }  # fmt: skip
     atomic_write_json(out / "results.json", result)
     atomic_write(out / "table.txt", (text + "\n").encode())
@@ -410,5 +475,7 @@ def run(args: argparse.Namespace) -> int:
     run_suite(out=Path(args.out) / "random", seed=args.seed, quick=args.quick,
               problems=args.problems, rows=args.rows,
               reuse_diffusers=getattr(args, "reuse_diffusers", None),
-              fit_nfes=getattr(args, "fit_nfes", None))  # fmt: skip
+              fit_nfes=getattr(args, "fit_nfes", None),
+              part=getattr(args, "part", "held-out"),
+              reuse_tuning=getattr(args, "reuse_tuning", None))  # fmt: skip
     return 0
