@@ -2,8 +2,9 @@
 
 ``parallel_sample`` is checked against the sequential samplers of ``REGISTRY`` (separate code, run
 here on the same start): equal to rounding with ``tol = 0``, within the tolerance and in far fewer
-sequential rounds with ``tol = 1e-3``. ``linear_step_map`` is checked against Euler's unrolled map
-written here in closed form. Rounds and evaluations are counted by the test's own denoiser.
+sequential rounds with ``tol = 1e-3``; stochastic ones run with the same seed or the same noise
+drawn here in advance (``PresetNoise``). ``linear_step_map`` is checked against Euler's and Euler
+ancestral's unrolled maps written here in closed form. Rounds and evaluations are counted by the test's own denoiser.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from scorekit.analytic import target
 from scorekit.samplers import REGISTRY, nfe
+from scorekit.samplers.common import PresetNoise
 from scorekit.samplers.parallel import linear_step_map, parallel_sample
 from scorekit.schedules import karras
 
@@ -96,9 +98,11 @@ def test_linear_step_map_of_euler_is_its_unrolled_recursion():
 
 def test_bad_input_is_refused():
     g, x, sig = target("ring8"), _start(), karras(6, 0.05, 80.0)
-    for name in ("euler_ancestral", "adaptive_ode"):
-        with pytest.raises(ValueError, match="stochastic or adaptive"):
+    for name in ("adaptive_sde", "adaptive_ode"):
+        with pytest.raises(ValueError, match=f"sampler '{name}' is adaptive"):
             parallel_sample(g, x, sig, sampler=name)
+    with pytest.raises(ValueError, match=r"'euler_ancestral' is stochastic.*with_noise=True"):
+        linear_step_map("euler_ancestral", sig)
 
     def squares(denoiser, x, sigmas, **_):  # not affine in the denoiser's outputs
         for s0 in sigmas[:-1].tolist():
@@ -113,3 +117,73 @@ def test_bad_input_is_refused():
         parallel_sample(g, x, sig, window=0)
     with pytest.raises(ValueError, match=r"statistics= .* differ per coordinate"):
         parallel_sample(g, x, sig, sampler="dpm_solver_v3", statistics=object())
+
+
+#: stochastic samplers whose points are affine in start, outputs and draws: (name, options)
+NOISY = [
+    ("euler_ancestral", {}),
+    ("dpmpp_2m_sde", {}),
+    ("sa_solver", {}),
+    ("edm_stochastic", {"s_churn": 10.0}),
+]
+
+
+@pytest.mark.parametrize(("name", "opts"), NOISY, ids=[n for n, _ in NOISY])
+def test_stochastic_samplers_with_the_same_noise(name, opts):
+    # ParaDiGMS's rule: draw each step's noise up front; Picard iteration then converges to the
+    # sequential sampler run with the same noise (same seed, or the same draws given in advance).
+    g = Counting(target("ring8"))
+    x, sig = _start(), karras(12, 0.002, 80.0)
+    seq = REGISTRY[name](
+        target("ring8"), x, sig, generator=torch.Generator().manual_seed(5), **opts
+    )
+    st: dict = {}
+    got = parallel_sample(g, x, sig, sampler=name, tol=0.0, stats=st,
+                          generator=torch.Generator().manual_seed(5), **opts)  # fmt: skip
+    torch.testing.assert_close(got, seq, rtol=0, atol=1e-12)
+    assert st["draws"] > 0 and st["rounds"] == g.calls <= st["steps"] == nfe(name, sig, **opts)
+    # the noise drawn here, handed to both
+    z = torch.randn(
+        st["draws"], *x.shape, generator=torch.Generator().manual_seed(9), dtype=x.dtype
+    )
+    seq_z = REGISTRY[name](target("ring8"), x, sig, generator=PresetNoise(z), **opts)
+    got_z = parallel_sample(g, x, sig, sampler=name, tol=0.0, generator=PresetNoise(z), **opts)
+    torch.testing.assert_close(got_z, seq_z, rtol=0, atol=1e-12)
+    assert (seq_z - seq).abs().max() > 1e-2  # the noise matters
+    g.calls = 0
+    near = parallel_sample(g, x, sig, sampler=name, tol=1e-3, stats=st, generator=PresetNoise(z),
+                           **opts)  # fmt: skip
+    assert (near - seq_z).abs().max() < 1e-3
+    assert st["rounds"] == g.calls < st["steps"], st
+
+
+def test_linear_step_map_of_euler_ancestral_is_its_unrolled_recursion():
+    # x_{i+1} = (d_i / s_i) x_i + (1 - d_i / s_i) D_i + u_i z_i with u_i = s_{i+1} sqrt(1 - (s_{i+1}/s_i)^2)
+    # and d_i = sqrt(s_{i+1}^2 - u_i^2) (Ho et al. 2020's ancestral step in the sigma frame), and the
+    # last step x = D.
+    sig = karras(5, 0.05, 10.0).tolist()
+    alpha, beta, gamma, levels = linear_step_map(
+        "euler_ancestral", torch.tensor(sig, dtype=torch.float64), with_noise=True
+    )
+    n = len(sig) - 1
+    up = [sig[i + 1] * math.sqrt(1 - (sig[i + 1] / sig[i]) ** 2) for i in range(n - 1)]
+    keep = [math.sqrt(sig[i + 1] ** 2 - up[i] ** 2) / sig[i] for i in range(n - 1)]
+    assert gamma.shape == (n + 1, n - 1) and levels == pytest.approx(sig[:-1], rel=1e-15)
+    for i in range(n):  # the state at sigma_i
+        for k in range(n - 1):
+            want = up[k] * math.prod(keep[k + 1 : i]) if k < i else 0.0
+            assert gamma[i, k].item() == pytest.approx(want, rel=1e-12, abs=1e-15)
+        assert alpha[i].item() == pytest.approx(math.prod(keep[:i]), rel=1e-12)
+    assert gamma[n].abs().max() == 0 and alpha[n] == 0 and beta[n, n - 1] == 1
+
+
+def test_preset_noise_errors():
+    x, sig = _start(), karras(6, 0.05, 80.0)
+    with pytest.raises(ValueError, match="asked for draw 3; only 2 were given"):
+        REGISTRY["euler_ancestral"](
+            target("ring8"), x, sig, generator=PresetNoise(torch.zeros(2, 8, 2))
+        )
+    with pytest.raises(ValueError, match=r"draw 0 has shape \(8, 3\)"):
+        REGISTRY["euler_ancestral"](
+            target("ring8"), x, sig, generator=PresetNoise(torch.zeros(9, 8, 3))
+        )

@@ -51,8 +51,9 @@ Modules: ``common`` (the plumbing every sampler shares, public for guidance and 
 ``fitted`` (``optimized`` schedules and ``fit_bespoke`` solvers, fitted to one denoiser: they run the
 samplers, so they sit above them), ``accelerators`` (teleport start, exposure-bias corrections),
 ``sa``, ``dc``, ``dpm3`` (SA-Solver, DC-Solver with ``fit_dc``, DPM-Solver-v3 with ``fit_ems``) and
-``parallel`` (``parallel_euler``, ``parallel_sample``: Picard iterations for any deterministic sampler
-with a fixed step map, fewer sequential rounds; not in the registry).
+``parallel`` (``parallel_euler``, ``parallel_sample``: Picard iterations for any sampler with a fixed
+step map, stochastic ones with their noise drawn up front (``PresetNoise``), fewer sequential rounds;
+not in the registry).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ from scorekit.samplers import registry
 from scorekit.samplers.accelerators import GaussianFlow
 from scorekit.samplers.adaptive import adaptive_ode, adaptive_sde
 from scorekit.samplers.bespoke import BespokeSolver, bespoke, linear_coefficients
-from scorekit.samplers.common import check_sigmas, row_generators
+from scorekit.samplers.common import PresetNoise, check_sigmas, row_generators
 from scorekit.samplers.dc import DCCascade, DCSolver, dc_solver, fit_dc, fit_dc_cascade
 from scorekit.samplers.defaults import AUTO, AUTO_TELEPORT, auto_choice, auto_sigmas
 from scorekit.samplers.dpm3 import EMS, dpm_solver_v3, fit_ems
@@ -119,6 +120,7 @@ __all__ = [
     "DCCascade",
     "DCSolver",
     "GaussianFlow",
+    "PresetNoise",
     "adaptive_ode",
     "adaptive_sde",
     "bespoke",

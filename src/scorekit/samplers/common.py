@@ -22,6 +22,7 @@ __all__ = [
     "LONG_STEP",
     "GeneratorLike",
     "Model",
+    "PresetNoise",
     "check_long_step",
     "check_sigmas",
     "combine",
@@ -38,8 +39,44 @@ __all__ = [
     "steps",
 ]
 
-#: One generator for the whole batch, or one per row (sample i then depends only on generator i).
-GeneratorLike = torch.Generator | Sequence[torch.Generator] | None
+
+class PresetNoise:
+    """Noise drawn in advance, passed as a sampler's ``generator``: its ``k``-th ``randn_like`` call
+    returns ``draws[k]`` instead of a fresh draw, so the sampler is a deterministic function of its
+    start and these draws (``parallel_sample`` runs stochastic samplers this way).
+
+    Args:
+        draws: ``[K, B, ...]`` (a tensor or a sequence of ``[B, ...]`` tensors), or a function
+            ``(k, x) -> [B, ...]`` giving draw ``k`` for a state like ``x``.
+
+    ``count`` is the number of draws taken so far; asking for more than ``K``, or a draw of another
+    shape than the state, is a one-line ``ValueError``.
+    """
+
+    def __init__(self, draws: Tensor | Sequence[Tensor] | Callable[[int, Tensor], Tensor]):
+        self.draws, self.count = draws, 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        k = self.count
+        if callable(self.draws):
+            z = self.draws(k, x)
+        elif k < len(self.draws):
+            z = self.draws[k]
+        else:
+            raise ValueError(
+                f"PresetNoise: the sampler asked for draw {k + 1}; only {len(self.draws)} were given"
+            )
+        if tuple(z.shape) != tuple(x.shape):
+            raise ValueError(
+                f"PresetNoise: draw {k} has shape {tuple(z.shape)}; the state has {tuple(x.shape)}"
+            )
+        self.count += 1
+        return z.to(dtype=x.dtype, device=x.device)
+
+
+#: One generator for the whole batch, or one per row (sample i then depends only on generator i), or
+#: noise drawn in advance (``PresetNoise``).
+GeneratorLike = torch.Generator | Sequence[torch.Generator] | PresetNoise | None
 
 Model = Callable[[Tensor, "float | Tensor"], Tensor]
 
@@ -204,9 +241,12 @@ def randn_like(x: Tensor, generator: GeneratorLike) -> Tensor:
     """Standard normal noise of ``x``'s shape, dtype and device.
 
     ``generator`` is ``None``, one ``torch.Generator``, or a sequence of ``B`` generators: row ``i`` is
-    then drawn from ``generator[i]`` alone, so it does not depend on the batch it sits in.
+    then drawn from ``generator[i]`` alone, so it does not depend on the batch it sits in; or a
+    ``PresetNoise``, which hands out its next draw.
     """
     kw = {"dtype": x.dtype, "device": x.device}
+    if isinstance(generator, PresetNoise):
+        return generator(x)
     if generator is None or isinstance(generator, torch.Generator):
         return torch.randn(x.shape, generator=generator, **kw)
     if not isinstance(generator, (list, tuple)) or len(generator) != x.shape[0]:

@@ -12,7 +12,8 @@ tolerance, and the sample needs far fewer sequential rounds than steps, at the p
 denoiser evaluations in total (``p`` states per round).
 
 The same holds for any sampler whose points of evaluation and result are fixed affine maps of the
-start and of the denoiser outputs so far (Euler, DPM-Solver++ 2M/3M, UniPC, DEIS, iPNDM, Heun, ...):
+start and of the denoiser outputs so far (Euler, DPM-Solver++ 2M/3M, UniPC, DEIS, iPNDM, Heun, ...),
+and for a stochastic one once its noise is drawn up front (then ``e_i`` gains ``sum_k gamma_ik z_k``):
 
     e_i = alpha_i x_0 + sum_{j < i} beta_{ij} D(e_j, sigma^(j)),     i = 0 .. M,
 
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from scorekit._util import append_dims, check_int, check_number
-from scorekit.samplers.common import finish, prepare
+from scorekit.samplers.common import GeneratorLike, PresetNoise, finish, prepare, randn_like
 from scorekit.samplers.registry import ADAPTIVE, STOCHASTIC, get_sampler
 
 __all__ = ["linear_step_map", "parallel_euler", "parallel_sample"]
@@ -117,21 +118,26 @@ def parallel_euler(
 
 
 def linear_step_map(
-    sampler: str | Callable, sigmas: Tensor, **options
-) -> tuple[Tensor, Tensor, list[float]]:
-    """The affine map of a deterministic sampler on ``sigmas``: ``(alpha [M + 1], beta [M + 1, M],
-    levels)`` with ``e_i = alpha_i x_0 + sum_{j < i} beta_ij D_j`` (module docstring), ``levels[j]``
-    the noise level of call ``j`` and ``M`` the calls it makes.
+    sampler: str | Callable, sigmas: Tensor, *, with_noise: bool = False, **options
+) -> tuple[Tensor, ...]:
+    """The affine map of a sampler on ``sigmas``: ``(alpha [M + 1], beta [M + 1, M], levels)`` with
+    ``e_i = alpha_i x_0 + sum_{j < i} beta_ij D_j`` (module docstring), ``levels[j]`` the noise level
+    of call ``j`` and ``M`` the calls it makes; with ``with_noise=True``, ``(alpha, beta, gamma
+    [M + 1, K], levels)`` with ``e_i = alpha_i x_0 + sum_j beta_ij D_j + sum_k gamma_ik z_k``, ``z_k``
+    the sampler's ``k``-th noise draw (``K = 0`` for a deterministic sampler).
 
-    One run of ``sampler`` (a registry name or a function with the sampler signature) on ``M + 4``
-    one-dimensional float64 rows: row 0 starts at 1 with ``D = 0`` (``alpha``), row ``1 + k`` starts
-    at 0 with ``D = 1`` at call ``k`` only (column ``k`` of ``beta``), and three rows with random
-    starts and outputs check that the map reproduces what the sampler did (a sampler whose points
-    are not affine in these, or whose calls differ per row, is refused). The probe's denoiser
-    ignores its input, so the run costs the sampler's arithmetic, no network call.
+    One run of ``sampler`` (a registry name or a function with the sampler signature) on ``M + K + 4``
+    one-dimensional float64 rows, its noise given by a ``PresetNoise``: row 0 starts at 1 with ``D = 0``
+    and ``z = 0`` (``alpha``), row ``1 + j`` starts at 0 with ``D = 1`` at call ``j`` only (column
+    ``j`` of ``beta``), row ``1 + M + k`` has ``z = 1`` at draw ``k`` only (column ``k`` of ``gamma``),
+    and three rows with random starts, outputs and draws check that the map reproduces what the
+    sampler did (a sampler whose points are not affine in these, or whose calls differ per row, is
+    refused). The probe's denoiser ignores its input, so the run costs the sampler's arithmetic, no
+    network call.
 
     Raises:
-        ValueError: a stochastic or adaptive sampler, or a sampler that is not a fixed affine map.
+        ValueError: an adaptive sampler; a stochastic one without ``with_noise=True``; a sampler that
+            is not a fixed affine map of its start, outputs and draws (named in the message).
     """
     name = sampler if isinstance(sampler, str) else getattr(sampler, "__name__", "sampler")
     if options.get("statistics") is not None:
@@ -139,15 +145,25 @@ def linear_step_map(
             f"{name}: statistics= (dpm_solver_v3's EMS) differ per coordinate, and a step map read "
             "off one coordinate needs them shared; run it without statistics or sequentially"
         )
+    if "generator" in options:
+        raise TypeError(f"{name}: linear_step_map sets the noise itself; do not pass generator=")
     if isinstance(sampler, str):
-        if sampler in STOCHASTIC or sampler in ADAPTIVE:
+        if sampler in ADAPTIVE:
             raise ValueError(
-                f"sampler {sampler!r} is stochastic or adaptive: it has no fixed step map to iterate"
+                f"sampler {sampler!r} is adaptive (its calls depend on the data): it has no fixed "
+                "step map to iterate"
+            )
+        if sampler in STOCHASTIC and not with_noise:
+            raise ValueError(
+                f"sampler {sampler!r} is stochastic: its step map needs its noise draws "
+                "(with_noise=True)"
             )
         sampler = get_sampler(sampler)
     g = torch.Generator().manual_seed(0)
     seen: list[tuple[Tensor, Tensor]] = []
     rand: list[Tensor] = []
+    rand_z: list[Tensor] = []
+    dims = {"m": 0}
 
     def probe(x: Tensor, sigma: Tensor) -> Tensor:
         k = len(seen)
@@ -159,34 +175,50 @@ def linear_step_map(
         out[-3:, 0] = rand[-1]
         return out
 
-    def run(rows: int) -> Tensor:
-        seen.clear(), rand.clear()
+    def draw(k: int, x: Tensor) -> Tensor:
+        z = torch.zeros_like(x)
+        if 1 + dims["m"] + k < x.shape[0] - 3:
+            z[1 + dims["m"] + k] = 1.0
+        rand_z.append(torch.randn(3, generator=g, dtype=torch.float64))
+        z[-3:, 0] = rand_z[-1]
+        return z
+
+    def run(rows: int) -> tuple[Tensor, int]:
+        seen.clear(), rand.clear(), rand_z.clear()
         x0 = torch.zeros(rows, 1, dtype=torch.float64)
         x0[0], x0[-3:, 0] = 1.0, torch.tensor([0.7, -1.3, 2.1], dtype=torch.float64)
-        return sampler(probe, x0, sigmas, **options)
+        noise = PresetNoise(draw)
+        return sampler(probe, x0, sigmas, generator=noise, **options), noise.count
 
-    out = run(4)  # counts the calls M
-    m = len(seen)
-    out = run(m + 4)
-    if len(seen) != m:
-        raise ValueError(f"{name} made {m} and then {len(seen)} calls on the same sigmas")
+    out, kz = run(4)  # counts the calls M and the draws K
+    m = dims["m"] = len(seen)
+    if kz and not with_noise:
+        raise ValueError(f"{name} draws noise: its step map needs with_noise=True")
+    out, kz2 = run(m + kz + 4)
+    if len(seen) != m or kz2 != kz:
+        raise ValueError(
+            f"{name} made {m} calls and {kz} draws, then {len(seen)} and {kz2} on the same sigmas"
+        )
     points = [e for e, _ in seen] + [out[:, 0]]
     alpha = torch.stack([e[0] for e in points])
     beta = torch.stack([e[1 : m + 1] for e in points])
+    gamma = torch.stack([e[m + 1 : m + 1 + kz] for e in points])
     levels = []
     for _, sig in seen:
         if not bool((sig == sig[0]).all()):
             raise ValueError(f"{name} calls the denoiser at different levels per row")
         levels.append(float(sig[0]))
     d = torch.stack(rand, 1) if m else torch.zeros(3, 0, dtype=torch.float64)  # [3, M]
-    want = alpha[:, None] * torch.tensor([0.7, -1.3, 2.1], dtype=torch.float64) + beta @ d.T
+    z = torch.stack(rand_z, 1) if kz else torch.zeros(3, 0, dtype=torch.float64)  # [3, K]
+    start = torch.tensor([0.7, -1.3, 2.1], dtype=torch.float64)
+    want = alpha[:, None] * start + beta @ d.T + gamma @ z.T
     got = torch.stack([e[-3:] for e in points])
     if not torch.allclose(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max().clamp(min=1))):
         raise ValueError(
-            f"{name} is not a fixed affine map of its start and denoiser outputs on these sigmas "
-            "(parallel_sample needs one)"
+            f"{name} is not a fixed affine map of its start, denoiser outputs and noise draws on "
+            "these sigmas (parallel_sample needs one)"
         )
-    return alpha, beta, levels
+    return (alpha, beta, gamma, levels) if with_noise else (alpha, beta, levels)
 
 
 def parallel_sample(
@@ -197,6 +229,7 @@ def parallel_sample(
     sampler: str | Callable = "dpmpp_2m",
     window: int | None = None,
     tol: float = 1e-3,
+    generator: GeneratorLike = None,
     stats: dict | None = None,
     **options,
 ) -> Tensor:
@@ -211,13 +244,26 @@ def parallel_sample(
     sigma^2`` (``tol^2`` at ``sigma = 0``). ``e_{t+1}`` is exact after every round, so it ends after at
     most ``M`` rounds; with ``tol = 0`` it is the sequential sampler (to rounding).
 
+    Stochastic samplers (ParaDiGMS, Sec. 3: the noise of every step is drawn up front): the sampler's
+    ``K`` draws ``z_k`` are taken first, in its own order, from ``generator``, and the map gains the
+    term ``sum_k gamma_ik z_k`` (``linear_step_map(with_noise=True)``), a fixed part of every point.
+    The trajectory is then a deterministic function of ``(x_0, z_1 .. z_K)`` and the iteration
+    converges to the sequential sampler run with the same ``generator`` (the same seed, or the same
+    ``PresetNoise``). This covers every stochastic sampler in the registry whose points are affine in
+    its start, outputs and draws on fixed ``sigmas`` (``euler_ancestral``, ``euler_maruyama``,
+    ``dpmpp_2m_sde``, ``dpmpp_3m_sde``, ``sa_solver``, ``edm_stochastic``, ``restart``, ...); an
+    adaptive one (``adaptive_sde``, ``adaptive_ode``) or one that is not affine is refused by name.
+
     Args:
         x: ``[B, ...]`` at ``sigmas[0]``; ``sigmas``: as for every sampler.
-        sampler: a deterministic registry name (default ``dpmpp_2m``) or a sampler function;
-            ``options``: its options.
+        sampler: a registry name (default ``dpmpp_2m``) or a sampler function; ``options``: its
+            options.
         window: points per round (default: all ``M``); ``tol``: the per-point tolerance above.
+        generator: the stochastic sampler's noise, as for the sampler itself (``None``, a
+            ``torch.Generator``, ``B`` generators, or a ``PresetNoise``); unused by a deterministic one.
         stats: if given, filled with ``rounds`` (sequential batched denoiser calls), ``evaluations``
-            (points denoised per sample in total) and ``steps`` (``M``, the sequential sampler's calls).
+            (points denoised per sample in total), ``steps`` (``M``, the sequential sampler's calls)
+            and ``draws`` (``K``, its noise draws).
 
     Returns:
         ``[B, ...]``: the sample, equal to the sequential sampler's within the tolerance. The rows
@@ -229,12 +275,17 @@ def parallel_sample(
     """
     check_number("tol", tol, low=0)
     s, _ = prepare(denoiser, x, sigmas)
-    alpha, beta, levels = linear_step_map(sampler, torch.tensor(s, dtype=torch.float64), **options)
-    m = len(levels)
+    sig64 = torch.tensor(s, dtype=torch.float64)
+    alpha, beta, gamma, levels = linear_step_map(sampler, sig64, with_noise=True, **options)
+    m, kz = len(levels), gamma.shape[1]
     p = min(m, m if window is None else check_int("window", window, least=1))
     batch, flat = x.shape[0], x.reshape(x.shape[0], -1)
     a, b = alpha.to(x.dtype).to(x.device), beta.to(x.dtype).to(x.device)
-    pts = a[:, None, None] * flat  # [M + 1, B, F]: every point from D = 0 as the first guess
+    fixed = a[:, None, None] * flat  # [M + 1, B, F]: the start's and the noise's part of each point
+    if kz:
+        z = torch.stack([randn_like(x, generator).reshape(flat.shape) for _ in range(kz)])
+        fixed = fixed + torch.einsum("ik,kbf->ibf", gamma.to(x.dtype).to(x.device), z)
+    pts = fixed  # every point from D = 0 as the first guess
     d = torch.zeros(m, *flat.shape, dtype=x.dtype, device=x.device)
     t, rounds, evals = 0, 0, 0
     while t < m:
@@ -245,7 +296,7 @@ def parallel_sample(
         rounds, evals = rounds + 1, evals + w
         d[t : t + w] = out.reshape(w, *flat.shape)
         d[t + w :] = d[t + w - 1]  # calls not evaluated yet: the latest output
-        new = a[:, None, None] * flat + torch.einsum("ij,jbf->ibf", b, d)
+        new = fixed + torch.einsum("ij,jbf->ibf", b, d)
         stride = w
         for j in range(1, w):  # point t + j was evaluated this round: did it move?
             scale = levels[t + j] ** 2 if levels[t + j] > 0 else 1.0
@@ -256,5 +307,5 @@ def parallel_sample(
         pts = new
         t += stride
     if stats is not None:
-        stats.update(rounds=rounds, evaluations=evals, steps=m)
+        stats.update(rounds=rounds, evaluations=evals, steps=m, draws=kz)
     return finish(pts[m].reshape(x.shape))
