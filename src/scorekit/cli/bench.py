@@ -15,6 +15,7 @@ BENCHES: dict[str, str] = {
     "guidance": "sliced W2 to the exact tilted target vs network evaluations, every guidance rule",
     "inverse": "posterior samplers vs the exact posterior of mixtures: sliced W2, coverage, NFE",
     "models": "a diffusers DDPM UNet on the digits: scorekit samplers vs diffusers schedulers",
+    "guided_solvers": "DPM-Solver-v3 half-corrector and DC-Solver over guidance scale, exact targets",
 }
 
 
