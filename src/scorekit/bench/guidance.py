@@ -9,6 +9,13 @@ exact tilted target ``p_w ∝ p(x|y)^w p(x)^(1-w)`` (exact samples by accept-rej
 ``--n`` exact samples, beside the floor (the mean sliced W2 between that exact set and three
 independent exact sets of the same size).
 
+``--fk-sweep`` (``fk_smc`` at ``--convergence-scale`` against steps, correctors, ``sigma_final``,
+``ess_step`` and seeds) measures more carefully, because on ring6 the sliced W2 between two exact sets
+is mostly how they share the mass between the two class-0 components (3 apart): there the floor is
+the mean over all pairs of ``--fk-refs`` independent exact sets (with its spread), a run's figure is
+its mean sliced W2 to each of those sets, and ``--fk-null`` further exact sets measured the same way
+give the exact-vs-exact ratios, i.e. what a perfect sampler would score.
+
 Cost is network evaluations per sample: every row passed to a denoiser (or to the classifier, for
 classifier guidance) counts once, so a CFG call costs 2 and a rule that skips the unconditional
 model on some rows (adaptive guidance, a guidance interval) is charged only for what it ran.
@@ -32,7 +39,9 @@ one seed and reported on held-out ones (``scorekit.bench.guidance_adaptive``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -77,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--fk-targets", nargs="+", default=["gmm16"], help="default gmm16")
     f.add_argument("--fk-ess-step", type=float, nargs="+", default=[0.0],
                    help="fk_smc's ess_step values (0: no adaptive sub-steps)")  # fmt: skip
+    f.add_argument("--fk-refs", type=int, default=8, help="exact reference sets: the floor is "
+                   "the mean sliced W2 over all their pairs, a run's figure its mean to them")  # fmt: skip
+    f.add_argument("--fk-null", type=int, default=16, help="independent exact sets measured like "
+                   "a run: the exact-vs-exact ratios (what a perfect sampler would score)")  # fmt: skip
     g = parser.add_argument_group("digits (scorekit.bench.guidance_digits)")
     g.add_argument("--digits", metavar="RUN_DIR", help="a class-conditional digits run: measure the "
                    "rules on it (class accuracy, FD, MMD) instead of the exact mixtures")  # fmt: skip
@@ -260,15 +273,39 @@ def _fk_sweep(args) -> list[dict]:
     return rows
 
 
+def _references(t, w: float, n: int, k: int, null: int) -> dict:
+    """``k`` independent exact sets of ``n`` tilted samples (seed 1000), the floor as the mean (and
+    spread) of the sliced W2 over all their pairs, and ``null`` further exact sets (seed 2000)
+    measured like a run: their ratios are what a perfect sampler would score."""
+    if k < 2 or null < 0:
+        raise ValueError(f"--fk-refs must be >= 2 and --fk-null >= 0; got {k} and {null}")
+    g = torch.Generator().manual_seed(1000)
+    refs = [t.tilted_sample(0, w, n, g) for _ in range(k)]
+    pairs = [sliced_wasserstein(a, b) for a, b in itertools.combinations(refs, 2)]
+    floor = statistics.fmean(pairs)
+    g = torch.Generator().manual_seed(2000)
+    nulls = [_to_refs(t.tilted_sample(0, w, n, g), refs) / floor for _ in range(null)]
+    return {"refs": refs, "floor": floor, "floor_sd": statistics.stdev(pairs),
+            "floor_pairs": (min(pairs), max(pairs)), "null_ratios": nulls}  # fmt: skip
+
+
+def _to_refs(out, refs) -> float:
+    """The mean sliced W2 from ``out`` to each exact reference set."""
+    return statistics.fmean(sliced_wasserstein(out, r) for r in refs)
+
+
 def _fk_target(name: str, args) -> list[dict]:
     t, w, n = class_target(name), args.convergence_scale, args.n
-    g = torch.Generator().manual_seed(1000)
-    exact, *others = (t.tilted_sample(0, w, n, g) for _ in range(4))
-    floor = sum(sliced_wasserstein(exact, o) for o in others) / len(others)
-    print(
-        f"fk_smc on {name}, w={w:g}, {n} samples, groups of {args.fk_particles}, floor {floor:.4f}"
-    )
-    rows = []
+    ref = _references(t, w, n, args.fk_refs, args.fk_null)
+    floor, nulls = ref["floor"], ref["null_ratios"]
+    print(f"fk_smc on {name}, w={w:g}, {n} samples, groups of {args.fk_particles}; floor "
+          f"{floor:.4f} (sd {ref['floor_sd']:.4f}, {ref['floor_pairs'][0]:.4f} .. "
+          f"{ref['floor_pairs'][1]:.4f} over the pairs of {args.fk_refs} exact sets)")  # fmt: skip
+    if nulls:
+        print(f"  exact vs exact ({len(nulls)} independent sets): ratios {min(nulls):.2f} .. "
+              f"{max(nulls):.2f}, mean {statistics.fmean(nulls):.2f}")  # fmt: skip
+    rows = [{"target": name, "rule": "exact_vs_exact", "null_ratios": nulls, "floor": floor,
+             "floor_sd": ref["floor_sd"], "floor_pairs": ref["floor_pairs"]}]  # fmt: skip
     for steps in args.fk_steps:
         for c in args.fk_correctors:
             for sf, es in ((a, b) for a in args.fk_sigma_final for b in args.fk_ess_step):
@@ -280,7 +317,7 @@ def _fk_target(name: str, args) -> list[dict]:
                     out = fk_smc(t.cond(0), t.uncond, x, sig, scale=w, generator=g,
                                  particles=args.fk_particles, n_corrector=c, sigma_final=sf,
                                  ess_step=es, stats=st)  # fmt: skip
-                    sw = sliced_wasserstein(out, exact)
+                    sw = _to_refs(out, ref["refs"])
                     rows.append({"target": name, "steps": steps, "n_corrector": c,
                                  "sigma_final": sf, "ess_step": es, "seed": seed, "sw2": sw,
                                  "floor": floor, "substeps": st["substeps"],
