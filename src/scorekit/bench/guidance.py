@@ -86,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--fk-targets", nargs="+", default=["gmm16"], help="default gmm16")
     f.add_argument("--fk-ess-step", type=float, nargs="+", default=[0.0],
                    help="fk_smc's ess_step values (0: no adaptive sub-steps)")  # fmt: skip
+    f.add_argument("--fk-corrector-step", type=float, nargs="+", default=[0.5],
+                   help="fk_smc's corrector_step values (Langevin step in units of the level's "
+                   "du / 2; default 0.5)")  # fmt: skip
     f.add_argument("--fk-refs", type=int, default=8, help="exact reference sets: the floor is "
                    "the mean sliced W2 over all their pairs, a run's figure its mean to them")  # fmt: skip
     f.add_argument("--fk-null", type=int, default=16, help="independent exact sets measured like "
@@ -289,6 +292,13 @@ def _references(t, w: float, n: int, k: int, null: int) -> dict:
             "floor_pairs": (min(pairs), max(pairs)), "null_ratios": nulls}  # fmt: skip
 
 
+def _share_tv(t, out, refs) -> float:
+    """Total variation between the class-0 component shares (mean responsibilities at sigma 0) of
+    ``out`` and of the pooled exact sets: how the run splits the mass between separated modes."""
+    share = lambda z: t.cond(0).responsibilities(z, 0.0).mean(0)  # noqa: E731
+    return 0.5 * float((share(out) - share(torch.cat(refs))).abs().sum())
+
+
 def _to_refs(out, refs) -> float:
     """The mean sliced W2 from ``out`` to each exact reference set."""
     return statistics.fmean(sliced_wasserstein(out, r) for r in refs)
@@ -308,7 +318,8 @@ def _fk_target(name: str, args) -> list[dict]:
              "floor_sd": ref["floor_sd"], "floor_pairs": ref["floor_pairs"]}]  # fmt: skip
     for steps in args.fk_steps:
         for c in args.fk_correctors:
-            for sf, es in ((a, b) for a in args.fk_sigma_final for b in args.fk_ess_step):
+            grid = itertools.product(args.fk_sigma_final, args.fk_ess_step, args.fk_corrector_step)
+            for sf, es, cs in grid:
                 for seed in args.fk_seeds:
                     g = torch.Generator().manual_seed(seed)
                     x = 80.0 * torch.randn(n, t.dim, generator=g, dtype=torch.float64)
@@ -316,19 +327,23 @@ def _fk_target(name: str, args) -> list[dict]:
                     sig = karras(steps, 0.002, 80.0, dtype=torch.float64)
                     out = fk_smc(t.cond(0), t.uncond, x, sig, scale=w, generator=g,
                                  particles=args.fk_particles, n_corrector=c, sigma_final=sf,
-                                 ess_step=es, stats=st)  # fmt: skip
+                                 ess_step=es, corrector_step=cs, stats=st)  # fmt: skip
                     sw = _to_refs(out, ref["refs"])
                     rows.append({"target": name, "steps": steps, "n_corrector": c,
-                                 "sigma_final": sf, "ess_step": es, "seed": seed, "sw2": sw,
+                                 "sigma_final": sf, "ess_step": es, "corrector_step": cs,
+                                 "seed": seed, "sw2": sw,
                                  "floor": floor, "substeps": st["substeps"],
                                  "ratio": sw / floor, "nfe_per_sample": st["nfe"],
-                                 "min_ess": min(st["ess"])})  # fmt: skip
-                    print(f"  steps {steps:<4} C {c:<2} sigma_final {sf:<5g} ess_step {es:<4g} "
-                          f"seed {seed}: sw2 "
+                                 "min_ess": min(st["ess"]),
+                                 "share_tv": _share_tv(t, out, ref["refs"])})  # fmt: skip
+                    print(f"  steps {steps:<4} C {c:<2} step {cs:<4g} sigma_final {sf:<5g} "
+                          f"ess_step {es:<4g} seed {seed}: sw2 "
                           f"{sw:.4f}  ratio {sw / floor:.2f}  nfe/sample {st['nfe']}  min ESS "
-                          f"{min(st['ess']):.1f}", flush=True)  # fmt: skip
+                          f"{min(st['ess']):.1f}  share TV {rows[-1]['share_tv']:.3f}",
+                          flush=True)  # fmt: skip
                 rs = [r["ratio"] for r in rows[-len(args.fk_seeds) :]]
-                print(f"  steps {steps:<4} C {c:<2} sigma_final {sf:<5g} ess_step {es:<4g} ratios "
+                print(f"  steps {steps:<4} C {c:<2} step {cs:<4g} sigma_final {sf:<5g} "
+                      f"ess_step {es:<4g} ratios "
                       f"{min(rs):.2f} .. "
                       f"{max(rs):.2f}, mean {sum(rs) / len(rs):.2f}", flush=True)  # fmt: skip
     return rows
