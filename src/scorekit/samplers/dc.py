@@ -13,14 +13,16 @@ the same calibration noise (``fit_dc``); they are plain numbers with a JSON roun
 
 Cascade polynomial regression (``fit_dc_cascade``, ``DCCascade``) turns the ratios fitted at a few
 NFEs into ratios for any NFE without fitting: a polynomial in the step's position along the schedule
-per fitted NFE, then each of its coefficients a polynomial in the NFE.
+per fitted NFE, then each of its coefficients a polynomial in the NFE; fitted at a few guidance
+scales too (``scales=``), each of those a polynomial in the scale, so that ``for_scale(w)`` gives
+ratios at an unfitted CFG scale (measured in ``scorekit bench guided_solvers --part dc``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -148,6 +150,8 @@ class DCSolver:
         ratios: ``N`` compensation ratios (entries ``i < dc_order`` are 1).
         order, variant, dc_order: the options of ``dc_solver``.
         calibration_rms: RMS error per coordinate on the calibration batch, ``(unipc, fitted)``.
+        scale: the guidance scale of the denoiser it was fitted to, when the fit is one of a cascade
+            over scales (``fit_dc_cascade(scales=...)``); ``None`` otherwise.
     """
 
     sigmas: Tensor
@@ -156,6 +160,7 @@ class DCSolver:
     variant: str
     dc_order: int
     calibration_rms: tuple[float, float]
+    scale: float | None = None
 
     @property
     def nfe(self) -> int:
@@ -170,12 +175,13 @@ class DCSolver:
         )  # fmt: skip
 
     def to_dict(self) -> dict:
-        """Plain numbers and lists, for JSON."""
-        return {
+        """Plain numbers and lists, for JSON (``scale`` only when set)."""
+        out = {
             "sigmas": self.sigmas.tolist(), "ratios": list(self.ratios), "order": self.order,
             "variant": self.variant, "dc_order": self.dc_order,
             "calibration_rms": list(self.calibration_rms),
         }  # fmt: skip
+        return out if self.scale is None else {**out, "scale": self.scale}
 
     @classmethod
     def from_dict(cls, d: dict) -> DCSolver:
@@ -187,9 +193,28 @@ class DCSolver:
         ratios = _check_ratios(d["ratios"], len(s) - 1)
         order, variant, dc_order = _stored_options(d)
         rms = tuple(float(v) for v in d.get("calibration_rms", (math.nan, math.nan)))
+        scale = d.get("scale")
+        if scale is not None:
+            scale = _check_scales([scale], "scale")[0]
         return cls(
-            torch.tensor(s, dtype=torch.float64), tuple(ratios), order, variant, dc_order, rms
+            torch.tensor(s, dtype=torch.float64),
+            tuple(ratios),
+            order,
+            variant,
+            dc_order,
+            rms,
+            scale,
         )
+
+
+def _check_scales(scales, name: str = "scales") -> list[float]:
+    """Finite, distinct guidance scales, or a one-line error."""
+    ok = isinstance(scales, list | tuple) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in scales
+    )
+    if not ok or not all(math.isfinite(v) for v in scales) or len(set(scales)) != len(scales):
+        raise ValueError(f"{name} must be finite, distinct numbers; got {scales!r}")
+    return [float(v) for v in scales]
 
 
 def _stored_options(d: dict) -> tuple[int, str, int]:
@@ -339,9 +364,7 @@ def _lstsq_poly(xs: Sequence[float], ys: Sequence[float], degree: int) -> list[f
     return torch.linalg.lstsq(v, y, driver="gelsd").solution[:, 0].tolist()
 
 
-def regress_ratios(
-    solvers: Sequence[DCSolver], *, degrees: tuple[int, int] = (2, 1)
-) -> tuple[tuple[float, ...], ...]:
+def regress_ratios(solvers: Sequence[DCSolver], *, degrees: tuple[int, ...] = (2, 1)) -> tuple:
     """Cascade polynomial regression of fitted ratios: coefficients ``c[m][j]`` with
 
         rho(u, N) = sum_m a_m(N) u^m,        a_m(N) = sum_j c[m][j] N^j,
@@ -353,16 +376,41 @@ def regress_ratios(
     with a polynomial of degree ``degrees[1]`` in ``N``. Needs ``degrees[0] + 1`` compensated steps
     per solver and ``degrees[1] + 1`` distinct NFEs.
 
+    Three degrees ``(p, q, r)``, for solvers fitted at several guidance scales ``w`` (``scale`` set on
+    each; ``fit_dc_cascade(scales=...)``): stages 1-2 run per scale, and stage 3 fits each ``c[m][j]``
+    over the scales by least squares with a polynomial of degree ``r`` in ``w``; the result is
+    ``c[m][j][l]`` with ``rho(u, N, w) = sum_m sum_j (sum_l c[m][j][l] w^l) N^j u^m``. Needs ``r + 1``
+    distinct scales, each with ``q + 1`` distinct NFEs.
+
     References:
         Zhao et al., "DC-Solver", ECCV 2024, Sec. 3.4 (cascade polynomial regression: ratios for
         unseen sampling configurations without searching).
     """
-    p, q = (check_int(f"degrees[{k}]", d, least=0) for k, d in enumerate(degrees))
+    if not isinstance(degrees, list | tuple) or len(degrees) not in (2, 3):
+        raise ValueError(f"degrees must be (position, NFE[, scale]) degrees; got {degrees!r}")
     if not solvers or not all(isinstance(v, DCSolver) for v in solvers):
         raise TypeError("solvers must be a non-empty sequence of DCSolver (from fit_dc)")
     opts = {(v.order, v.variant, v.dc_order) for v in solvers}
     if len(opts) > 1:
         raise ValueError(f"solvers must share order, variant and dc_order; got {sorted(opts)}")
+    if len(degrees) == 3:
+        r = check_int("degrees[2]", degrees[2], least=0)
+        if any(v.scale is None for v in solvers):
+            raise ValueError("degrees has a scale degree, so every solver needs its scale set")
+        groups: dict[float, list[DCSolver]] = {}
+        for v in solvers:
+            groups.setdefault(v.scale, []).append(v)
+        if len(groups) < r + 1:
+            raise ValueError(
+                f"degrees[2] = {r} needs at least {r + 1} distinct scales; got {sorted(groups)}"
+            )
+        ws = sorted(groups)
+        per = [regress_ratios(groups[w], degrees=tuple(degrees[:2])) for w in ws]
+        return tuple(
+            tuple(tuple(_lstsq_poly(ws, [c[m][j] for c in per], r)) for j in range(len(row)))
+            for m, row in enumerate(per[0])
+        )
+    p, q = (check_int(f"degrees[{k}]", d, least=0) for k, d in enumerate(degrees))
     nfes = [v.nfe for v in solvers]
     if len(set(nfes)) < q + 1:
         raise ValueError(
@@ -383,29 +431,51 @@ def regress_ratios(
 
 @dataclass(frozen=True)
 class DCCascade:
-    """DC-Solver ratios for any NFE, regressed from per-NFE fits (``fit_dc_cascade``).
+    """DC-Solver ratios for any NFE (and guidance scale), regressed from per-NFE fits (``fit_dc_cascade``).
 
     Attributes:
-        coefficients: ``c[m][j]`` of ``regress_ratios`` (``degrees[0] + 1`` rows of ``degrees[1] + 1``).
+        coefficients: ``c[m][j]`` of ``regress_ratios`` (``degrees[0] + 1`` rows of ``degrees[1] + 1``);
+            for a cascade over guidance scales, ``c[m][j][l]`` (``degrees[2] + 1`` innermost).
         order, variant, dc_order: the options of ``dc_solver`` it was fitted for.
         bounds: ``(lo, hi)``: regressed ratios are clipped to the search interval of the fits.
         solvers: the per-NFE fits it was regressed from (kept in its JSON).
+        scales: the guidance scales it was fitted at (empty: not a cascade over scales). Such a
+            cascade gives one scale's ratios by ``for_scale(w)``, which is what ``dc_solver`` takes.
     """
 
-    coefficients: tuple[tuple[float, ...], ...]
+    coefficients: tuple
     order: int
     variant: str
     dc_order: int
     bounds: tuple[float, float]
     solvers: tuple[DCSolver, ...] = ()
+    scales: tuple[float, ...] = ()
 
     @property
     def nfes(self) -> tuple[int, ...]:
         """The NFEs of the fits it was regressed from."""
         return tuple(v.nfe for v in self.solvers)
 
+    def for_scale(self, scale: float) -> DCCascade:
+        """The cascade over NFE at guidance scale ``scale``: ``a_m(N) = sum_j (sum_l c[m][j][l] w^l)
+        N^j``. Between the fitted scales it interpolates; beyond them it extrapolates a polynomial."""
+        if not self.scales:
+            raise ValueError("this DCCascade was not fitted over guidance scales; use it as it is")
+        w = _check_scales([scale], "scale")[0]
+        coef = tuple(
+            tuple(sum(c * w**l for l, c in enumerate(cl)) for cl in row)
+            for row in self.coefficients
+        )
+        fits = tuple(v for v in self.solvers if v.scale == w)
+        return DCCascade(coef, self.order, self.variant, self.dc_order, self.bounds, fits)
+
     def ratio(self, u: float, n: int) -> float:
         """``rho(u, N)``, clipped to ``bounds``."""
+        if self.scales:
+            raise ValueError(
+                f"this DCCascade was fitted over guidance scales {list(self.scales)}: take one "
+                "scale's ratios with .for_scale(w)"
+            )
         val = sum(
             sum(c * n**j for j, c in enumerate(row)) * u**m
             for m, row in enumerate(self.coefficients)
@@ -432,11 +502,13 @@ class DCCascade:
 
     def to_dict(self) -> dict:
         """Plain numbers and lists, for JSON: the regression and the fits it came from."""
-        return {
-            "coefficients": [list(r) for r in self.coefficients], "order": self.order,
+        nest = (lambda r: [list(c) for c in r]) if self.scales else list
+        out = {
+            "coefficients": [nest(r) for r in self.coefficients], "order": self.order,
             "variant": self.variant, "dc_order": self.dc_order, "bounds": list(self.bounds),
             "solvers": [v.to_dict() for v in self.solvers],
         }  # fmt: skip
+        return {**out, "scales": list(self.scales)} if self.scales else out
 
     @classmethod
     def from_dict(cls, d: dict) -> DCCascade:
@@ -444,11 +516,13 @@ class DCCascade:
         missing = {"coefficients", "order", "variant", "dc_order", "bounds"} - set(d)
         if missing:
             raise ValueError(f"a DCCascade dict needs the keys {sorted(missing)}")
-        rows = [[float(c) for c in r] for r in d["coefficients"]]
-        if not rows or any(len(r) != len(rows[0]) or not r for r in rows):
-            raise ValueError("coefficients must be a non-empty rectangular list of lists")
-        if not all(math.isfinite(c) for r in rows for c in r):
-            raise ValueError("coefficients must be finite")
+        scales = tuple(_check_scales(d.get("scales", [])))
+        coef = _rectangular(d["coefficients"], 3 if scales else 2)
+        if scales and len(scales) < len(coef[0][0]):
+            raise ValueError(
+                f"a scale degree of {len(coef[0][0]) - 1} needs at least {len(coef[0][0])} scales; "
+                f"got {list(scales)}"
+            )
         bounds = d["bounds"]
         if not isinstance(bounds, list | tuple) or len(bounds) != 2:
             raise ValueError(f"bounds must be [lo, hi]; got {bounds!r}")
@@ -465,16 +539,45 @@ class DCCascade:
                 f"solvers (NFE {other}) were fitted with other options than the cascade's "
                 f"order={order}, variant={variant!r}, dc_order={dc_order}"
             )
-        coef = tuple(tuple(r) for r in rows)
-        return cls(coef, order, variant, dc_order, (lo, hi), solvers)
+        if scales and any(v.scale not in scales for v in solvers):
+            raise ValueError(f"solvers carry scales outside the cascade's {list(scales)}")
+        return cls(coef, order, variant, dc_order, (lo, hi), solvers, scales)
+
+
+def _rectangular(x, depth: int) -> tuple:
+    """``x`` as nested tuples of finite floats, rectangular, ``depth`` levels deep; or a one-line error."""
+
+    def walk(v, k):
+        if k == 0:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise ValueError
+            return float(v)
+        if not isinstance(v, list | tuple) or not v:
+            raise ValueError
+        out = tuple(walk(e, k - 1) for e in v)
+        if k > 1 and len({shape(e) for e in out}) != 1:
+            raise ValueError
+        return out
+
+    def shape(v) -> tuple[int, ...]:
+        return (len(v), *shape(v[0])) if isinstance(v, tuple) else ()
+
+    try:
+        return walk(x, depth)
+    except ValueError:
+        raise ValueError(
+            f"coefficients must be a non-empty rectangular {depth}-level list of finite numbers"
+            + (" (a cascade over scales)" if depth == 3 else "")
+        ) from None
 
 
 def fit_dc_cascade(
     denoiser: Callable,
     schedules: Sequence[Tensor | Sequence[float]],
     *,
-    degrees: tuple[int, int] = (2, 1),
+    degrees: tuple[int, ...] | None = None,
     bounds: tuple[float, float] = (0.2, 2.0),
+    scales: Sequence[float] | None = None,
     **fit_options,
 ) -> DCCascade:
     """``fit_dc`` on each of ``schedules`` (one per NFE), then ``regress_ratios``: ratios for any NFE.
@@ -484,11 +587,28 @@ def fit_dc_cascade(
     the fits and for the NFEs it is used at: the regression is in the step's position along the
     schedule and in ``N``, so it interpolates between fitted NFEs (extrapolation beyond them is a
     polynomial's). Costs the fits' calls (about ``25 N^2 / 2`` per schedule) and nothing per use.
+    ``degrees``: ``(2, 1)`` by default (position, NFE).
+
+    Over guidance scales (the paper's cascade over NFE *and* CFG scale): with ``scales`` given,
+    ``denoiser`` is a function ``w -> denoiser`` (e.g. ``lambda w: cfg(cond, uncond, w)``), every
+    schedule is fitted at every scale (``len(schedules) * len(scales)`` fits, each on the same
+    calibration noise), and the regression gains a polynomial in ``w`` (``degrees`` ``(2, 1, 2)`` by
+    default); ``cascade.for_scale(w)`` then gives the ratios at an unfitted scale without fitting.
+    A guided call costs the guided denoiser's network evaluations (two for CFG).
 
     References:
-        Zhao et al., "DC-Solver", ECCV 2024, Sec. 3.3-3.4.
+        Zhao et al., "DC-Solver", ECCV 2024, Sec. 3.3-3.4 (cascade polynomial regression over the
+        NFE and the classifier-free guidance scale).
     """
-    p, q = (check_int(f"degrees[{k}]", d, least=0) for k, d in enumerate(degrees))
+    if degrees is None:
+        degrees = (2, 1) if scales is None else (2, 1, 2)
+    want = 2 if scales is None else 3
+    if not isinstance(degrees, list | tuple) or len(degrees) != want:
+        raise ValueError(
+            f"degrees must have {want} entries (position, NFE"
+            + (", scale" if want == 3 else "") + f"); got {degrees!r}"
+        )  # fmt: skip
+    p, q = (check_int(f"degrees[{k}]", d, least=0) for k, d in enumerate(degrees[:2]))
     if isinstance(schedules, Tensor) or not schedules:
         raise ValueError(
             "schedules must be a non-empty list of sigma schedules (one per NFE, each ending in 0); "
@@ -505,9 +625,21 @@ def fit_dc_cascade(
             f"degrees[0] = {p} needs at least {p + 1} compensated steps per schedule (NFE - "
             f"dc_order >= {p + 1}, dc_order = {k}); the shortest schedule has NFE {min(steps)}"
         )
-    solvers = tuple(fit_dc(denoiser, s, bounds=bounds, **fit_options) for s in schedules)
-    coef = regress_ratios(solvers, degrees=degrees)
+    if scales is None:
+        solvers = tuple(fit_dc(denoiser, s, bounds=bounds, **fit_options) for s in schedules)
+    else:
+        ws = _check_scales(list(scales) if not isinstance(scales, Tensor) else scales.tolist())
+        r = check_int("degrees[2]", degrees[2], least=0)
+        if len(ws) < r + 1:
+            raise ValueError(f"degrees[2] = {r} needs at least {r + 1} scales; got {ws}")
+        solvers = tuple(
+            replace(fit_dc(denoiser(w), s, bounds=bounds, **fit_options), scale=w)
+            for w in ws
+            for s in schedules
+        )
+    coef = regress_ratios(solvers, degrees=tuple(degrees))
     v = solvers[0]
     return DCCascade(
-        coef, v.order, v.variant, v.dc_order, (float(bounds[0]), float(bounds[1])), solvers
-    )
+        coef, v.order, v.variant, v.dc_order, (float(bounds[0]), float(bounds[1])), solvers,
+        () if scales is None else tuple(sorted(ws)),
+    )  # fmt: skip
