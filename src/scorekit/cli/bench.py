@@ -16,6 +16,7 @@ BENCHES: dict[str, str] = {
     "inverse": "posterior samplers vs the exact posterior of mixtures: sliced W2, coverage, NFE",
     "models": "a diffusers DDPM UNet on the digits: scorekit samplers vs diffusers schedulers",
     "guided_solvers": "DPM-Solver-v3 half-corrector and DC-Solver over guidance scale, exact targets",
+    "parallel": "Picard-iteration sampling: sequential rounds vs steps, ODE and SDE samplers",
 }
 
 
