@@ -155,6 +155,15 @@ def test_stochastic_samplers_with_the_same_noise(name, opts):
                            **opts)  # fmt: skip
     assert (near - seq_z).abs().max() < 1e-3
     assert st["rounds"] == g.calls < st["steps"], st
+    if name == "euler_ancestral":  # one generator per row: row i depends on generator i alone
+        gens = [torch.Generator().manual_seed(20 + i) for i in range(8)]
+        seq_r = REGISTRY[name](target("ring8"), x, sig, generator=gens, **opts)
+        gens = [torch.Generator().manual_seed(20 + i) for i in range(8)]
+        got_r = parallel_sample(g, x, sig, sampler=name, tol=0.0, generator=gens, **opts)
+        torch.testing.assert_close(got_r, seq_r, rtol=0, atol=1e-12)
+        one = parallel_sample(g, x[5:6], sig, sampler=name, tol=0.0,
+                              generator=[torch.Generator().manual_seed(25)], **opts)  # fmt: skip
+        torch.testing.assert_close(one[0], seq_r[5], rtol=0, atol=1e-12)
 
 
 def test_linear_step_map_of_euler_ancestral_is_its_unrolled_recursion():
