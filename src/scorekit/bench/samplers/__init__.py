@@ -128,7 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--fit", dest="fit_nfes", nargs="+", type=int, default=None, metavar="NFE",
-        help="--suite random: also fit optimized / bespoke per held-out problem at these NFEs",
+        help="--suite random: also fit optimized / bespoke per problem of the reported held-out "
+        "part (--part) at these NFEs",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="small batches and subsets: < 1 min")
     parser.add_argument("--targets", nargs="+", default=["ring8", "gmm64"])

@@ -137,10 +137,10 @@ def fitted_table(held: list[dict], nfes) -> list[dict]:
     return rows
 
 
-def fitted_text(rows: list[dict]) -> str:
-    """The fitted table as fixed-width text."""
+def fitted_text(rows: list[dict], part: str = "held-out") -> str:
+    """The fitted table of ``part``'s problems as fixed-width text."""
     lines = [
-        "held-out problems with fitting on each problem's calibration noise (optimized / bespoke, "
+        f"{part} problems with fitting on each problem's calibration noise (optimized / bespoke, "
         "the better on calibration): error / diffusers' best",
         f"{'NFE':>4}  {'median':>7}  {'worst':>7}  {'wins':>6}  {'optimized med':>13}  "
         f"{'bespoke med':>11}",

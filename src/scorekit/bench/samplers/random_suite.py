@@ -309,7 +309,7 @@ def _run_problem(spec: Spec, cfg: dict, only: set[str] | None, log) -> dict:
         "diffusers": reused or _diffusers_best(problem, cfg["nfes"], cfg["quick"]),
         "scorekit": _scorekit_errors(problem, flow, cands, cfg["nfes"]),
     }
-    if spec.part == "held-out" and cfg.get("fit"):
+    if spec.part == cfg.get("part", "held-out") and cfg.get("fit"):
         rec["fitted"] = fitted_errors(problem, spec, flow, cfg["fit"], rtol=cfg["rtol"], log=log)
     rec["seconds"] = time.perf_counter() - t0
     log(f"  {spec.part:10s} p{spec.index:<4d} d={spec.dim:<3d} K={spec.components:<2d} "
@@ -396,8 +396,8 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
 
     ``part="held-out-b"``: block b too (``specs``): its tuning-b problems join the tuning part and
     its held-out-b problems, used by no choice, get their own tables (``held_out_b``).
-    ``fit_nfes``: also fit ``optimized`` / ``bespoke`` per held-out problem (block a) at these NFEs
-    (``random_fitted``). ``reuse_tuning``: tuning records (diffusers and every candidate) from an
+    ``fit_nfes``: also fit ``optimized`` / ``bespoke`` per problem of the reported part (block a's
+    held-out part, or held-out-b with ``part="held-out-b"``) at these NFEs (``random_fitted``). ``reuse_tuning``: tuning records (diffusers and every candidate) from an
     earlier run's ``results.json`` where they cover this run's candidates. Writes
     ``<out>/results.json`` and ``<out>/table.txt`` (and ``partial.json`` while it runs); returns
     what ``results.json`` holds.
@@ -413,7 +413,7 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
         raise ValueError(f"--fit: NFE {bad} not in this suite's NFEs {list(nfes)}")
     settings = {"rows": rows, "rtol": rtol, "quick": quick, "nfes": list(nfes), "problems": problems,
                 "seed": seed, "suite_seed": SUITE_SEED}  # fmt: skip
-    cfg = {**settings, "nfes": nfes, "reuse": _reuse(reuse_diffusers, settings),
+    cfg = {**settings, "nfes": nfes, "part": part, "reuse": _reuse(reuse_diffusers, settings),
            "reuse_tuning": _reuse_tuning(reuse_tuning, settings)}  # fmt: skip
     all_specs = specs(problems, seed, quick, block_b=part == "held-out-b")
     log(f"random suite: {len(all_specs)} problems ({rows} rows each), NFE {list(nfes)}")
@@ -454,8 +454,9 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
         texts.append(
             table_text(tables["teleport"], ", the best teleport candidate (the fits' start)")
         )
-        tables["fitted"] = fitted_table(held, nfes)
-        texts.append(fitted_text(tables["fitted"]))
+        fitted = fitted_table(held_b if part == "held-out-b" else held, nfes)
+        (tables_b if part == "held-out-b" else tables)["fitted"] = fitted
+        texts.append(fitted_text(fitted, part))
     text = "\n\n".join(texts)
     log(text)
     result = {
