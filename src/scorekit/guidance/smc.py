@@ -180,7 +180,8 @@ def fk_smc(
     sets"): groups of 256, ``n_corrector=8``, ``corrector_step=1.0`` on 200 karras steps (3584
     evaluations per sample): on gmm16 and ring6 at ``w = 4`` (2048 samples) within 1.5x of the
     exact-vs-exact floor on 17 of 20 held-out runs (1.09-1.71x on gmm16, 0.80-1.86x on ring6, where
-    exact sets themselves score 0.78-1.72x); the default ``corrector_step=0.5`` with 100 steps leaves
+    exact sets themselves score 0.78-1.72x); on 400 steps (7184) gmm16 1.07-1.31x on all 10, ring6
+    0.83-1.68x (8 of 10 within 1.5x); the default ``corrector_step=0.5`` with 100 steps leaves
     the groups' shares of separated modes noisier (ratios up to 2.9x on tuning seeds). What is left
     is the weights after the modes separate moving mass between them at random.
 
