@@ -12,10 +12,10 @@ every network of the robustness suite, ``scorekit bench samplers --suite robust`
 ``sampler="auto"`` the sampler, schedule and noise band that the random-mixture suite chose for that
 NFE on its tuning problems (``samplers.defaults``, ``docs/choosing-a-sampler.md``): with
 ``gaussian=GaussianFlow(mean, cov)`` of the data, the teleport start and ``schedules.spectral_band``
-(``AUTO_TELEPORT``), otherwise a band in the denoiser's data scale (``AUTO``). The previous tables
-(tuned on block a's 10 tuning problems) were checked bounded on the robustness suite's perturbed
-mixtures and level with the default on the trained digits UNet (so it is not the default); the
-current ones (20 tuning problems) have not been rerun there.
+(``AUTO_TELEPORT``, tuned on 20 problems), otherwise a band in the denoiser's data scale (``AUTO``,
+tuned on 10: the 20-problem choice failed the trained-network check). Both tables are bounded on the
+robustness suite's perturbed mixtures and level with the default on the trained digits UNet (so
+``"auto"`` is not the default).
 
 Choosing (``N`` steps = ``len(sigmas) - 1``; orders as measured in ``tests/test_samplers_order.py``):
 

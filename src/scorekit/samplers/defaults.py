@@ -55,23 +55,27 @@ class Choice:
 
 
 #: NFE -> choice without the data's statistics, from the tuning part of ``scorekit bench samplers
-#: --suite random --part held-out-b`` (seed 0, 20 problems of block a and 20 of block b, 64 rows
-#: each; the tuning part is the 10 even problems of each block; candidates from sigma_max or the jump
-#: start, every sampler at its default options: ``dpmpp_3m`` with ``long_step`` 10).
+#: --suite random`` (seed 0, block a's 10 tuning problems, 64 rows each; candidates from sigma_max or
+#: the jump start, every sampler at its default options). The choice of the enlarged tuning part
+#: (``--part held-out-b``, 20 problems) is not used: on the trained digits UNet it gave FD 89.5 at 5
+#: calls against the default's 58.4 (this table: 60.6), so it failed the trained-network check that a
+#: default must pass (docs/choosing-a-sampler.md).
 AUTO: dict[int, Choice] = {
     3: Choice("unipc", {"order": 2}, "loglinear", 0.01),
-    4: Choice("unipc", {"order": 3}, "loglinear", 0.2, 4.0, "jump"),
-    5: Choice("deis", {"order": 3}, "uniform_t", 0.25),
-    6: Choice("unipc", {"order": 2}, "karras", 0.2, 8.0, "jump"),
-    8: Choice("unipc", {"order": 3}, "karras", 0.1, 8.0, "jump"),
-    10: Choice("unipc", {"order": 3}, "karras", 0.1, 8.0, "jump"),
-    15: Choice("unipc", {"order": 3}, "loglinear", 0.05),
-    20: Choice("unipc", {"order": 2}, "loglinear", 0.1),
+    4: Choice("unipc", {"order": 3}, "karras", 0.2, 4.0, "jump"),
+    5: Choice("unipc", {"order": 2}, "karras", 0.2, 4.0, "jump"),
+    6: Choice("unipc", {"order": 2}, "loglinear", 0.2, 8.0, "jump"),
+    8: Choice("unipc", {"order": 3}, "loglinear", 0.1, 8.0, "jump"),
+    10: Choice("unipc", {"order": 3}, "loglinear", 0.05, 8.0, "jump"),
+    15: Choice("unipc", {"order": 3}, "loglinear", 0.05, 8.0, "jump"),
+    20: Choice("unipc", {"order": 2}, "loglinear", 0.05, 8.0, "jump"),
 }
 
 #: NFE -> choice with the data's mean and covariance (teleport start, the spectral band), from the
-#: same tuning part (data statistics from 16384 rows; ``top`` in ``sqrt(max eigenvalue)``, ``last``
-#: in RMS data scales).
+#: enlarged tuning part of ``--part held-out-b`` (the 10 even problems of block a and of block b;
+#: data statistics from 16384 rows; ``top`` in ``sqrt(max eigenvalue)``, ``last`` in RMS data
+#: scales). It passed both checks: bounded on the robustness suite's perturbed mixtures (worst 1.9x
+#: the floor) and level with the default on the trained digits UNet.
 AUTO_TELEPORT: dict[int, Choice] = {
     3: Choice("unipc", {"order": 2}, "karras", 0.2, 1.0, "teleport"),
     4: Choice("dpmpp_2m", {}, "karras", 0.2, 1.0, "teleport"),
