@@ -67,6 +67,15 @@ def test_a_fine_tuned_run_resumes_bitwise(data):
         ({"net": {**TINY, "hidden": 48}}, r"--init: --net \{'hidden': 48\} differs"),
         ({"init": "missing"}, r"--init: '.*missing' is not a folder"),
         ({"init": "empty"}, r"--init: '.*empty' holds no complete checkpoint"),
+        (
+            {"process": "flow", "param": "flow"},
+            r"--init: .* trained with --process edm, this run has --process flow",
+        ),
+        ({"param": "eps"}, r"--init: .* trained with --param edm, this run has --param eps"),
+        (
+            {"init": "base/checkpoints/step_000000099"},
+            r"--init: .*step_000000099 is not a readable checkpoint",
+        ),
     ],
 )
 def test_init_errors(data, kw, match):
@@ -77,6 +86,11 @@ def test_init_errors(data, kw, match):
         kw = {**kw, "init": str(data / kw["init"])}
     with pytest.raises(ValueError, match=match):
         train(_cfg(data, "bad", steps=1, **kw), progress=False, threads=1)
+
+
+def test_init_must_be_a_folder_name(data):
+    with pytest.raises(ValueError, match=r"--init must name a run or checkpoint folder; got ''"):
+        train(_cfg(data, "bad3", steps=1, init=""), progress=False, threads=1)
 
 
 def test_init_refuses_a_conditional_mismatch(data):

@@ -135,6 +135,8 @@ class TrainConfig:
             if not (self.cond and self.label_dropout > 0):
                 raise ValueError("--guidance-free needs --cond and --label-dropout > 0")
         check_number("--holdout", self.holdout, low=0, high=1, high_ok=False)
+        if self.init is not None and not (isinstance(self.init, str) and self.init):
+            raise ValueError(f"--init must name a run or checkpoint folder; got {self.init!r}")
         if self.weighting is not None and self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; allowed: {sorted(WEIGHTINGS)}")
 
@@ -400,7 +402,7 @@ def _setup(cfg: TrainConfig, dataset, state: dict | None) -> _Run:
         if not cfg.cond:
             net_cfg["num_classes"] = 0
         if cfg.init:
-            net_cfg, init_w = init_weights(cfg.init, net_cfg, cfg.net, list(dataset.shape))
+            net_cfg, init_w = init_weights(cfg, net_cfg, list(dataset.shape))
     else:
         info, net_cfg = state["data"], state["net"]
         if list(dataset.shape) != info["shape"]:

@@ -39,19 +39,30 @@ def init_checkpoint(path: str) -> Path:
 
 
 def init_weights(
-    path: str, net_cfg: dict[str, Any], given_net: dict[str, Any], shape: list[int]
+    cfg: Any, net_cfg: dict[str, Any], shape: list[int]
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``(network config, EMA weights)`` of the run ``--init`` names, checked against this run.
+    """``(network config, EMA weights)`` of the run ``cfg.init`` names, checked against this run.
 
     Args:
-        path: the ``--init`` value.
+        cfg: this run's ``TrainConfig`` (its ``init``, ``net`` overrides, ``process`` and ``param``
+            must agree with the other run's: the weights mean a denoiser only in their own
+            parameterisation).
         net_cfg: the network configuration this run would build without ``--init``.
-        given_net: the ``--net`` overrides given (each must agree with the other run's value).
         shape: this run's data shape.
     """
-    folder = init_checkpoint(path)
-    tensors, state = ckpt.load(folder)
+    folder = init_checkpoint(cfg.init)
+    try:
+        tensors, state = ckpt.load(folder)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"--init: {folder} is not a readable checkpoint ({e})") from None
     theirs, data = state.get("net"), state.get("data", {})
+    given_net = cfg.net
+    their_cfg = state.get("config", {}) if isinstance(state.get("config"), dict) else {}
+    for key in ("process", "param"):
+        if key in their_cfg and their_cfg[key] != getattr(cfg, key):
+            raise ValueError(f"--init: {folder} was trained with --{key} {their_cfg[key]}, this run "
+                             f"has --{key} {getattr(cfg, key)}; allowed: the same --{key} (the "
+                             "weights mean a denoiser only in their own parameterisation)")  # fmt: skip
     if not isinstance(theirs, dict) or "ema" not in tensors:
         raise ValueError(f"--init: {folder} is not a denoiser checkpoint of scorekit train "
                          "(no network config or EMA weights)")  # fmt: skip
