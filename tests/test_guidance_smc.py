@@ -28,7 +28,7 @@ from scorekit.guidance import (
 )
 from scorekit.metrics import sliced_wasserstein
 from scorekit.samplers import REGISTRY
-from scorekit.samplers.common import row_generators
+from scorekit.samplers.common import PresetNoise, row_generators
 from scorekit.schedules import karras
 
 PAIR = class_target("pair1d")
@@ -167,6 +167,9 @@ def test_fk_smc_and_cfg_pc_bad_input():
         fk_smc(t.cond(0), t.uncond, x, sig, scale=2.0, ess_threshold=1.5)
     with pytest.raises(ValueError, match=r"^n_corrector"):
         cfg_pc(t.cond(0), t.uncond, x, sig, scale=2.0, n_corrector=-1)
+    preset = PresetNoise(torch.zeros(100, 8, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^generator: a PresetNoise hands out normal draws only"):
+        fk_smc(t.cond(0), t.uncond, x, sig, scale=2.0, generator=preset)
 
 
 def test_cfg_pc_cost_and_its_corrector_free_limit():

@@ -196,3 +196,16 @@ def test_preset_noise_errors():
         REGISTRY["euler_ancestral"](
             target("ring8"), x, sig, generator=PresetNoise(torch.zeros(9, 8, 3))
         )
+    # a PresetNoise is used up by one run: a second run with it is refused, not silently shifted
+    used = PresetNoise(torch.randn(10, 8, 2, generator=torch.Generator().manual_seed(0)))
+    REGISTRY["euler_ancestral"](target("ring8"), x, sig, generator=used)
+    with pytest.raises(ValueError, match=r"generator: this PresetNoise has handed out 5 draws"):
+        parallel_sample(target("ring8"), x, sig, sampler="euler_ancestral", generator=used)
+
+
+def test_custom_sampler_without_generator_keyword_is_named():
+    def mine(denoiser, x, sigmas, *, callback=None):
+        return x
+
+    with pytest.raises(TypeError, match=r"sampler mine: needs a generator= keyword"):
+        linear_step_map(mine, karras(4, 0.05, 80.0).double())

@@ -12,6 +12,7 @@ from scorekit._util import check_int, check_number
 from scorekit.guidance._common import Denoiser, check_denoiser, check_scale
 from scorekit.samplers.common import (
     GeneratorLike,
+    PresetNoise,
     emit,
     finish,
     prepare,
@@ -44,8 +45,18 @@ def systematic_resample(log_w: Tensor, u: Tensor) -> Tensor:
     return torch.searchsorted(c, pos.to(c.dtype), right=True).clamp(max=p - 1)
 
 
+def _no_preset(generator) -> None:
+    """Resampling rules draw uniforms too, which a ``PresetNoise`` cannot give: refuse it at once."""
+    if isinstance(generator, PresetNoise):
+        raise TypeError(
+            "generator: a PresetNoise hands out normal draws only; this rule also draws uniforms "
+            "(resampling); allowed: None, a torch.Generator or one per row"
+        )
+
+
 def _uniforms(groups: int, p: int, generator: GeneratorLike, device) -> Tensor:
     """One uniform per particle group: from the group's first row generator when given per row."""
+    _no_preset(generator)
     if generator is None or isinstance(generator, torch.Generator):
         where = device if generator is None else generator.device
         return torch.rand(groups, generator=generator, dtype=torch.float64, device=where).to(device)
@@ -207,6 +218,7 @@ def fk_smc(
     """
     check_denoiser("cond", cond)
     check_denoiser("uncond", uncond)
+    _no_preset(generator)
     w = check_scale(scale)
     return fk_product(
         [cond, uncond],
@@ -288,6 +300,7 @@ def fk_product(
         )
     for k, d in enumerate(denoisers):
         check_denoiser(f"denoisers[{k}]", d)
+    _no_preset(generator)
     bs = [check_number(f"betas[{k}]", b) for k, b in enumerate(betas)]
     total = sum(bs)
     if not total > 0:

@@ -10,7 +10,15 @@ from torch import Tensor
 
 from scorekit._util import check_int, check_number
 from scorekit.guidance._common import Denoiser, check_denoiser
-from scorekit.samplers.common import GeneratorLike, emit, finish, prepare, randn_like, steps
+from scorekit.samplers.common import (
+    GeneratorLike,
+    PresetNoise,
+    emit,
+    finish,
+    prepare,
+    randn_like,
+    steps,
+)
 
 __all__ = ["svdd"]
 
@@ -63,6 +71,11 @@ def svdd(
     """
     check_denoiser("denoiser", denoiser)
     check_denoiser("reward", reward)
+    if isinstance(generator, PresetNoise):
+        raise TypeError(
+            "generator: a PresetNoise hands out normal draws only; svdd also draws uniforms "
+            "(picking candidates); allowed: None, a torch.Generator or one per row"
+        )
     m = check_int("candidates", candidates, least=1)
     a = check_number("alpha", alpha, low=0)
     s, model = prepare(denoiser, x, sigmas)

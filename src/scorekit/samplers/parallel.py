@@ -188,7 +188,15 @@ def linear_step_map(
         x0 = torch.zeros(rows, 1, dtype=torch.float64)
         x0[0], x0[-3:, 0] = 1.0, torch.tensor([0.7, -1.3, 2.1], dtype=torch.float64)
         noise = PresetNoise(draw)
-        return sampler(probe, x0, sigmas, generator=noise, **options), noise.count
+        try:
+            return sampler(probe, x0, sigmas, generator=noise, **options), noise.count
+        except TypeError as e:
+            if "generator" not in str(e):
+                raise
+            raise TypeError(
+                f"sampler {name}: needs a generator= keyword (None for a deterministic sampler) "
+                "to have its step map read; got a function without one"
+            ) from None
 
     out, kz = run(4)  # counts the calls M and the draws K
     m = dims["m"] = len(seen)
@@ -248,8 +256,9 @@ def parallel_sample(
     ``K`` draws ``z_k`` are taken first, in its own order, from ``generator``, and the map gains the
     term ``sum_k gamma_ik z_k`` (``linear_step_map(with_noise=True)``), a fixed part of every point.
     The trajectory is then a deterministic function of ``(x_0, z_1 .. z_K)`` and the iteration
-    converges to the sequential sampler run with the same ``generator`` (the same seed, or the same
-    ``PresetNoise``). This covers every stochastic sampler in the registry whose points are affine in
+    converges to the sequential sampler run with the same ``generator`` (the same seed, or a
+    ``PresetNoise`` of the same draws: a ``PresetNoise`` is used up by one run, so give each run a
+    fresh one; one that has handed out draws already is refused). This covers every stochastic sampler in the registry whose points are affine in
     its start, outputs and draws on fixed ``sigmas`` (``euler_ancestral``, ``euler_maruyama``,
     ``dpmpp_2m_sde``, ``dpmpp_3m_sde``, ``sa_solver``, ``edm_stochastic``, ``restart``, ...); an
     adaptive one (``adaptive_sde``, ``adaptive_ode``) or one that is not affine is refused by name.
@@ -274,6 +283,11 @@ def parallel_sample(
         2023, Sec. 3-4 (Picard iteration of a sampler's fixed step map, sliding window, tolerance).
     """
     check_number("tol", tol, low=0)
+    if isinstance(generator, PresetNoise) and generator.count:
+        raise ValueError(
+            f"generator: this PresetNoise has handed out {generator.count} draws already (a "
+            "PresetNoise is used up by one run); allowed: a fresh PresetNoise of the same draws"
+        )
     s, _ = prepare(denoiser, x, sigmas)
     sig64 = torch.tensor(s, dtype=torch.float64)
     alpha, beta, gamma, levels = linear_step_map(sampler, sig64, with_noise=True, **options)
