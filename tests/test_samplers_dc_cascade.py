@@ -220,6 +220,10 @@ def test_scale_cascade_reproduces_polynomial_curves_and_round_trips():
         fit_dc_cascade(lambda w: g, [sig, karras(8, SMIN, SMAX)], scales=SCALES, degrees=(2, 1))
     with pytest.raises(ValueError, match=r"degrees\[2\] = 2 needs at least 3 scales"):
         fit_dc_cascade(lambda w: g, [sig, karras(8, SMIN, SMAX)], scales=(1.0, 2.0), shape=(4, 2))
+    with pytest.raises(
+        TypeError, match=r"denoiser: with scales= it must be a function w -> denoiser"
+    ):
+        fit_dc_cascade(g.denoise, [sig, karras(8, SMIN, SMAX)], scales=SCALES, shape=(4, 2))
 
 
 def test_scale_cascade_at_held_out_scales_on_a_guided_mixture():

@@ -280,8 +280,8 @@ def _references(t, w: float, n: int, k: int, null: int) -> dict:
     """``k`` independent exact sets of ``n`` tilted samples (seed 1000), the floor as the mean (and
     spread) of the sliced W2 over all their pairs, and ``null`` further exact sets (seed 2000)
     measured like a run: their ratios are what a perfect sampler would score."""
-    if k < 2 or null < 0:
-        raise ValueError(f"--fk-refs must be >= 2 and --fk-null >= 0; got {k} and {null}")
+    if k < 3 or null < 0:  # 3 sets: 3 pairs, so the floor has a spread
+        raise ValueError(f"--fk-refs must be >= 3 and --fk-null >= 0; got {k} and {null}")
     g = torch.Generator().manual_seed(1000)
     refs = [t.tilted_sample(0, w, n, g) for _ in range(k)]
     pairs = [sliced_wasserstein(a, b) for a, b in itertools.combinations(refs, 2)]

@@ -21,6 +21,7 @@ ratios at an unfitted CFG scale (measured in ``scorekit bench guided_solvers --p
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -210,7 +211,7 @@ class DCSolver:
 def _check_scales(scales, name: str = "scales") -> list[float]:
     """Finite, distinct guidance scales, or a one-line error."""
     ok = isinstance(scales, list | tuple) and all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in scales
+        isinstance(v, numbers.Real) and not isinstance(v, bool) for v in scales
     )
     if not ok or not all(math.isfinite(v) for v in scales) or len(set(scales)) != len(scales):
         raise ValueError(f"{name} must be finite, distinct numbers; got {scales!r}")
@@ -632,6 +633,15 @@ def fit_dc_cascade(
         r = check_int("degrees[2]", degrees[2], least=0)
         if len(ws) < r + 1:
             raise ValueError(f"degrees[2] = {r} needs at least {r + 1} scales; got {ws}")
+        try:
+            guided = denoiser(ws[0])
+        except TypeError:
+            guided = None
+        if not callable(guided):
+            raise TypeError(
+                "denoiser: with scales= it must be a function w -> denoiser (e.g. lambda w: "
+                f"cfg(cond, uncond, w)); calling it with w = {ws[0]} gave {type(guided).__name__}"
+            )
         solvers = tuple(
             replace(fit_dc(denoiser(w), s, bounds=bounds, **fit_options), scale=w)
             for w in ws
