@@ -58,7 +58,7 @@ from scorekit.train.loss import (
 from scorekit.train.plots import save_loss_curve
 from scorekit.train.preview import save_preview
 from scorekit.train.runfolder import RUN_FILES, fresh_folder, holds_run
-from scorekit.train.warmstart import init_weights
+from scorekit.train.warmstart import check_init, init_weights
 
 __all__ = ["RUN_FILES", "DataOrder", "TrainConfig", "TrainResult", "holds_run", "train"]
 
@@ -135,8 +135,7 @@ class TrainConfig:
             if not (self.cond and self.label_dropout > 0):
                 raise ValueError("--guidance-free needs --cond and --label-dropout > 0")
         check_number("--holdout", self.holdout, low=0, high=1, high_ok=False)
-        if self.init is not None and not (isinstance(self.init, str) and self.init):
-            raise ValueError(f"--init must name a run or checkpoint folder; got {self.init!r}")
+        check_init(self.init)
         if self.weighting is not None and self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; allowed: {sorted(WEIGHTINGS)}")
 
@@ -299,8 +298,7 @@ class _Run:
     order: DataOrder
     step: int = 0
     elapsed: float = 0.0  # training seconds over all sessions (checkpoints and pictures excluded)
-    # The untrained loss (mean of the first steps, >= 64 examples): the scale divergence is judged by.
-    first_loss: float | None = None
+    first_loss: float | None = None  # untrained loss (first steps, >= 64 examples): divergence scale
     first_losses: list[float] = field(default_factory=list)
     saved_step: int | None = None  # the newest checkpoint's step
     # The first step whose gradients were not finite (-1: none), a tensor on the device.

@@ -22,6 +22,12 @@ from torch import Tensor
 from scorekit.train import checkpoint as ckpt
 
 
+def check_init(init: Any) -> None:
+    """``--init`` is ``None`` or a non-empty folder name, or a one-line error."""
+    if init is not None and not (isinstance(init, str) and init):
+        raise ValueError(f"--init must name a run or checkpoint folder; got {init!r}")
+
+
 def init_checkpoint(path: str) -> Path:
     """The checkpoint folder ``--init`` names: ``path`` itself when it is one, else the newest complete
     checkpoint of the run folder ``path``."""

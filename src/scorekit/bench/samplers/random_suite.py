@@ -32,16 +32,18 @@ sigmas 0.005-0.5, five samplers, karras / loglinear).
 
 Selection. For each NFE the candidate minimising ``max(median / 0.5, worst / 0.8)`` of the ratios
 ``scorekit error / diffusers' best error`` over the **tuning** problems (the goal: median <= 0.5,
-worst <= 0.8) is chosen, twice: among all candidates (``with data statistics``: ``AUTO_TELEPORT``)
-and among those that use no data statistics (from ``sigma_max`` or the jump start; ``without``:
-``AUTO``). The held-out tables report the
+worst <= 0.8) is chosen, twice: among all candidates (``with data statistics``, what ``AUTO_TELEPORT`` holds)
+and among those that use no data statistics (from ``sigma_max`` or the jump start; ``without``, what
+``AUTO`` holds when it passes the trained-network check: ``samplers.defaults``). Each table's label
+says whether this run's choice equals that table. The held-out tables report the
 chosen candidates' ratios on the held-out problems, which took no part in any choice.
-``--fit NFE ...`` adds, on the held-out problems, ``optimized`` and ``fit_bespoke`` fitted on each
-problem's own calibration noise from the best teleport candidate on the tuning part (``random_fitted``).
+``--fit NFE ...`` adds, on the held-out problems (with ``--part held-out-b``: on held-out-b only),
+``optimized`` and ``fit_bespoke`` fitted on each problem's own calibration noise from the best
+teleport candidate on the tuning part (``random_fitted``), with that candidate's table on the same part.
 ``--reuse-diffusers DIR`` takes diffusers' per-problem bests from an earlier ``results.json`` of the
 same settings (checked) instead of rerunning them; ``--reuse-tuning DIR`` likewise whole tuning
-records (diffusers and every candidate) where they hold every candidate of this run. ``--quick``: 2 small problems (one per part), two
-NFEs, a few candidates.
+records (diffusers and every candidate) where they hold every candidate of this run. ``--quick``: 2 small problems (one per part; 4
+with ``--part held-out-b``), two NFEs, a few candidates.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ from scorekit.bench.samplers.random_fitted import fitted_errors, fitted_table, f
 from scorekit.pfode import pf_ode_reference
 from scorekit.process import DiscreteProcess
 from scorekit.samplers.accelerators import GaussianFlow
-from scorekit.samplers.defaults import Choice, auto_sigmas
+from scorekit.samplers.defaults import AUTO, AUTO_TELEPORT, Choice, auto_sigmas
 from scorekit.samplers.registry import get_sampler
 
 __all__ = [
@@ -199,6 +201,13 @@ def candidates(quick: bool) -> list[tuple]:
                 if lab in TELEPORT_SAMPLERS for sch in ("karras", "loglinear")
                 for top, lo in bands]  # fmt: skip
     return out
+
+
+def _in_defaults(chosen: dict, by_key: dict, table: dict, name: str) -> str:
+    """`` (= NAME)`` when the choice per NFE is ``samplers.defaults``' table, else ``(not NAME at
+    NFE ...)``: a run on other tuning problems need not choose what ``sampler="auto"`` uses."""
+    other = [n for n, c in chosen.items() if table.get(n) != choice_of(by_key[c["config"]])]
+    return f" (= {name})" if not other else f" (not {name} at NFE {', '.join(map(str, other))})"
 
 
 def choice_of(c) -> Choice:
@@ -436,24 +445,28 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
             atomic_write_json(out / "partial.json", {"tuning_problems": tuning, "held": held,
                                                      "held_b": held_b})  # fmt: skip
     tables = {k: held_out_table(held, c, nfes) for k, c in chosen.items()}
-    texts = [
-        table_text(tables["stats"], ", with the data's mean and covariance (AUTO_TELEPORT)"),
-        table_text(tables["no_stats"], ", without data statistics (AUTO)"),
-    ]
+    # Labels say whether this run's choice is what sample(sampler="auto") uses (samplers.defaults).
+    stats_label = ", with the data's mean and covariance, this run's choice" + _in_defaults(
+        chosen["stats"], by_key, AUTO_TELEPORT, "AUTO_TELEPORT"
+    )
+    plain_label = ", without data statistics, this run's choice" + _in_defaults(
+        chosen["no_stats"], by_key, AUTO, "AUTO")  # fmt: skip
+    texts = [table_text(tables["stats"], stats_label), table_text(tables["no_stats"], plain_label)]
     tables_b = {}
     if held_b:
-        tables_b = {k: held_out_table(held_b, chosen[k], nfes) for k in ("stats", "no_stats")}
+        tables_b = {k: held_out_table(held_b, chosen[k], nfes) for k in chosen}
         texts = [
-            table_text(tables_b["stats"], ", with the data's mean and covariance (AUTO_TELEPORT)",
-                       part="held-out-b (fresh)"),
-            table_text(tables_b["no_stats"], ", without data statistics (AUTO)",
-                       part="held-out-b (fresh)"),
+            table_text(tables_b["stats"], stats_label, part="held-out-b (fresh)"),
+            table_text(tables_b["no_stats"], plain_label, part="held-out-b (fresh)"),
             *texts,
         ]  # fmt: skip
-    if cfg["fit"]:
+    if cfg["fit"]:  # the fits' start, on the part the fits are measured on
+        on_b = part == "held-out-b"
         texts.append(
-            table_text(tables["teleport"], ", the best teleport candidate (the fits' start)")
-        )
+            table_text((tables_b if on_b else tables)["teleport"],
+                       ", the best teleport candidate (the fits' start)",
+                       **({"part": "held-out-b (fresh)"} if on_b else {}))
+        )  # fmt: skip
         fitted = fitted_table(held_b if part == "held-out-b" else held, nfes)
         (tables_b if part == "held-out-b" else tables)["fitted"] = fitted
         texts.append(fitted_text(fitted, part))
