@@ -298,7 +298,7 @@ class _Run:
     order: DataOrder
     step: int = 0
     elapsed: float = 0.0  # training seconds over all sessions (checkpoints and pictures excluded)
-    first_loss: float | None = None  # untrained loss (first steps, >= 64 examples): divergence scale
+    first_loss: float | None = None  # untrained loss (first steps, >= 64 rows): divergence scale
     first_losses: list[float] = field(default_factory=list)
     saved_step: int | None = None  # the newest checkpoint's step
     # The first step whose gradients were not finite (-1: none), a tensor on the device.
