@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor
 
 from scorekit._util import check_number
+from scorekit.samplers.common import PresetNoise
 
 Denoiser = Callable[..., Tensor]
 
@@ -54,3 +55,13 @@ def call(name: str, d: Denoiser, x: Tensor, sigma: Tensor, **cond) -> Tensor:
 def rowdot(a: Tensor, b: Tensor) -> Tensor:
     """Per-row inner product ``<a_i, b_i>`` over all non-batch dimensions, ``[B]``."""
     return (a * b).flatten(1).sum(1)
+
+
+def refuse_preset_noise(generator: Any, rule: str) -> None:
+    """Rules that draw uniforms too (resampling, picking candidates) cannot take a ``PresetNoise``
+    which hands out normal draws only: a one-line error at once."""
+    if isinstance(generator, PresetNoise):
+        raise TypeError(
+            f"generator: a PresetNoise hands out normal draws only; {rule} also draws uniforms; "
+            "allowed: None, a torch.Generator or one per row"
+        )

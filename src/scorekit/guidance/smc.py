@@ -9,10 +9,9 @@ import torch
 from torch import Tensor
 
 from scorekit._util import check_int, check_number
-from scorekit.guidance._common import Denoiser, check_denoiser, check_scale
+from scorekit.guidance._common import Denoiser, check_denoiser, check_scale, refuse_preset_noise
 from scorekit.samplers.common import (
     GeneratorLike,
-    PresetNoise,
     emit,
     finish,
     prepare,
@@ -45,18 +44,8 @@ def systematic_resample(log_w: Tensor, u: Tensor) -> Tensor:
     return torch.searchsorted(c, pos.to(c.dtype), right=True).clamp(max=p - 1)
 
 
-def _no_preset(generator) -> None:
-    """Resampling rules draw uniforms too, which a ``PresetNoise`` cannot give: refuse it at once."""
-    if isinstance(generator, PresetNoise):
-        raise TypeError(
-            "generator: a PresetNoise hands out normal draws only; this rule also draws uniforms "
-            "(resampling); allowed: None, a torch.Generator or one per row"
-        )
-
-
 def _uniforms(groups: int, p: int, generator: GeneratorLike, device) -> Tensor:
     """One uniform per particle group: from the group's first row generator when given per row."""
-    _no_preset(generator)
     if generator is None or isinstance(generator, torch.Generator):
         where = device if generator is None else generator.device
         return torch.rand(groups, generator=generator, dtype=torch.float64, device=where).to(device)
@@ -218,7 +207,7 @@ def fk_smc(
     """
     check_denoiser("cond", cond)
     check_denoiser("uncond", uncond)
-    _no_preset(generator)
+    refuse_preset_noise(generator, "fk_smc")
     w = check_scale(scale)
     return fk_product(
         [cond, uncond],
@@ -300,7 +289,7 @@ def fk_product(
         )
     for k, d in enumerate(denoisers):
         check_denoiser(f"denoisers[{k}]", d)
-    _no_preset(generator)
+    refuse_preset_noise(generator, "fk_product")
     bs = [check_number(f"betas[{k}]", b) for k, b in enumerate(betas)]
     total = sum(bs)
     if not total > 0:

@@ -9,16 +9,8 @@ import torch
 from torch import Tensor
 
 from scorekit._util import check_int, check_number
-from scorekit.guidance._common import Denoiser, check_denoiser
-from scorekit.samplers.common import (
-    GeneratorLike,
-    PresetNoise,
-    emit,
-    finish,
-    prepare,
-    randn_like,
-    steps,
-)
+from scorekit.guidance._common import Denoiser, check_denoiser, refuse_preset_noise
+from scorekit.samplers.common import GeneratorLike, emit, finish, prepare, randn_like, steps
 
 __all__ = ["svdd"]
 
@@ -71,11 +63,7 @@ def svdd(
     """
     check_denoiser("denoiser", denoiser)
     check_denoiser("reward", reward)
-    if isinstance(generator, PresetNoise):
-        raise TypeError(
-            "generator: a PresetNoise hands out normal draws only; svdd also draws uniforms "
-            "(picking candidates); allowed: None, a torch.Generator or one per row"
-        )
+    refuse_preset_noise(generator, "svdd")
     m = check_int("candidates", candidates, least=1)
     a = check_number("alpha", alpha, low=0)
     s, model = prepare(denoiser, x, sigmas)
