@@ -62,7 +62,6 @@ def init_weights(
     except (ValueError, OSError) as e:
         raise ValueError(f"--init: {folder} is not a readable checkpoint ({e})") from None
     theirs, data = state.get("net"), state.get("data", {})
-    given_net = cfg.net
     their_cfg = state.get("config", {}) if isinstance(state.get("config"), dict) else {}
     for key in ("process", "param"):
         if key in their_cfg and their_cfg[key] != getattr(cfg, key):
@@ -75,7 +74,7 @@ def init_weights(
     if list(data.get("shape", [])) != list(shape):
         raise ValueError(f"--init: {folder} was trained on data of shape {data.get('shape')}, this "
                          f"run's data has shape {list(shape)}; allowed: a run on data of this shape")  # fmt: skip
-    clash = {k: v for k, v in given_net.items() if theirs.get(k) != v}
+    clash = {k: v for k, v in cfg.net.items() if theirs.get(k) != v}
     if clash:
         raise ValueError(f"--init: --net {clash} differs from the network of {folder} "
                          f"({ {k: theirs.get(k) for k in clash} }); allowed: no --net, or its values")  # fmt: skip
