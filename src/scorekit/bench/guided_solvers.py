@@ -63,6 +63,7 @@ from pathlib import Path
 import torch
 
 from scorekit._util import atomic_write_json
+from scorekit.bench.samplers.measure import rms_error as rms
 from scorekit.guidance import cfg, class_target
 from scorekit.pfode import pf_ode_reference
 from scorekit.samplers import REGISTRY
@@ -98,10 +99,6 @@ def noise(rows: int, dim: int, seed: int) -> torch.Tensor:
 
 def reference(den, x: torch.Tensor) -> torch.Tensor:
     return pf_ode_reference(den, x, SIGMA_MAX, 0.0, rtol=1e-9, atol=1e-9)
-
-
-def rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).square().mean().sqrt())
 
 
 #: part 1's settings: name -> dpm_solver_v3 options (order 2 added)
