@@ -68,7 +68,7 @@ from torch import Tensor
 from scorekit._util import check_int
 from scorekit.denoiser import data_scale
 from scorekit.samplers import registry
-from scorekit.samplers.accelerators import GaussianFlow
+from scorekit.samplers.accelerators import GaussianFlow, with_gaussian_jump
 from scorekit.samplers.adaptive import adaptive_ode, adaptive_sde
 from scorekit.samplers.bespoke import BespokeSolver, bespoke, linear_coefficients
 from scorekit.samplers.common import PresetNoise, check_sigmas, row_generators
@@ -203,8 +203,8 @@ def schedule_sigmas(
 
 
 def _auto(denoiser, nfe, sigmas, schedule, sigma_min, sigma_max, gaussian, options):
-    """``sample``'s ``sampler="auto"``: ``(sampler, options, sigmas, teleport_to)`` from the tables of
-    ``samplers.defaults`` (``AUTO_TELEPORT`` with ``gaussian``, ``AUTO`` without)."""
+    """``sample``'s ``sampler="auto"``: ``(sampler, options, sigmas, teleport_to, gaussian_jump)`` from
+    the tables of ``samplers.defaults`` (``AUTO_TELEPORT`` with ``gaussian``, ``AUTO`` without)."""
     if nfe is None or sigmas is not None:
         raise ValueError(
             "sampler='auto' picks the sampler and the sigmas for an NFE: give nfe and no sigmas "
@@ -223,7 +223,7 @@ def _auto(denoiser, nfe, sigmas, schedule, sigma_min, sigma_max, gaussian, optio
         choice, n, float(sigma_max), evals=None if gaussian is None else gaussian.evals,
         scale=data_scale(denoiser) or 1.0, schedule=fn, sigma_min=sigma_min,
     )  # fmt: skip
-    return choice.sampler, options, s, teleport_to
+    return choice.sampler, options, s, teleport_to, choice.jump == "gaussian"
 
 
 def sample(
@@ -308,11 +308,13 @@ def sample(
             )
     if sigma_max is None:
         sigma_max = default_sigma_max(denoiser)
-    teleport_to = None
+    teleport_to, jump = None, False
     if sampler == "auto":
-        sampler, options, sigmas, teleport_to = _auto(
+        sampler, options, sigmas, teleport_to, jump = _auto(
             denoiser, nfe, sigmas, schedule, sigma_min, sigma_max, gaussian, options
         )
+        if jump and sampler == "dpm_solver_v3":
+            options, jump = {**options, "gaussian": gaussian}, False
     elif gaussian is not None:
         raise ValueError(
             f"gaussian= is the teleport start of sampler='auto'; got sampler={sampler!r} (wrap a "
@@ -323,6 +325,8 @@ def sample(
     sigma_min = 0.002 if sigma_min is None else sigma_min
     fn = get_sampler(sampler)
     options_of(sampler, options)
+    if jump:
+        fn = with_gaussian_jump(fn, gaussian)
     shape = tuple(int(v) for v in shape)
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"shape must be [B, ...] with rank >= 2 and positive sizes; got {shape}")

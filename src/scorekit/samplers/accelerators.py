@@ -12,6 +12,15 @@
 The exposure-bias corrections ``eps_scaling`` and ``time_shift`` are denoisers built from denoisers,
 so they live in ``scorekit.guidance.exposure``.
 
+* ``gaussian_jump`` / ``with_gaussian_jump``: the final step of a sampler, ``x = D(x, sigma_last)``
+  (Tweedie's posterior mean standing in for the ODE's end point), corrected by what that jump gets
+  wrong on the data's Gaussian approximation, where both are known in closed form:
+
+      x_0 = D(x, sigma) + U diag(sqrt(a) - a) U^T (x - m),    a = lam / (lam + sigma^2),
+
+  ``sqrt(a)`` being the Gaussian's exact flow to 0 and ``a`` its denoiser. Exact on Gaussian data at
+  any ``sigma``, the plain jump where ``lam << sigma^2`` (``sqrt(a) - a -> 0``), and no extra call.
+
 References:
     Wang & Vastola, "The Unreasonable Effectiveness of Gaussian Score Approximation for Diffusion
     Models and its Applications", TMLR 2024, Sec. 4 (analytic teleportation), eq. 9.
@@ -25,73 +34,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from scorekit._util import append_dims, as_sigma
+from scorekit.samplers.gaussian import GaussianFlow, gaussian_jump
 from scorekit.samplers.registry import REGISTRY, get_sampler
 from scorekit.samplers.registry import nfe as nfe_of
 
-__all__ = ["GaussianFlow", "teleport", "with_teleport"]
-
-
-class GaussianFlow:
-    """The exact probability-flow ODE of ``N(mean, cov)`` in the sigma frame (final: no subclassing).
-
-    Build it once from the data's Gaussian approximation (``scorekit.analytic.gaussian_approximation``
-    gives one from data rows) and call ``flow(x, sigma_from, sigma_to)``.
-
-    Args:
-        mean: ``[d]``.
-        cov: ``[d, d]`` symmetric positive semi-definite, or ``[d]`` diagonal variances.
-    """
-
-    def __init__(self, mean: Tensor, cov: Tensor):
-        mean = torch.as_tensor(mean)
-        if not mean.is_floating_point() or mean.ndim != 1:
-            raise ValueError(
-                f"mean must be a floating tensor of shape [d]; got {tuple(mean.shape)}"
-            )
-        d = mean.shape[0]
-        cov = torch.as_tensor(cov, dtype=mean.dtype, device=mean.device)
-        if cov.shape == (d,):
-            evals, evecs = cov, None
-        elif cov.shape == (d, d):
-            if not torch.allclose(cov, cov.mT, rtol=1e-6, atol=1e-9):
-                raise ValueError("cov must be symmetric")
-            evals, evecs = torch.linalg.eigh(cov)
-        else:
-            raise ValueError(
-                f"cov must have shape [d, d] or [d] with d = {d}; got {tuple(cov.shape)}"
-            )
-        if (evals < -1e-9 * evals.abs().max()).any():
-            raise ValueError(
-                f"cov must be positive semi-definite; smallest eigenvalue {evals.min():.3g}"
-            )
-        self.mean, self.evals, self.evecs, self.dim = mean, evals.clamp(min=0), evecs, d
-
-    @classmethod
-    def from_mixture(cls, mixture) -> GaussianFlow:
-        """The Gaussian with a ``GaussianMixture``'s mean and covariance (its Gaussian approximation)."""
-        return cls(mixture.mean, mixture.covariance)
-
-    def __call__(self, x: Tensor, sigma_from, sigma_to) -> Tensor:
-        """``x(sigma_to)`` from ``x(sigma_from)``, ``x`` ``[B, ...]`` with ``d`` values per row.
-
-        ``sigma_from``, ``sigma_to``: numbers or ``[B]`` tensors, ``>= 0``; either direction works (the
-        flow is invertible). Computed in the Gaussian's dtype, returned in ``x``'s.
-        """
-        flat = x.reshape(x.shape[0], -1)
-        if flat.shape[1] != self.dim:
-            raise ValueError(f"x must have {self.dim} values per row; got shape {tuple(x.shape)}")
-        y = flat.to(self.mean.dtype) - self.mean
-        s0 = as_sigma(sigma_from, y, name="sigma_from")
-        s1 = as_sigma(sigma_to, y, name="sigma_to")
-        lam = self.evals
-        scale = ((lam + append_dims(s1, 2) ** 2) / (lam + append_dims(s0, 2) ** 2)).sqrt()  # [B, d]
-        if self.evecs is None:
-            out = self.mean + scale * y
-        else:
-            out = self.mean + ((y @ self.evecs) * scale) @ self.evecs.mT
-        return out.reshape(x.shape).to(x.dtype)
-
+__all__ = ["GaussianFlow", "gaussian_jump", "teleport", "with_gaussian_jump", "with_teleport"]
 
 
 def teleport(gaussian: GaussianFlow, x: Tensor, sigma_from, sigma_to) -> Tensor:
@@ -153,3 +100,46 @@ def with_teleport(sampler: Callable | str, gaussian: GaussianFlow) -> Callable:
     teleported.nfe_formula = None if formula is None else lambda n, o: formula(n - 1, o)
     teleported.__name__ = f"teleport_{getattr(fn, '__name__', 'sampler')}"
     return teleported
+
+
+def with_gaussian_jump(sampler: Callable | str, gaussian: GaussianFlow) -> Callable:
+    """A sampler whose final step ``x = D(x, sigma_last)`` is replaced by ``gaussian_jump``.
+
+    The wrapped sampler runs ``sampler`` with a callback that keeps the state and ``D`` at the last
+    nonzero sigma, then corrects its result. It needs a sampler whose last step is that jump (every
+    ODE and SDE sampler of the registry), and refuses one whose result differs from ``D`` there. No
+    extra denoiser call: ``nfe`` is the sampler's. A ``callback=`` option is still called.
+    """
+    if isinstance(sampler, str):
+        name, fn = sampler, get_sampler(sampler)
+    elif callable(sampler):
+        fn, name = sampler, next((k for k, v in REGISTRY.items() if v is sampler), None)
+    else:
+        raise TypeError(f"sampler must be a function or a name; got {type(sampler).__name__}")
+    if not isinstance(gaussian, GaussianFlow):
+        raise TypeError(f"gaussian must be a GaussianFlow; got {type(gaussian).__name__}")
+
+    @functools.wraps(fn)
+    def jumped(denoiser, x, sigmas, callback=None, **options):
+        last = {}
+
+        def keep(info):
+            if float(info["sigma"]) > 0 and info.get("denoised") is not None:
+                last.update(info)
+            if callback is not None:
+                callback(info)
+
+        out = fn(denoiser, x, sigmas, callback=keep, **options)
+        if not last or not torch.equal(out, last["denoised"]):
+            raise ValueError(
+                f"with_gaussian_jump: {getattr(fn, '__name__', 'the sampler')} does not end with "
+                "x = D(x, sigma_last) at its last reported node; allowed: samplers whose last step "
+                "is that jump (the registry's ODE and SDE samplers)"
+            )
+        return gaussian_jump(gaussian, last["x"], last["denoised"], float(last["sigma"]))
+
+    if name is not None:
+        jumped.nfe = lambda sigmas, **options: nfe_of(name, sigmas, **options)
+        jumped.nfe_formula = REGISTRY[name].nfe_formula
+    jumped.__name__ = f"gaussian_jump_{getattr(fn, '__name__', 'sampler')}"
+    return jumped

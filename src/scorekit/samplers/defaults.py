@@ -17,7 +17,10 @@ Two tables, because one rule needs something only the user has:
   (``start="jump"``): the first call at ``sigma_max`` (where ``D`` is nearly the data mean, so one
   step is nearly exact), then the other calls on the band from ``top`` down to ``last``.
 
-A choice is ``Choice(sampler, options, schedule, last, top, start)``.
+A choice is ``Choice(sampler, options, schedule, last, top, start, jump)``. ``jump="gaussian"`` (with the
+teleport start only) also spends the Gaussian approximation on the rest of the path: the sampler's
+final step ``x = D`` becomes ``accelerators.gaussian_jump``, and ``dpm_solver_v3`` runs with the
+statistics that are exact for the Gaussian (``dpm_solver_v3(gaussian=...)``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ __all__ = ["AUTO", "AUTO_TELEPORT", "Choice", "auto_choice", "auto_sigmas"]
 class Choice:
     """One NFE's pick: sampler (registry name) and options, schedule name, ``last`` (the last nonzero
     sigma in RMS data scales), ``top`` (the band's top: in ``sqrt(max eigenvalue)`` units for
-    ``start="teleport"``, in data scales for ``"jump"``; unused for ``"sigma_max"``) and ``start``."""
+    ``start="teleport"``, in data scales for ``"jump"``; unused for ``"sigma_max"``), ``start`` and
+    ``jump`` (``"gaussian"``: the Gaussian approximation beyond the start, module docstring)."""
 
     sampler: str
     options: dict = field(default_factory=dict)
@@ -46,10 +50,15 @@ class Choice:
     last: float = 0.1
     top: float | None = None
     start: str = "sigma_max"
+    jump: str = "tweedie"
 
     def __post_init__(self):
         if self.start not in ("sigma_max", "jump", "teleport"):
             raise ValueError(f"start must be 'sigma_max', 'jump' or 'teleport'; got {self.start!r}")
+        if self.jump not in ("tweedie", "gaussian"):
+            raise ValueError(f"jump must be 'tweedie' or 'gaussian'; got {self.jump!r}")
+        if self.jump == "gaussian" and self.start != "teleport":
+            raise ValueError(f"jump='gaussian' needs the data's Gaussian: start='teleport'; got {self}")
         if (self.top is None) != (self.start == "sigma_max"):
             raise ValueError(f"top is given exactly for the jump and teleport starts; got {self}")
 

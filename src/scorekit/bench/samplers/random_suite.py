@@ -73,7 +73,7 @@ from scorekit.bench.samplers.measure import Problem, rms_error
 from scorekit.bench.samplers.random_fitted import fitted_errors, fitted_table, fitted_text
 from scorekit.pfode import pf_ode_reference
 from scorekit.process import DiscreteProcess
-from scorekit.samplers.accelerators import GaussianFlow
+from scorekit.samplers.accelerators import GaussianFlow, with_gaussian_jump
 from scorekit.samplers.defaults import AUTO, AUTO_TELEPORT, Choice, auto_sigmas
 from scorekit.samplers.registry import get_sampler
 
@@ -108,15 +108,26 @@ TELEPORT_SAMPLERS = ("dpmpp_2m", "unipc2", "unipc3")
 TELEPORT_BANDS = [(t, lo) for t in (1.0, 2.0, 4.0) for lo in (0.1, 0.2, 0.35)] + [
     (t, lo) for t in (4.0, 8.0, 16.0) for lo in (0.02, 0.05, 0.1) if (t, lo) != (4.0, 0.1)
 ]
+#: candidates that also spend the data's Gaussian beyond the teleport (``Choice.jump="gaussian"``):
+#: the teleport samplers with ``accelerators.gaussian_jump`` as their last step, and DPM-Solver-v3 with
+#: the Gaussian's exact statistics (``dpm_solver_v3(gaussian=...)``), order 3 without and with its
+#: corrector; on the teleport bands.
+GAUSSIAN_SAMPLERS = [
+    ("gdpm3", "dpm_solver_v3", {"order": 3}),
+    ("gdpm3c", "dpm_solver_v3", {"order": 3, "corrector": True}),
+]
 #: jump candidates (no data statistics; in data scales): (top, last) of the band after the first call.
 JUMP_BANDS = [(t, lo) for t in (4.0, 8.0) for lo in (0.05, 0.1, 0.2)]
 #: data rows from which the teleport's mean and covariance are estimated.
 STATS_ROWS = 16384
 #: first problem index of block b (``--part held-out-b``): its problems' seeds are new.
 BLOCK_B = 1000
+#: first problem index of block c (``--part held-out-c``): only its odd problems are drawn, all held
+#: out (**held-out-c**); the tuning part stays that of blocks a and b.
+BLOCK_C = 2000
 #: the parts a run reports: ``held-out`` (block a) or ``held-out-b`` (blocks a and b, tuning on both
 #: tuning parts, reported on both held-out parts).
-PARTS = ("held-out", "held-out-b")
+PARTS = ("held-out", "held-out-b", "held-out-c")
 
 
 @dataclass(frozen=True)
@@ -132,16 +143,19 @@ class Spec:
     seed: int
 
 
-def specs(problems: int, seed: int, quick: bool, block_b: bool = False) -> list[Spec]:
+def specs(problems: int, seed: int, quick: bool, block_b: bool = False,
+          block_c: bool = False) -> list[Spec]:  # fmt: skip
     """The suite's problems, deterministic in ``(problems, seed, quick)``; even index = tuning.
 
     ``block_b``: also block b, ``problems`` more of the same family drawn by the same generator from
     indices ``BLOCK_B ..`` (seeds no run of block a uses): even = ``tuning-b``, odd = ``held-out-b``.
+    ``block_c``: also the odd indices of ``BLOCK_C .. BLOCK_C + problems`` (``held-out-c``).
     """
     if block_b and problems > BLOCK_B:
         raise ValueError(f"--problems: got {problems} with block b; allowed: at most {BLOCK_B}")
     out = []
     idx = list(range(problems)) + (list(range(BLOCK_B, BLOCK_B + problems)) if block_b else [])
+    idx += list(range(BLOCK_C + 1, BLOCK_C + problems, 2)) if block_c else []
     for j in idx:
         s = mix_seed(SUITE_SEED, seed, j)
         g = torch.Generator().manual_seed(s)
@@ -150,7 +164,8 @@ def specs(problems: int, seed: int, quick: bool, block_b: bool = False) -> list[
         comps = 2 ** (1 + int(u[1] * (2 if quick else 6)))  # 2..8 quick, 2..64
         full = u[2] < 0.5 and comps * dim * dim <= 2**17
         sep = 0.5 * 16 ** u[3]  # log-uniform in [0.5, 8]
-        part = ("tuning" if j % 2 == 0 else "held-out") + ("-b" if j >= BLOCK_B else "")
+        block = "-c" if j >= BLOCK_C else "-b" if j >= BLOCK_B else ""
+        part = ("tuning" if j % 2 == 0 else "held-out") + block
         out.append(Spec(j, part, dim, comps, "full" if full else "iso", sep, s))
     return out
 
@@ -181,25 +196,34 @@ def data_flow(spec: Spec, gm: GaussianMixture, rows: int = STATS_ROWS) -> Gaussi
 
 
 def _key(c) -> str:
-    lab, _, _, top, sch, lo, start = c
+    lab, _, _, top, sch, lo, start, jump = c
     tag = "" if start == "sigma_max" else f"{'tele' if start == 'teleport' else 'jump'}{top:g}/"
-    return f"{lab}/{tag}{sch}/{lo:g}"
+    gj = "/gj" if jump == "gaussian" and not lab.startswith("gdpm") else ""
+    return f"{lab}/{tag}{sch}/{lo:g}{gj}"
 
 
 def candidates(quick: bool) -> list[tuple]:
-    """``(sampler label, registry name, options, top or None, schedule, last sigma, start)`` of every
-    candidate (``start``: ``"sigma_max"``, ``"jump"`` or ``"teleport"``, as ``defaults.Choice``)."""
+    """``(sampler label, registry name, options, top or None, schedule, last sigma, start, jump)`` of
+    every candidate (``start``: ``"sigma_max"``, ``"jump"`` or ``"teleport"``; ``jump``: ``"tweedie"``
+    or ``"gaussian"``; as ``defaults.Choice``). Keys end in ``/gj`` for a teleport sampler with the
+    Gaussian jump; ``gdpm3*`` are DPM-Solver-v3 with the Gaussian's statistics."""
     samplers = CANDIDATE_SAMPLERS[::2] if quick else CANDIDATE_SAMPLERS
     lasts = (0.05, 0.25) if quick else SIGMA_LAST
     floor = DiscreteProcess.linear().sigma_min  # uniform_t stays inside the DDPM table
-    out = [(lab, name, opts, None, sch, lo, "sigma_max") for lab, name, opts in samplers
+    out = [(lab, name, opts, None, sch, lo, "sigma_max", "tweedie") for lab, name, opts in samplers
            for sch in SCHEDULE_NAMES for lo in lasts
            if sch != "uniform_t" or lo >= floor]  # fmt: skip
     for start, bands in (("teleport", TELEPORT_BANDS), ("jump", JUMP_BANDS)):
         bands = [(2.0, 0.2), (8.0, 0.05)] if quick else bands
-        out += [(lab, name, opts, top, sch, lo, start) for lab, name, opts in samplers
+        out += [(lab, name, opts, top, sch, lo, start, "tweedie") for lab, name, opts in samplers
                 if lab in TELEPORT_SAMPLERS for sch in ("karras", "loglinear")
                 for top, lo in bands]  # fmt: skip
+    bands = [(2.0, 0.2), (8.0, 0.05)] if quick else TELEPORT_BANDS
+    gauss = [s for s in samplers if s[0] in TELEPORT_SAMPLERS] + GAUSSIAN_SAMPLERS[
+        : 1 if quick else 2
+    ]
+    out += [(lab, name, opts, top, sch, lo, "teleport", "gaussian") for lab, name, opts in gauss
+            for sch in ("karras", "loglinear") for top, lo in bands]  # fmt: skip
     return out
 
 
@@ -212,8 +236,8 @@ def _in_defaults(chosen: dict, by_key: dict, table: dict, name: str) -> str:
 
 def choice_of(c) -> Choice:
     """A candidate as the ``samplers.defaults.Choice`` that ``sample(sampler="auto")`` runs."""
-    _, name, opts, top, sch, lo, start = c
-    return Choice(name, dict(opts), sch, lo, top, start)
+    _, name, opts, top, sch, lo, start, jump = c
+    return Choice(name, dict(opts), sch, lo, top, start, jump)
 
 
 def _problem(spec: Spec, rows: int, rtol: float) -> Problem:
@@ -232,7 +256,12 @@ def run_choice(problem: Problem, flow: GaussianFlow, c, nfe: int) -> Tensor:
     n = steps_within(choice.sampler, choice.options, nfe)
     sig, top = auto_sigmas(choice, n, problem.sigma_max, evals=flow.evals)
     x = problem.x_t.clone() if top is None else flow(problem.x_t, problem.sigma_max, top)
-    return get_sampler(choice.sampler)(problem.gm, x, sig, **choice.options)
+    fn, options = get_sampler(choice.sampler), choice.options
+    if choice.jump == "gaussian" and choice.sampler == "dpm_solver_v3":
+        options = {**options, "gaussian": flow}
+    elif choice.jump == "gaussian":
+        fn = with_gaussian_jump(fn, flow)
+    return fn(problem.gm, x, sig, **options)
 
 
 def _scorekit_errors(problem: Problem, flow, cands, nfes) -> dict[str, dict[int, float]]:
@@ -306,17 +335,21 @@ def _run_problem(spec: Spec, cfg: dict, only: set[str] | None, log) -> dict:
     t0 = time.perf_counter()
     cands = [c for c in candidates(cfg["quick"]) if only is None or _key(c) in only]
     old = cfg.get("reuse_tuning", {}).get(spec.index)
-    if old is not None and old["spec"] == asdict(spec) and _covers(old, cands, cfg["nfes"]):
+    if old is not None and old["spec"] != asdict(spec):
+        old = None
+    if old is not None and _covers(old, cands, cfg["nfes"]):
         log(f"  {spec.part:10s} p{spec.index:<4d} d={spec.dim:<3d} K={spec.components:<2d} "
             f"{spec.covariance:4s} sep={spec.separation:.2f}  (reused)")  # fmt: skip
         return {**old, "reused": True}
     problem = _problem(spec, cfg["rows"], cfg["rtol"])
-    reused = cfg["reuse"].get(spec.index)
+    reused = cfg["reuse"].get(spec.index) or (old or {}).get("diffusers")
     flow = data_flow(spec, problem.gm)
+    have = {} if old is None else old["scorekit"]  # a reused record's candidates are not rerun
+    todo = [c for c in cands if not _covers({"scorekit": have}, [c], cfg["nfes"])]
     rec = {
         "spec": asdict(spec),
         "diffusers": reused or _diffusers_best(problem, cfg["nfes"], cfg["quick"]),
-        "scorekit": _scorekit_errors(problem, flow, cands, cfg["nfes"]),
+        "scorekit": {**have, **_scorekit_errors(problem, flow, todo, cfg["nfes"])},
     }
     if spec.part == cfg.get("part", "held-out") and cfg.get("fit"):
         rec["fitted"] = fitted_errors(problem, spec, flow, cfg["fit"], rtol=cfg["rtol"], log=log)
@@ -372,7 +405,9 @@ def _old_problems(path: str, settings: dict, flag: str) -> list[dict]:
             raise ValueError(
                 f"{flag} {path}: its {k} is {old['settings'].get(k)!r}, this run's {settings[k]!r}"
             )
-    return old["tuning_problems"] + old["held_out_problems"] + old.get("held_out_b_problems", [])
+    return old["tuning_problems"] + [
+        p for k in PARTS for p in old.get(k.replace("-", "_") + "_problems", [])
+    ]
 
 
 def _reuse(path: str | None, settings: dict) -> dict[int, dict]:
@@ -424,7 +459,9 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
                 "seed": seed, "suite_seed": SUITE_SEED}  # fmt: skip
     cfg = {**settings, "nfes": nfes, "part": part, "reuse": _reuse(reuse_diffusers, settings),
            "reuse_tuning": _reuse_tuning(reuse_tuning, settings)}  # fmt: skip
-    all_specs = specs(problems, seed, quick, block_b=part == "held-out-b")
+    all_specs = specs(
+        problems, seed, quick, block_b=part != "held-out", block_c=part == "held-out-c"
+    )
     log(f"random suite: {len(all_specs)} problems ({rows} rows each), NFE {list(nfes)}")
     out.mkdir(parents=True, exist_ok=True)
     tuning = []
@@ -438,47 +475,41 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
     keep = {c[n]["config"] for c in chosen.values() for n in nfes}
     by_key = {_key(c): c for c in candidates(quick)}
     cfg["fit"] = {n: choice_of(by_key[chosen["teleport"][n]["config"]]) for n in fit_nfes or ()}
-    held, held_b = [], []
+    held: dict[str, list[dict]] = {p: [] for p in PARTS}
     for s in all_specs:  # the held-out part(s), the chosen configs only
         if s.part.startswith("held-out"):
-            (held if s.part == "held-out" else held_b).append(_run_problem(s, cfg, keep, log))
-            atomic_write_json(out / "partial.json", {"tuning_problems": tuning, "held": held,
-                                                     "held_b": held_b})  # fmt: skip
-    tables = {k: held_out_table(held, c, nfes) for k, c in chosen.items()}
+            held[s.part].append(_run_problem(s, cfg, keep, log))
+            atomic_write_json(out / "partial.json", {"tuning_problems": tuning, "held": held})
     # Labels say whether this run's choice is what sample(sampler="auto") uses (samplers.defaults).
-    stats_label = ", with the data's mean and covariance, this run's choice" + _in_defaults(
-        chosen["stats"], by_key, AUTO_TELEPORT, "AUTO_TELEPORT"
-    )
-    plain_label = ", without data statistics, this run's choice" + _in_defaults(
-        chosen["no_stats"], by_key, AUTO, "AUTO")  # fmt: skip
-    texts = [table_text(tables["stats"], stats_label), table_text(tables["no_stats"], plain_label)]
-    tables_b = {}
-    if held_b:
-        tables_b = {k: held_out_table(held_b, chosen[k], nfes) for k in chosen}
-        texts = [
-            table_text(tables_b["stats"], stats_label, part="held-out-b (fresh)"),
-            table_text(tables_b["no_stats"], plain_label, part="held-out-b (fresh)"),
-            *texts,
-        ]  # fmt: skip
-    if cfg["fit"]:  # the fits' start, on the part the fits are measured on
-        on_b = part == "held-out-b"
-        texts.append(
-            table_text((tables_b if on_b else tables)["teleport"],
-                       ", the best teleport candidate (the fits' start)",
-                       **({"part": "held-out-b (fresh)"} if on_b else {}))
-        )  # fmt: skip
-        fitted = fitted_table(held_b if part == "held-out-b" else held, nfes)
-        (tables_b if part == "held-out-b" else tables)["fitted"] = fitted
-        texts.append(fitted_text(fitted, part))
+    labels = {
+        "stats": ", with the data's mean and covariance, this run's choice"
+        + _in_defaults(chosen["stats"], by_key, AUTO_TELEPORT, "AUTO_TELEPORT"),
+        "no_stats": ", without data statistics, this run's choice"
+        + _in_defaults(chosen["no_stats"], by_key, AUTO, "AUTO"),
+        "teleport": ", the best teleport candidate (the fits' start)",
+    }
+    tables, texts = {}, []
+    for p in reversed(PARTS):  # the freshest part first
+        if not held[p]:
+            continue
+        tables[p] = {k: held_out_table(held[p], c, nfes) for k, c in chosen.items()}
+        name = p + (" (fresh)" if p == part and p != "held-out" else "")
+        texts += [table_text(tables[p][k], labels[k], part=name) for k in ("stats", "no_stats")]
+    if cfg["fit"]:  # the fits and their start, on the part the fits are measured on
+        texts.append(table_text(tables[part]["teleport"], labels["teleport"], part=part))
+        tables[part]["fitted"] = fitted_table(held[part], nfes)
+        texts.append(fitted_text(tables[part]["fitted"], part))
     text = "\n\n".join(texts)
     log(text)
     result = {
         "settings": {**settings, "sigma_max": DiscreteProcess.linear().sigma_max,
                      "stats_rows": STATS_ROWS, "reused_diffusers": reuse_diffusers},
-        "part": part, "chosen": chosen, "held_out": tables, "held_out_b": tables_b,
-        "tuning_problems": tuning, "held_out_problems": held, "held_out_b_problems": held_b,
+        "part": part, "chosen": chosen, "tuning_problems": tuning,
         "seconds": time.perf_counter() - t0,
     }  # fmt: skip
+    for p in PARTS:  # held_out, held_out_b, held_out_c (tables) and their *_problems (records)
+        result[p.replace("-", "_")] = tables.get(p, {})
+        result[p.replace("-", "_") + "_problems"] = held[p]
     atomic_write_json(out / "results.json", result)
     atomic_write(out / "table.txt", (text + "\n").encode())
     return result

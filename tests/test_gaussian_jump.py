@@ -1,0 +1,162 @@
+"""The data's Gaussian beyond the teleport: ``gaussian_jump`` (the corrected last step),
+``with_gaussian_jump`` and ``dpm_solver_v3(gaussian=...)``, checked against the exact probability-flow
+ODE solved numerically (``pf_ode_reference``), not against the closed forms they use."""
+
+from __future__ import annotations
+
+from unittest.mock import patch
+
+import pytest
+import torch
+
+from scorekit.analytic import GaussianMixture
+from scorekit.pfode import pf_ode_reference
+from scorekit.samplers import AUTO_TELEPORT, REGISTRY, sample
+from scorekit.samplers.accelerators import GaussianFlow, gaussian_jump, with_gaussian_jump
+from scorekit.samplers.defaults import Choice, auto_sigmas
+from scorekit.samplers.dpm3 import EMS
+from scorekit.schedules import loglinear
+
+F64 = torch.float64
+
+
+def _gaussian(d: int = 6, seed: int = 0) -> tuple[GaussianMixture, GaussianFlow]:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=g, dtype=F64)
+    cov = a @ a.T / d + 0.02 * torch.eye(d, dtype=F64)
+    mean = torch.randn(d, generator=g, dtype=F64)
+    return GaussianMixture(mean[None], cov[None], torch.ones(1, dtype=F64)), GaussianFlow(mean, cov)
+
+
+def _mixture(d: int = 8, seed: int = 1) -> GaussianMixture:
+    """Two overlapping isotropic components of different variances: non-Gaussian, smooth."""
+    g = torch.Generator().manual_seed(seed)
+    means = 0.8 * torch.randn(2, d, generator=g, dtype=F64)
+    return GaussianMixture(means, torch.tensor([[0.3], [1.0]], dtype=F64).expand(2, d),
+                           torch.tensor([0.4, 0.6], dtype=F64))  # fmt: skip
+
+
+def _noise(n: int, d: int, sigma: float, seed: int = 2) -> torch.Tensor:
+    return sigma * torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.5, 3.0])
+def test_gaussian_jump_is_the_exact_end_point_on_gaussian_data(sigma):
+    gm, flow = _gaussian()
+    x = pf_ode_reference(gm, _noise(32, 6, 80.0), 80.0, sigma, rtol=1e-11, atol=1e-11)
+    want = pf_ode_reference(gm, x, sigma, 0.0, rtol=1e-11, atol=1e-11)
+    d = gm(x, torch.full((32,), sigma, dtype=F64))
+    got = gaussian_jump(flow, x, d, sigma)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    assert float((d - want).abs().max()) > 100 * 1e-7  # the plain jump is not exact
+
+
+def test_jump_correction_of_a_diagonal_covariance_in_both_forms():
+    var = torch.tensor([0.1, 1.0, 3.0], dtype=F64)
+    mean = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    x = _noise(5, 3, 2.0)
+    a, b = GaussianFlow(mean, var), GaussianFlow(mean, torch.diag(var))
+    torch.testing.assert_close(a.jump_correction(x, 0.7), b.jump_correction(x, 0.7))
+    lam = var / (var + 0.49)  # by hand: (sqrt(a) - a) (x - m) per coordinate
+    torch.testing.assert_close(a.jump_correction(x, 0.7), (lam.sqrt() - lam) * (x - mean))
+
+
+def test_with_gaussian_jump_corrects_the_samplers_last_step_only():
+    gm = _mixture()
+    flow = GaussianFlow.from_mixture(gm)
+    x, sig = _noise(16, 8, 40.0), loglinear(6, 0.2, 40.0).to(F64)
+    seen, kept = [], {}
+
+    def spy(info):
+        seen.append(float(info["sigma"]))
+        if float(info["sigma"]) > 0:
+            kept.update(info)
+
+    plain = REGISTRY["unipc"](gm, x.clone(), sig, callback=spy, order=3)
+    got = with_gaussian_jump("unipc", flow)(gm, x.clone(), sig, order=3, callback=seen.append)
+    assert len(seen) == 2 * 6  # the user's callback still sees every node
+    torch.testing.assert_close(plain, kept["denoised"], rtol=0, atol=0)
+    want = kept["denoised"] + flow.jump_correction(kept["x"], float(kept["sigma"]))
+    torch.testing.assert_close(got, want)
+    wrapped = with_gaussian_jump(REGISTRY["unipc"], flow)
+    assert wrapped.nfe(sig, order=3) == 6 and wrapped.nfe_formula(6, {}) == 6
+    with pytest.raises(ValueError, match=r"ipndm does not end with x = D\(x, sigma_last\)"):
+        with_gaussian_jump("ipndm", flow)(gm, x.clone(), sig)
+    with pytest.raises(TypeError, match="gaussian must be a GaussianFlow; got Tensor"):
+        with_gaussian_jump("unipc", flow.mean)
+
+
+@pytest.mark.parametrize("options", [{}, {"corrector": True}, {"order": 2}])
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_dpm_solver_v3_with_the_gaussian_is_exact_on_gaussian_data(steps, options):
+    gm, flow = _gaussian()
+    x = _noise(16, 6, 80.0)
+    want = pf_ode_reference(gm, x, 80.0, 0.0, rtol=1e-11, atol=1e-11)
+    sig = torch.cat([loglinear(steps - 1, 0.3, 80.0).to(F64)[:-1] if steps > 1 else
+                     torch.tensor([80.0], dtype=F64), torch.zeros(1, dtype=F64)])  # fmt: skip
+    got = REGISTRY["dpm_solver_v3"](gm, x.clone(), sig, gaussian=flow, **options)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    plain = REGISTRY["dpm_solver_v3"](gm, x.clone(), sig, **options)
+    assert float((plain - want).abs().max()) > 1e-3
+
+
+def test_dpm_solver_v3_with_the_gaussian_converges_on_a_mixture():
+    gm = _mixture()
+    flow = GaussianFlow.from_mixture(gm)
+    x = _noise(64, 8, 20.0)
+    want = pf_ode_reference(gm, x, 20.0, 0.0, rtol=1e-11, atol=1e-11)
+
+    def err(n):
+        sig = loglinear(n, 0.005, 20.0).to(F64)
+        out = REGISTRY["dpm_solver_v3"](gm, x.clone(), sig, gaussian=flow, long_step=None)
+        return float((out - want).square().mean().sqrt())
+
+    e = [err(n) for n in (16, 32, 64)]
+    assert e[0] > e[1] > e[2]
+    assert e[1] / e[2] > 2**1.7  # at least second order (the predictor's, as without statistics)
+
+
+def test_dpm_solver_v3_gaussian_refusals():
+    gm, flow = _gaussian()
+    x, sig = _noise(4, 6, 10.0), loglinear(3, 0.1, 10.0).to(F64)
+
+    with pytest.raises(ValueError, match=r"give statistics .* or gaussian .*, not both"):
+        REGISTRY["dpm_solver_v3"](gm, x, sig, gaussian=flow, statistics=EMS.degenerate((6,)))
+    with pytest.raises(ValueError, match="a Gaussian of 3 values per row; x has 6"):
+        REGISTRY["dpm_solver_v3"](gm, x, sig, gaussian=GaussianFlow(torch.zeros(3, dtype=F64),
+                                                                    torch.ones(3, dtype=F64)))  # fmt: skip
+    with pytest.raises(TypeError, match="gaussian must be a GaussianFlow; got dict"):
+        REGISTRY["dpm_solver_v3"](gm, x, sig, gaussian={})
+
+
+def test_choice_jump_values():
+    Choice("unipc", {}, "karras", 0.1, 4.0, "teleport", "gaussian")
+    with pytest.raises(ValueError, match="jump must be 'tweedie' or 'gaussian'; got 'exact'"):
+        Choice("unipc", {}, "karras", 0.1, 4.0, "teleport", "exact")
+    with pytest.raises(ValueError, match="jump='gaussian' needs the data's Gaussian"):
+        Choice("unipc", {}, "karras", 0.1, None, "sigma_max", "gaussian")
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        Choice("unipc", {"order": 2}, "loglinear", 0.2, 2.0, "teleport", "gaussian"),
+        Choice("dpm_solver_v3", {"order": 3}, "loglinear", 0.2, 2.0, "teleport", "gaussian"),
+    ],
+)
+def test_sample_auto_runs_a_gaussian_jump_choice(choice):
+    gm = _mixture()
+    flow = GaussianFlow.from_mixture(gm)
+    z = _noise(8, 8, 1.0, seed=5)
+    with patch.dict(AUTO_TELEPORT, {5: choice}):
+        got = sample(gm, (8, 8), nfe=5, sampler="auto", gaussian=flow, noise=z, sigma_max=80.0,
+                     dtype=F64)  # fmt: skip
+    sig, top = auto_sigmas(choice, 5, 80.0, evals=flow.evals)
+    start = flow(80.0 * z, 80.0, top)
+    if choice.sampler == "dpm_solver_v3":
+        want = REGISTRY["dpm_solver_v3"](gm, start, sig, gaussian=flow, **choice.options)
+    else:
+        want = with_gaussian_jump(choice.sampler, flow)(gm, start, sig, **choice.options)
+    torch.testing.assert_close(got, want)
+    plain = REGISTRY[choice.sampler](gm, start, sig, **choice.options)
+    assert not torch.allclose(got, plain)
