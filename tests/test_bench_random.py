@@ -16,6 +16,7 @@ import torch
 from scorekit.bench.samplers import add_arguments, run
 from scorekit.bench.samplers.random_suite import (
     BLOCK_B,
+    BLOCK_C,
     _key,
     build,
     candidates,
@@ -61,6 +62,16 @@ def test_block_b_is_new_problems_of_the_same_family():
         specs(1001, 0, False, block_b=True)
     with pytest.raises(ValueError, match=r"--part: got 'b'; allowed: held-out, held-out-b"):
         run_suite(out=Path("unused"), quick=True, part="b")
+
+
+def test_block_c_is_held_out_only_with_new_seeds():
+    abc = specs(20, 0, False, block_b=True, block_c=True)
+    assert abc[:40] == specs(20, 0, False, block_b=True)  # blocks a and b unchanged
+    c = abc[40:]
+    assert [s.index for s in c] == list(range(BLOCK_C + 1, BLOCK_C + 20, 2))
+    assert {s.part for s in c} == {"held-out-c"}  # no tuning problem: the tuning part stays a + b
+    assert not {s.seed for s in c} & {s.seed for s in specs(BLOCK_B, 0, False, block_b=True)}
+    assert all(2 <= s.components <= 64 and 0.5 <= s.separation <= 8 for s in c)
 
 
 @pytest.mark.peer
