@@ -293,7 +293,9 @@ def sample(
             (``accelerators.GaussianFlow(mean, cov)``, e.g. from data rows through
             ``analytic.gaussian_approximation``): the start ``sigma_max z`` is moved without denoiser
             calls along its exact probability-flow ODE to the top of the band (Wang & Vastola 2024)
-            and every call is spent inside the band.
+            and every call is spent inside the band. Where the table's choice says
+            ``jump="gaussian"``, the Gaussian is used beyond the start too: the last step is
+            ``accelerators.gaussian_jump`` (``dpm_solver_v3`` runs with ``gaussian=``).
         **options: the sampler's own keyword options (misspelt ones are a TypeError).
 
     Returns:
