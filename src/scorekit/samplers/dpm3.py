@@ -158,17 +158,17 @@ class _Step:
         return (torch.exp(-self.L) * x64).to(x.dtype)
 
 
-def _l_at(statistics: EMS | None, lam: float, ndim: int) -> Tensor:
-    """``l`` at ``lam``: ``[1, ...]`` per coordinate (``1`` without statistics)."""
+def _l_at(statistics: EMS | None, lam: float, ndim: int, device: torch.device) -> Tensor:
+    """``l`` at ``lam``: ``[1, ...]`` per coordinate (``1`` without statistics), on ``device``."""
     if statistics is None:
-        return torch.ones([1] * (ndim - 1), dtype=torch.float64)
-    return statistics.at(torch.tensor([lam], dtype=torch.float64))[0][0]
+        return torch.ones([1] * (ndim - 1), dtype=torch.float64, device=device)
+    return statistics.at(torch.tensor([lam], dtype=torch.float64))[0][0].to(device)
 
 
 def _make_step(
-    statistics: EMS | None, lam_s: float, lam_t: float, ndim: int
+    statistics: EMS | None, lam_s: float, lam_t: float, ndim: int, device: torch.device
 ) -> tuple[_Step, Tensor]:
-    """The step's quadrature and ``l`` at ``lambda_s``."""
+    """The step's quadrature and ``l`` at ``lambda_s`` (computed on the host, moved to ``device``)."""
     grid = torch.linspace(lam_s, lam_t, _SUB + 1, dtype=torch.float64)
     if statistics is None:
         l = torch.ones(_SUB + 1, dtype=torch.float64).reshape(-1, *([1] * (ndim - 1)))
@@ -185,8 +185,9 @@ def _make_step(
     Br = _cumtrapz(torch.exp(-Sr) * bv, dx)  # relative to lambda_s
     e = torch.exp(Lr + Sr)
     taus = (grid - lam_s).reshape(-1, *([1] * (e.ndim - 1)))
-    step = _Step(lam_s, dx, e, taus, Lr[-1], Sr[-1], Br[-1], _simpson(e * Br, dx))
-    return step, l[0]
+    parts = (e, taus, Lr[-1], Sr[-1], Br[-1], _simpson(e * Br, dx))
+    step = _Step(lam_s, dx, *(v.to(device) for v in parts))
+    return step, l[0].to(device)
 
 
 @sampler(nfe=lambda n, o: n)
@@ -311,9 +312,9 @@ def _solve(model, x, s, statistics, callback, progress, *, order, corrector, cor
         d = model(x, s0)
         lam_s = -math.log(s0)
         if s1 > 0:
-            step, l0 = _make_step(statistics, lam_s, -math.log(s1), x.ndim)
+            step, l0 = _make_step(statistics, lam_s, -math.log(s1), x.ndim, x.device)
         else:
-            l0 = _l_at(statistics, lam_s, x.ndim)
+            l0 = _l_at(statistics, lam_s, x.ndim, x.device)
         f = (1 - l0).to(x.dtype) * x - d
         if plan is not None:  # UniC-style: redo the last step with g at its end point as a node
             prev, x_prev, taus, g = plan
