@@ -12,6 +12,9 @@ centred and scaled to unit mean per-coordinate variance. Even ``j`` form the **t
 ``problems`` more from the same generator at indices ``BLOCK_B`` (1000) on, so with new seeds;
 its even problems (**tuning-b**) join the tuning part and its odd ones form **held-out-b**, which no
 choice and no rule was ever fitted to (the held-out part of block a, once looked at, is "seen").
+``--part held-out-c`` adds block c: the odd indices of ``BLOCK_C`` (2000) on, all held out
+(**held-out-c**), drawn once the candidates of the Gaussian jump and the Gaussian DPM-Solver-v3 had
+been added and chosen on the same 20 tuning problems (held-out-b had been seen by then).
 
 Measure. As ``scorekit bench samplers``: noise ``x_T = sigma_max z`` (``sigma_max`` = 157.4, the
 DDPM linear table's last sigma; ``rows`` rows per problem, own seed per problem), the exact
@@ -24,7 +27,9 @@ runs a ``samplers.defaults.Choice``: either a schedule from ``sigma_max`` to a l
 the Tweedie jump to 0), or the teleport start: the data's Gaussian approximation (mean and covariance
 of ``STATS_ROWS`` exact samples of the mixture, drawn with the problem's own seed, as a user estimates
 them from data rows) moves ``x_T`` along its exact flow to ``top sqrt(max lam)`` and every call is
-spent in the band ``schedules.spectral_band`` down to ``last sqrt(mean lam)``; or, without data
+spent in the band ``schedules.spectral_band`` down to ``last sqrt(mean lam)`` (also with the
+Gaussian beyond the start, ``Choice.jump="gaussian"``: the last step ``accelerators.gaussian_jump``,
+or ``dpm_solver_v3`` with the Gaussian's exact statistics, ``gdpm3``/``gdpm3c``); or, without data
 statistics, the jump start: the first call at ``sigma_max``, the others on a band from ``top`` to
 ``last`` (in data scales). The grid of candidates
 was pruned from a wider search on the tuning problems only (teleport tops 1-16, jump tops 2-8, last
