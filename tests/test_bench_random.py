@@ -23,6 +23,7 @@ from scorekit.bench.samplers.random_suite import (
     choice_of,
     data_flow,
     run_suite,
+    select,
     specs,
 )
 from scorekit.pfode import pf_ode_reference
@@ -62,6 +63,17 @@ def test_block_b_is_new_problems_of_the_same_family():
         specs(1001, 0, False, block_b=True)
     with pytest.raises(ValueError, match=r"--part: got 'b'; allowed: held-out, held-out-b"):
         run_suite(out=Path("unused"), quick=True, part="b")
+
+
+def test_the_fits_start_is_never_a_gaussian_candidate():
+    """``select(teleport=None)`` (the fitted row's start) skips ``/gj`` and ``gdpm3*`` keys even when
+    they score best: the fits wrap the plain sampler. ``teleport=True`` may pick them."""
+    errs = {"unipc2/tele4/karras/0.2": 0.5, "unipc2/tele4/karras/0.2/gj": 0.1,
+            "gdpm3/tele4/karras/0.2": 0.2, "unipc2/loglinear/0.1": 0.9}  # fmt: skip
+    tuning = [{"scorekit": {k: {4: e} for k, e in errs.items()}, "diffusers": {4: ("x", 1.0)}}]
+    assert select(tuning, [4], teleport=None)[4]["config"] == "unipc2/tele4/karras/0.2"
+    assert select(tuning, [4], teleport=True)[4]["config"] == "unipc2/tele4/karras/0.2/gj"
+    assert select(tuning, [4], teleport=False)[4]["config"] == "unipc2/loglinear/0.1"
 
 
 def test_block_c_is_held_out_only_with_new_seeds():

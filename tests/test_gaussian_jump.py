@@ -84,16 +84,20 @@ def test_with_gaussian_jump_corrects_the_samplers_last_step_only():
         with_gaussian_jump("ipndm", flow)(gm, x.clone(), sig)
     with pytest.raises(TypeError, match="gaussian must be a GaussianFlow; got Tensor"):
         with_gaussian_jump("unipc", flow.mean)
+    with pytest.raises(ValueError, match="sampler: dpm_solver_v3 with gaussian= already ends"):
+        with_gaussian_jump("dpm_solver_v3", flow)(gm, x.clone(), sig, gaussian=flow)
+    with pytest.raises(ValueError, match="sigma must be > 0"):
+        flow.jump_correction(x, 0.0)
 
 
-@pytest.mark.parametrize("options", [{}, {"corrector": True}, {"order": 2}])
-@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("options", [{}, {"corrector": True}, {"order": 2}, {"pseudo_order": True}])
+@pytest.mark.parametrize("steps", [1, 2, 3, 5])
 def test_dpm_solver_v3_with_the_gaussian_is_exact_on_gaussian_data(steps, options):
     gm, flow = _gaussian()
     x = _noise(16, 6, 80.0)
     want = pf_ode_reference(gm, x, 80.0, 0.0, rtol=1e-11, atol=1e-11)
-    sig = torch.cat([loglinear(steps - 1, 0.3, 80.0).to(F64)[:-1] if steps > 1 else
-                     torch.tensor([80.0], dtype=F64), torch.zeros(1, dtype=F64)])  # fmt: skip
+    sig = loglinear(steps, 0.3, 80.0).to(F64)  # steps - 1 solver steps, then the Gaussian jump
+    assert len(sig) == steps + 1
     got = REGISTRY["dpm_solver_v3"](gm, x.clone(), sig, gaussian=flow, **options)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
     plain = REGISTRY["dpm_solver_v3"](gm, x.clone(), sig, **options)
@@ -160,3 +164,29 @@ def test_sample_auto_runs_a_gaussian_jump_choice(choice):
     torch.testing.assert_close(got, want)
     plain = REGISTRY[choice.sampler](gm, start, sig, **choice.options)
     assert not torch.allclose(got, plain)
+
+
+def test_dpm_solver_v3_with_the_gaussian_reports_and_returns_data_coordinates():
+    """Images ``[B, C, H, W]``, float32, a diagonal Gaussian given as ``[d]``, and the callback: the
+    states and ``D`` it sees are in the data's coordinates (``D`` equals the denoiser at that state)."""
+    g = torch.Generator().manual_seed(4)
+    var = 0.1 + torch.rand(12, generator=g, dtype=F64)
+    mean = torch.randn(12, generator=g, dtype=F64)
+    gm = GaussianMixture(mean[None], var[None], torch.ones(1, dtype=F64))
+    flow = GaussianFlow(mean, var)
+    x = 20.0 * torch.randn(4, 3, 2, 2, generator=g)  # float32, 12 values per row
+    want = flow(x.double().reshape(4, 12), 20.0, 0.0).reshape(4, 3, 2, 2)
+
+    def den(v, sigma):
+        return gm(v.reshape(4, 12).double(), sigma.double()).reshape(v.shape).to(v.dtype)
+
+    seen = []
+    got = REGISTRY["dpm_solver_v3"](den, x, loglinear(4, 0.2, 20.0), gaussian=flow,
+                                    callback=seen.append)  # fmt: skip
+    assert got.shape == x.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
+    assert len(seen) == 4
+    for info in seen:
+        assert info["x"].shape == x.shape
+        sig = torch.full((4,), float(info["sigma"]))
+        torch.testing.assert_close(info["denoised"], den(info["x"], sig), rtol=0, atol=1e-5)

@@ -102,13 +102,26 @@ def with_teleport(sampler: Callable | str, gaussian: GaussianFlow) -> Callable:
     return teleported
 
 
+#: registry samplers whose last step is not ``x = D(x, sigma_last)`` (multistep extrapolations of
+#: the noise to sigma = 0, fitted coefficients).
+NOT_JUMP = frozenset({"deis", "ipndm", "bespoke"})
+_NO_JUMP = (
+    "does not end with x = D(x, sigma_last); allowed: a sampler whose last step is that jump "
+    "(the registry's others, e.g. euler, dpmpp_2m, unipc, heun)"
+)
+
+
 def with_gaussian_jump(sampler: Callable | str, gaussian: GaussianFlow) -> Callable:
     """A sampler whose final step ``x = D(x, sigma_last)`` is replaced by ``gaussian_jump``.
 
     The wrapped sampler runs ``sampler`` with a callback that keeps the state and ``D`` at the last
-    nonzero sigma, then corrects its result. It needs a sampler whose last step is that jump (every
-    ODE and SDE sampler of the registry), and refuses one whose result differs from ``D`` there. No
-    extra denoiser call: ``nfe`` is the sampler's. A ``callback=`` option is still called.
+    nonzero sigma, then corrects its result. It needs a sampler whose last step is that jump: the
+    registry's samplers except ``deis``, ``ipndm`` and ``bespoke`` (refused up front) and
+    ``dpm_solver_v3(gaussian=...)`` (which ends with it already); a sampler whose result differs from
+    ``D`` at its last node is refused after the run. After a corrector step (``unipc``,
+    ``sa_solver``, ``dc_solver``, ``dpm_solver_v3(corrector=True)``) the reported state is the
+    corrected one and ``D`` the predicted one's, as in the samplers' own last step. No extra
+    denoiser call: ``nfe`` is the sampler's. A ``callback=`` option is still called.
     """
     if isinstance(sampler, str):
         name, fn = sampler, get_sampler(sampler)
@@ -118,9 +131,17 @@ def with_gaussian_jump(sampler: Callable | str, gaussian: GaussianFlow) -> Calla
         raise TypeError(f"sampler must be a function or a name; got {type(sampler).__name__}")
     if not isinstance(gaussian, GaussianFlow):
         raise TypeError(f"gaussian must be a GaussianFlow; got {type(gaussian).__name__}")
+    label = name or getattr(fn, "__name__", "the sampler")
+    if name in NOT_JUMP:
+        raise ValueError(f"sampler: {name} {_NO_JUMP}")
 
     @functools.wraps(fn)
     def jumped(denoiser, x, sigmas, callback=None, **options):
+        if options.get("gaussian") is not None:
+            raise ValueError(
+                f"sampler: {label} with gaussian= already ends with the Gaussian jump; allowed: "
+                "with_gaussian_jump or gaussian=, not both"
+            )
         last = {}
 
         def keep(info):
@@ -131,11 +152,7 @@ def with_gaussian_jump(sampler: Callable | str, gaussian: GaussianFlow) -> Calla
 
         out = fn(denoiser, x, sigmas, callback=keep, **options)
         if not last or not torch.equal(out, last["denoised"]):
-            raise ValueError(
-                f"with_gaussian_jump: {getattr(fn, '__name__', 'the sampler')} does not end with "
-                "x = D(x, sigma_last) at its last reported node; allowed: samplers whose last step "
-                "is that jump (the registry's ODE and SDE samplers)"
-            )
+            raise ValueError(f"sampler: {label} {_NO_JUMP}")
         return gaussian_jump(gaussian, last["x"], last["denoised"], float(last["sigma"]))
 
     if name is not None:

@@ -58,7 +58,9 @@ class Choice:
         if self.jump not in ("tweedie", "gaussian"):
             raise ValueError(f"jump must be 'tweedie' or 'gaussian'; got {self.jump!r}")
         if self.jump == "gaussian" and self.start != "teleport":
-            raise ValueError(f"jump='gaussian' needs the data's Gaussian: start='teleport'; got {self}")
+            raise ValueError(
+                f"jump='gaussian' needs the data's Gaussian, start='teleport'; got start={self.start!r}"
+            )
         if (self.top is None) != (self.start == "sigma_max"):
             raise ValueError(f"top is given exactly for the jump and teleport starts; got {self}")
 

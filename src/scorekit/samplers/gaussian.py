@@ -85,6 +85,8 @@ class GaussianFlow:
         flat = x.reshape(x.shape[0], -1)
         if flat.shape[1] != self.dim:
             raise ValueError(f"x must have {self.dim} values per row; got shape {tuple(x.shape)}")
+        if not float(sigma) > 0:
+            raise ValueError(f"sigma must be > 0 (the last nonzero noise level); got {sigma}")
         a = self.evals / (self.evals + float(sigma) ** 2)
         y = flat.to(self.mean.dtype) - self.mean
         if self.evecs is None:

@@ -317,13 +317,21 @@ def ratios_of(problems: list[dict], key: str, nfe: int) -> list[float]:
     return [p["scorekit"][key][nfe] / p["diffusers"][nfe][1] for p in problems]
 
 
+def _is_gaussian(key: str) -> bool:
+    """Whether a candidate key uses the Gaussian beyond the teleport (``/gj`` or ``gdpm3*``)."""
+    return key.endswith("/gj") or key.startswith("gdpm")
+
+
 def select(tuning: list[dict], nfes, teleport: bool | None = True) -> dict[int, dict]:
     """Per NFE, the candidate with the lowest ``max(median / 0.5, worst / 0.8)`` on ``tuning``:
     among all candidates (``teleport=True``), those without the teleport start (``False``) or those
-    with it (``None``: the start of the fitted row)."""
+    with it and without the Gaussian beyond it (``None``: the start of the fitted row, whose fits
+    wrap the plain sampler)."""
     chosen = {}
     keys = [k for k in tuning[0]["scorekit"]
             if teleport or (("/tele" in k) == (teleport is None))]  # fmt: skip
+    if teleport is None:  # the fits (random_fitted) wrap the plain sampler: no Gaussian candidates
+        keys = [k for k in keys if not _is_gaussian(k)]
     for nfe in nfes:
         best = None
         for key in keys:
@@ -349,7 +357,8 @@ def _run_problem(spec: Spec, cfg: dict, only: set[str] | None, log) -> dict:
     problem = _problem(spec, cfg["rows"], cfg["rtol"])
     reused = cfg["reuse"].get(spec.index) or (old or {}).get("diffusers")
     flow = data_flow(spec, problem.gm)
-    have = {} if old is None else old["scorekit"]  # a reused record's candidates are not rerun
+    wanted = {_key(c) for c in cands}  # a reused record's candidates are not rerun; stale keys go
+    have = {} if old is None else {k: v for k, v in old["scorekit"].items() if k in wanted}
     todo = [c for c in cands if not _covers({"scorekit": have}, [c], cfg["nfes"])]
     rec = {
         "spec": asdict(spec),
@@ -501,7 +510,8 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
         name = p + (" (fresh)" if p == part and p != "held-out" else "")
         texts += [table_text(tables[p][k], labels[k], part=name) for k in ("stats", "no_stats")]
     if cfg["fit"]:  # the fits and their start, on the part the fits are measured on
-        texts.append(table_text(tables[part]["teleport"], labels["teleport"], part=part))
+        fresh = part + (" (fresh)" if part != "held-out" else "")
+        texts.append(table_text(tables[part]["teleport"], labels["teleport"], part=fresh))
         tables[part]["fitted"] = fitted_table(held[part], nfes)
         texts.append(fitted_text(tables[part]["fitted"], part))
     text = "\n\n".join(texts)
