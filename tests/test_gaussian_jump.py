@@ -12,7 +12,13 @@ import torch
 from scorekit.analytic import GaussianMixture
 from scorekit.pfode import pf_ode_reference
 from scorekit.samplers import AUTO_TELEPORT, REGISTRY, sample
-from scorekit.samplers.accelerators import GaussianFlow, gaussian_jump, with_gaussian_jump
+from scorekit.samplers.accelerators import (
+    GaussianFlow,
+    extrapolated_jump,
+    gaussian_jump,
+    with_extrapolated_jump,
+    with_gaussian_jump,
+)
 from scorekit.samplers.defaults import Choice, auto_sigmas
 from scorekit.samplers.dpm3 import EMS
 from scorekit.schedules import loglinear
@@ -135,7 +141,9 @@ def test_dpm_solver_v3_gaussian_refusals():
 
 def test_choice_jump_values():
     Choice("unipc", {}, "karras", 0.1, 4.0, "teleport", "gaussian")
-    with pytest.raises(ValueError, match="jump must be 'tweedie' or 'gaussian'; got 'exact'"):
+    with pytest.raises(
+        ValueError, match="jump must be 'tweedie', 'gaussian' or 'extrapolated'; got 'exact'"
+    ):
         Choice("unipc", {}, "karras", 0.1, 4.0, "teleport", "exact")
     with pytest.raises(ValueError, match="jump='gaussian' needs the data's Gaussian"):
         Choice("unipc", {}, "karras", 0.1, None, "sigma_max", "gaussian")
@@ -190,3 +198,61 @@ def test_dpm_solver_v3_with_the_gaussian_reports_and_returns_data_coordinates():
         assert info["x"].shape == x.shape
         sig = torch.full((4,), float(info["sigma"]))
         torch.testing.assert_close(info["denoised"], den(info["x"], sig), rtol=0, atol=1e-5)
+
+
+def test_extrapolated_jump_is_fourth_order_in_sigma_on_the_exact_path():
+    """On the exact ODE path of a mixture, the plain jump errs by O(sigma^2), the sigma^2
+    extrapolation of the last two D's by O(sigma^4): halving both sigmas cuts it about 16x."""
+    gm = _mixture(d=4)
+    x = pf_ode_reference(gm, _noise(64, 4, 20.0), 20.0, 0.4, rtol=1e-11, atol=1e-11)
+    want = pf_ode_reference(gm, x, 0.4, 0.0, rtol=1e-11, atol=1e-11)
+
+    def errors(s):  # sigma_p = 2 s, sigma_s = s, both on the exact path
+        xp = pf_ode_reference(gm, x, 0.4, 2 * s, rtol=1e-11, atol=1e-11)
+        xs = pf_ode_reference(gm, x, 0.4, s, rtol=1e-11, atol=1e-11)
+        dp, ds = (gm(v, torch.full((64,), t, dtype=F64)) for v, t in ((xp, 2 * s), (xs, s)))
+        plain = float((ds - want).square().mean().sqrt())
+        extra = extrapolated_jump((2 * s, s), (dp, ds))
+        return plain, float((extra - want).square().mean().sqrt())
+
+    (p1, e1), (p2, e2) = errors(0.1), errors(0.05)
+    assert 3.0 < p1 / p2 < 5.0  # the plain jump: second order
+    assert e1 / e2 > 10.0 and e1 < p1 / 5  # the extrapolation: fourth order, and far smaller
+    with pytest.raises(ValueError, match="sigma_p > sigma_s > 0"):
+        extrapolated_jump((0.1, 0.2), (want, want))
+
+
+def test_with_extrapolated_jump_uses_the_last_two_calls():
+    gm = _mixture()
+    x, sig = _noise(16, 8, 40.0), loglinear(6, 0.2, 40.0).to(F64)
+    nodes = []
+
+    def spy(info):
+        if float(info["sigma"]) > 0:
+            nodes.append(info)
+
+    REGISTRY["unipc"](gm, x.clone(), sig, callback=spy, order=2)
+    got = with_extrapolated_jump("unipc")(gm, x.clone(), sig, order=2)
+    p, s = nodes[-2:]
+    sp, ss = float(p["sigma"]), float(s["sigma"])
+    want = s["denoised"] - ss**2 / (sp**2 - ss**2) * (p["denoised"] - s["denoised"])
+    torch.testing.assert_close(got, want)
+    one = torch.tensor([0.3, 0.0], dtype=F64)  # one call: nothing to extrapolate, the plain jump
+    torch.testing.assert_close(with_extrapolated_jump("euler")(gm, x.clone(), one),
+                               REGISTRY["euler"](gm, x.clone(), one))  # fmt: skip
+    with pytest.raises(ValueError, match="sampler: deis does not end with"):
+        with_extrapolated_jump("deis")
+
+
+def test_sample_auto_runs_an_extrapolated_choice():
+    gm = _mixture()
+    z = _noise(8, 8, 1.0, seed=6)
+    choice = Choice("unipc", {"order": 3}, "loglinear", 0.05, None, "sigma_max", "extrapolated")
+    from scorekit.samplers import AUTO
+
+    with patch.dict(AUTO, {10: choice}):
+        got = sample(gm, (8, 8), nfe=10, sampler="auto", noise=z, sigma_max=80.0, dtype=F64)
+    sig, _ = auto_sigmas(choice, 10, 80.0)
+    want = with_extrapolated_jump("unipc")(gm, 80.0 * z, sig, order=3)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, REGISTRY["unipc"](gm, 80.0 * z, sig, order=3))

@@ -68,7 +68,11 @@ from torch import Tensor
 from scorekit._util import check_int
 from scorekit.denoiser import data_scale
 from scorekit.samplers import registry
-from scorekit.samplers.accelerators import GaussianFlow, with_gaussian_jump
+from scorekit.samplers.accelerators import (
+    GaussianFlow,
+    with_extrapolated_jump,
+    with_gaussian_jump,
+)
 from scorekit.samplers.adaptive import adaptive_ode, adaptive_sde
 from scorekit.samplers.bespoke import BespokeSolver, bespoke, linear_coefficients
 from scorekit.samplers.common import PresetNoise, check_sigmas, row_generators
@@ -203,7 +207,7 @@ def schedule_sigmas(
 
 
 def _auto(denoiser, nfe, sigmas, schedule, sigma_min, sigma_max, gaussian, options):
-    """``sample``'s ``sampler="auto"``: ``(sampler, options, sigmas, teleport_to, gaussian_jump)`` from
+    """``sample``'s ``sampler="auto"``: ``(sampler, options, sigmas, teleport_to, jump)`` from
     the tables of ``samplers.defaults`` (``AUTO_TELEPORT`` with ``gaussian``, ``AUTO`` without)."""
     if nfe is None or sigmas is not None:
         raise ValueError(
@@ -223,7 +227,7 @@ def _auto(denoiser, nfe, sigmas, schedule, sigma_min, sigma_max, gaussian, optio
         choice, n, float(sigma_max), evals=None if gaussian is None else gaussian.evals,
         scale=data_scale(denoiser) or 1.0, schedule=fn, sigma_min=sigma_min,
     )  # fmt: skip
-    return choice.sampler, options, s, teleport_to, choice.jump == "gaussian"
+    return choice.sampler, options, s, teleport_to, choice.jump
 
 
 def sample(
@@ -295,7 +299,8 @@ def sample(
             calls along its exact probability-flow ODE to the top of the band (Wang & Vastola 2024)
             and every call is spent inside the band. Where the table's choice says
             ``jump="gaussian"``, the Gaussian is used beyond the start too: the last step is
-            ``accelerators.gaussian_jump`` (``dpm_solver_v3`` runs with ``gaussian=``).
+            ``accelerators.gaussian_jump`` (``dpm_solver_v3`` runs with ``gaussian=``). A choice
+            with ``jump="extrapolated"`` ends with ``accelerators.extrapolated_jump`` instead.
         **options: the sampler's own keyword options (misspelt ones are a TypeError).
 
     Returns:
@@ -310,13 +315,13 @@ def sample(
             )
     if sigma_max is None:
         sigma_max = default_sigma_max(denoiser)
-    teleport_to, jump = None, False
+    teleport_to, jump = None, "tweedie"
     if sampler == "auto":
         sampler, options, sigmas, teleport_to, jump = _auto(
             denoiser, nfe, sigmas, schedule, sigma_min, sigma_max, gaussian, options
         )
-        if jump and sampler == "dpm_solver_v3":
-            options, jump = {**options, "gaussian": gaussian}, False
+        if jump == "gaussian" and sampler == "dpm_solver_v3":
+            options, jump = {**options, "gaussian": gaussian}, "tweedie"
     elif gaussian is not None:
         raise ValueError(
             f"gaussian= is the teleport start of sampler='auto'; got sampler={sampler!r} (wrap a "
@@ -327,8 +332,10 @@ def sample(
     sigma_min = 0.002 if sigma_min is None else sigma_min
     fn = get_sampler(sampler)
     options_of(sampler, options)
-    if jump:
+    if jump == "gaussian":
         fn = with_gaussian_jump(fn, gaussian)
+    elif jump == "extrapolated":
+        fn = with_extrapolated_jump(fn)
     shape = tuple(int(v) for v in shape)
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"shape must be [B, ...] with rank >= 2 and positive sizes; got {shape}")

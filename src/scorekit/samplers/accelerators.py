@@ -38,7 +38,15 @@ from scorekit.samplers.gaussian import GaussianFlow, gaussian_jump
 from scorekit.samplers.registry import REGISTRY, get_sampler
 from scorekit.samplers.registry import nfe as nfe_of
 
-__all__ = ["GaussianFlow", "gaussian_jump", "teleport", "with_gaussian_jump", "with_teleport"]
+__all__ = [
+    "GaussianFlow",
+    "extrapolated_jump",
+    "gaussian_jump",
+    "teleport",
+    "with_extrapolated_jump",
+    "with_gaussian_jump",
+    "with_teleport",
+]
 
 
 def teleport(gaussian: GaussianFlow, x: Tensor, sigma_from, sigma_to) -> Tensor:
@@ -111,6 +119,44 @@ _NO_JUMP = (
 )
 
 
+def _with_last_step(sampler: Callable | str, tag: str, finish: Callable, check=None) -> Callable:
+    """``sampler`` with its last step ``x = D(x, sigma_last)`` replaced by ``finish(nodes)``, where
+    ``nodes`` are the callback records (``sigma``, ``x``, ``denoised``) of its last two nonzero
+    sigmas (one when it has one). ``check(label, options)`` may refuse options before the run."""
+    if isinstance(sampler, str):
+        name, fn = sampler, get_sampler(sampler)
+    elif callable(sampler):
+        fn, name = sampler, next((k for k, v in REGISTRY.items() if v is sampler), None)
+    else:
+        raise TypeError(f"sampler must be a function or a name; got {type(sampler).__name__}")
+    label = name or getattr(fn, "__name__", "the sampler")
+    if name in NOT_JUMP:
+        raise ValueError(f"sampler: {name} {_NO_JUMP}")
+
+    @functools.wraps(fn)
+    def wrapped(denoiser, x, sigmas, callback=None, **options):
+        if check is not None:
+            check(label, options)
+        nodes: list[dict] = []
+
+        def keep(info):
+            if float(info["sigma"]) > 0 and info.get("denoised") is not None:
+                nodes[:] = [*nodes[-1:], info]
+            if callback is not None:
+                callback(info)
+
+        out = fn(denoiser, x, sigmas, callback=keep, **options)
+        if not nodes or not torch.equal(out, nodes[-1]["denoised"]):
+            raise ValueError(f"sampler: {label} {_NO_JUMP}")
+        return finish(nodes)
+
+    if name is not None:
+        wrapped.nfe = lambda sigmas, **options: nfe_of(name, sigmas, **options)
+        wrapped.nfe_formula = REGISTRY[name].nfe_formula
+    wrapped.__name__ = f"{tag}_{getattr(fn, '__name__', 'sampler')}"
+    return wrapped
+
+
 def with_gaussian_jump(sampler: Callable | str, gaussian: GaussianFlow) -> Callable:
     """A sampler whose final step ``x = D(x, sigma_last)`` is replaced by ``gaussian_jump``.
 
@@ -123,40 +169,52 @@ def with_gaussian_jump(sampler: Callable | str, gaussian: GaussianFlow) -> Calla
     corrected one and ``D`` the predicted one's, as in the samplers' own last step. No extra
     denoiser call: ``nfe`` is the sampler's. A ``callback=`` option is still called.
     """
-    if isinstance(sampler, str):
-        name, fn = sampler, get_sampler(sampler)
-    elif callable(sampler):
-        fn, name = sampler, next((k for k, v in REGISTRY.items() if v is sampler), None)
-    else:
-        raise TypeError(f"sampler must be a function or a name; got {type(sampler).__name__}")
     if not isinstance(gaussian, GaussianFlow):
         raise TypeError(f"gaussian must be a GaussianFlow; got {type(gaussian).__name__}")
-    label = name or getattr(fn, "__name__", "the sampler")
-    if name in NOT_JUMP:
-        raise ValueError(f"sampler: {name} {_NO_JUMP}")
 
-    @functools.wraps(fn)
-    def jumped(denoiser, x, sigmas, callback=None, **options):
+    def check(label, options):
         if options.get("gaussian") is not None:
             raise ValueError(
                 f"sampler: {label} with gaussian= already ends with the Gaussian jump; allowed: "
                 "with_gaussian_jump or gaussian=, not both"
             )
-        last = {}
 
-        def keep(info):
-            if float(info["sigma"]) > 0 and info.get("denoised") is not None:
-                last.update(info)
-            if callback is not None:
-                callback(info)
-
-        out = fn(denoiser, x, sigmas, callback=keep, **options)
-        if not last or not torch.equal(out, last["denoised"]):
-            raise ValueError(f"sampler: {label} {_NO_JUMP}")
+    def finish(nodes):
+        last = nodes[-1]
         return gaussian_jump(gaussian, last["x"], last["denoised"], float(last["sigma"]))
 
-    if name is not None:
-        jumped.nfe = lambda sigmas, **options: nfe_of(name, sigmas, **options)
-        jumped.nfe_formula = REGISTRY[name].nfe_formula
-    jumped.__name__ = f"gaussian_jump_{getattr(fn, '__name__', 'sampler')}"
-    return jumped
+    return _with_last_step(sampler, "gaussian_jump", finish, check)
+
+
+def extrapolated_jump(sigmas: tuple[float, float], denoised: tuple[Tensor, Tensor]) -> Tensor:
+    """The last step from the two last calls: ``D`` extrapolated to sigma = 0 linearly in sigma^2,
+
+        x_0 = D_s - sigma_s^2 (D_p - D_s) / (sigma_p^2 - sigma_s^2),
+
+    ``(sigma_p, sigma_s)`` the last two nonzero sigmas (``sigma_p > sigma_s``) and ``D_p, D_s`` the
+    denoiser's outputs there. Why sigma^2: along the probability-flow path of a smooth density,
+    ``x(sigma) = x_0 - sigma^2 s / 2 + O(sigma^4)`` and ``D = x + sigma^2 s``, with ``s`` the score of
+    the data at ``x_0``, so ``D(x(sigma), sigma) = x_0 + sigma^2 s / 2 + O(sigma^4)``: the jump
+    ``x_0 = D_s`` errs by ``O(sigma_s^2)``, the extrapolation by ``O(sigma^4)`` (Richardson
+    extrapolation, on the samples ``D`` along the path). No extra call and no statistics.
+    """
+    (sp, ss), (dp, ds) = (float(v) for v in sigmas), denoised
+    if not sp > ss > 0:
+        raise ValueError(
+            f"sigmas must be (sigma_p, sigma_s) with sigma_p > sigma_s > 0; got {sigmas}"
+        )
+    return ds - (ss**2 / (sp**2 - ss**2)) * (dp - ds)
+
+
+def with_extrapolated_jump(sampler: Callable | str) -> Callable:
+    """A sampler whose final step ``x = D(x, sigma_last)`` is replaced by ``extrapolated_jump`` of
+    its last two calls (the plain jump when it makes one call). Same contract as
+    ``with_gaussian_jump``: samplers ending with that jump, no extra call."""
+
+    def finish(nodes):
+        if len(nodes) < 2:
+            return nodes[-1]["denoised"]
+        (p, s) = nodes
+        return extrapolated_jump((p["sigma"], s["sigma"]), (p["denoised"], s["denoised"]))
+
+    return _with_last_step(sampler, "extrapolated_jump", finish)

@@ -20,7 +20,9 @@ Two tables, because one rule needs something only the user has:
 A choice is ``Choice(sampler, options, schedule, last, top, start, jump)``. ``jump="gaussian"`` (with the
 teleport start only) also spends the Gaussian approximation on the rest of the path: the sampler's
 final step ``x = D`` becomes ``accelerators.gaussian_jump``, and ``dpm_solver_v3`` runs with the
-statistics that are exact for the Gaussian (``dpm_solver_v3(gaussian=...)``).
+statistics that are exact for the Gaussian (``dpm_solver_v3(gaussian=...)``). ``jump="extrapolated"``
+(any start) makes the last step ``accelerators.extrapolated_jump``: ``D`` of the last two calls
+extrapolated to sigma = 0 in sigma^2.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class Choice:
     """One NFE's pick: sampler (registry name) and options, schedule name, ``last`` (the last nonzero
     sigma in RMS data scales), ``top`` (the band's top: in ``sqrt(max eigenvalue)`` units for
     ``start="teleport"``, in data scales for ``"jump"``; unused for ``"sigma_max"``), ``start`` and
-    ``jump`` (``"gaussian"``: the Gaussian approximation beyond the start, module docstring)."""
+    ``jump`` (``"gaussian"``: the Gaussian approximation beyond the start; ``"extrapolated"``: the last
+    step extrapolated from the last two calls; module docstring)."""
 
     sampler: str
     options: dict = field(default_factory=dict)
@@ -55,8 +58,10 @@ class Choice:
     def __post_init__(self):
         if self.start not in ("sigma_max", "jump", "teleport"):
             raise ValueError(f"start must be 'sigma_max', 'jump' or 'teleport'; got {self.start!r}")
-        if self.jump not in ("tweedie", "gaussian"):
-            raise ValueError(f"jump must be 'tweedie' or 'gaussian'; got {self.jump!r}")
+        if self.jump not in ("tweedie", "gaussian", "extrapolated"):
+            raise ValueError(
+                f"jump must be 'tweedie', 'gaussian' or 'extrapolated'; got {self.jump!r}"
+            )
         if self.jump == "gaussian" and self.start != "teleport":
             raise ValueError(
                 f"jump='gaussian' needs the data's Gaussian, start='teleport'; got start={self.start!r}"

@@ -117,10 +117,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--suite random: diffusers' per-problem bests from DIR/results.json (same settings)",
     )  # fmt: skip
     parser.add_argument(
-        "--part", choices=("held-out", "held-out-b", "held-out-c"), default="held-out",
+        "--part", choices=("held-out", "held-out-b", "held-out-c", "held-out-d"), default="held-out",
         help="--suite random: held-out-b adds block b (new seeds): its tuning-b half joins the "
         "tuning part, its held-out-b half is reported apart (used by no choice); held-out-c adds "
-        "block c's odd problems, all held out (the tuning part stays blocks a and b)",
+        "block c's odd problems, all held out (the tuning part stays blocks a and b); held-out-d "
+        "adds block d likewise",
     )  # fmt: skip
     parser.add_argument(
         "--reuse-tuning", default=None, metavar="DIR",

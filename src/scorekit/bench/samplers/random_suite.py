@@ -78,7 +78,7 @@ from scorekit.bench.samplers.measure import Problem, rms_error
 from scorekit.bench.samplers.random_fitted import fitted_errors, fitted_table, fitted_text
 from scorekit.pfode import pf_ode_reference
 from scorekit.process import DiscreteProcess
-from scorekit.samplers.accelerators import GaussianFlow, with_gaussian_jump
+from scorekit.samplers.accelerators import GaussianFlow, with_extrapolated_jump, with_gaussian_jump
 from scorekit.samplers.defaults import AUTO, AUTO_TELEPORT, Choice, auto_sigmas
 from scorekit.samplers.registry import get_sampler
 
@@ -121,6 +121,9 @@ GAUSSIAN_SAMPLERS = [
     ("gdpm3", "dpm_solver_v3", {"order": 3}),
     ("gdpm3c", "dpm_solver_v3", {"order": 3, "corrector": True}),
 ]
+#: samplers whose candidates (every start) are also run with the extrapolated last step
+#: (``Choice.jump="extrapolated"``, ``accelerators.extrapolated_jump``; keys ending ``/x2``).
+EXTRAPOLATED_SAMPLERS = ("unipc2", "unipc3")
 #: jump candidates (no data statistics; in data scales): (top, last) of the band after the first call.
 JUMP_BANDS = [(t, lo) for t in (4.0, 8.0) for lo in (0.05, 0.1, 0.2)]
 #: data rows from which the teleport's mean and covariance are estimated.
@@ -130,9 +133,12 @@ BLOCK_B = 1000
 #: first problem index of block c (``--part held-out-c``): only its odd problems are drawn, all held
 #: out (**held-out-c**); the tuning part stays that of blocks a and b.
 BLOCK_C = 2000
+#: first problem index of block d (``--part held-out-d``): likewise, odd problems only, all held out;
+#: drawn once the extrapolated last step had been added and chosen on the same tuning part.
+BLOCK_D = 3000
 #: the parts a run reports: ``held-out`` (block a) or ``held-out-b`` (blocks a and b, tuning on both
 #: tuning parts, reported on both held-out parts).
-PARTS = ("held-out", "held-out-b", "held-out-c")
+PARTS = ("held-out", "held-out-b", "held-out-c", "held-out-d")
 
 
 @dataclass(frozen=True)
@@ -149,18 +155,20 @@ class Spec:
 
 
 def specs(problems: int, seed: int, quick: bool, block_b: bool = False,
-          block_c: bool = False) -> list[Spec]:  # fmt: skip
+          block_c: bool = False, block_d: bool = False) -> list[Spec]:  # fmt: skip
     """The suite's problems, deterministic in ``(problems, seed, quick)``; even index = tuning.
 
     ``block_b``: also block b, ``problems`` more of the same family drawn by the same generator from
     indices ``BLOCK_B ..`` (seeds no run of block a uses): even = ``tuning-b``, odd = ``held-out-b``.
-    ``block_c``: also the odd indices of ``BLOCK_C .. BLOCK_C + problems`` (``held-out-c``).
+    ``block_c``, ``block_d``: also the odd indices of ``BLOCK_C .. BLOCK_C + problems``
+    (``held-out-c``), of ``BLOCK_D ..`` (``held-out-d``).
     """
     if block_b and problems > BLOCK_B:
         raise ValueError(f"--problems: got {problems} with block b; allowed: at most {BLOCK_B}")
     out = []
     idx = list(range(problems)) + (list(range(BLOCK_B, BLOCK_B + problems)) if block_b else [])
     idx += list(range(BLOCK_C + 1, BLOCK_C + problems, 2)) if block_c else []
+    idx += list(range(BLOCK_D + 1, BLOCK_D + problems, 2)) if block_d else []
     for j in idx:
         s = mix_seed(SUITE_SEED, seed, j)
         g = torch.Generator().manual_seed(s)
@@ -169,7 +177,7 @@ def specs(problems: int, seed: int, quick: bool, block_b: bool = False,
         comps = 2 ** (1 + int(u[1] * (2 if quick else 6)))  # 2..8 quick, 2..64
         full = u[2] < 0.5 and comps * dim * dim <= 2**17
         sep = 0.5 * 16 ** u[3]  # log-uniform in [0.5, 8]
-        block = "-c" if j >= BLOCK_C else "-b" if j >= BLOCK_B else ""
+        block = "-d" if j >= BLOCK_D else "-c" if j >= BLOCK_C else "-b" if j >= BLOCK_B else ""
         part = ("tuning" if j % 2 == 0 else "held-out") + block
         out.append(Spec(j, part, dim, comps, "full" if full else "iso", sep, s))
     return out
@@ -203,8 +211,8 @@ def data_flow(spec: Spec, gm: GaussianMixture, rows: int = STATS_ROWS) -> Gaussi
 def _key(c) -> str:
     lab, _, _, top, sch, lo, start, jump = c
     tag = "" if start == "sigma_max" else f"{'tele' if start == 'teleport' else 'jump'}{top:g}/"
-    gj = "/gj" if jump == "gaussian" and not lab.startswith("gdpm") else ""
-    return f"{lab}/{tag}{sch}/{lo:g}{gj}"
+    end = {"gaussian": "" if lab.startswith("gdpm") else "/gj", "extrapolated": "/x2"}.get(jump, "")
+    return f"{lab}/{tag}{sch}/{lo:g}{end}"
 
 
 def candidates(quick: bool) -> list[tuple]:
@@ -229,6 +237,9 @@ def candidates(quick: bool) -> list[tuple]:
     ]
     out += [(lab, name, opts, top, sch, lo, "teleport", "gaussian") for lab, name, opts in gauss
             for sch in ("karras", "loglinear") for top, lo in bands]  # fmt: skip
+    # the last step extrapolated from the last two calls (any start): unipc 2 and 3
+    out += [(*c[:7], "extrapolated") for c in out
+            if c[7] == "tweedie" and c[0] in EXTRAPOLATED_SAMPLERS]  # fmt: skip
     return out
 
 
@@ -266,6 +277,8 @@ def run_choice(problem: Problem, flow: GaussianFlow, c, nfe: int) -> Tensor:
         options = {**options, "gaussian": flow}
     elif choice.jump == "gaussian":
         fn = with_gaussian_jump(fn, flow)
+    elif choice.jump == "extrapolated":
+        fn = with_extrapolated_jump(fn)
     return fn(problem.gm, x, sig, **options)
 
 
@@ -317,21 +330,30 @@ def ratios_of(problems: list[dict], key: str, nfe: int) -> list[float]:
     return [p["scorekit"][key][nfe] / p["diffusers"][nfe][1] for p in problems]
 
 
-def _is_gaussian(key: str) -> bool:
-    """Whether a candidate key uses the Gaussian beyond the teleport (``/gj`` or ``gdpm3*``)."""
+def _uses_gaussian(key: str) -> bool:
+    """Whether a candidate spends the data's Gaussian beyond the teleport (``/gj``, ``gdpm3*``). The
+    selection leaves these out: chosen on the tuning part (``bench_out/samplers_gj``) they met the
+    goal on held-out-c but made the digits UNet's FD worse at every NFE, so no default may use them
+    (docs/choosing-a-sampler.md); they stay measured in the records."""
     return key.endswith("/gj") or key.startswith("gdpm")
+
+
+def _own_end(key: str) -> bool:
+    """Whether a candidate has its own last step or solver (``/gj``, ``/x2``, ``gdpm3*``): the fits
+    of ``random_fitted`` wrap the plain sampler, so these are no start for them."""
+    return _uses_gaussian(key) or key.endswith("/x2")
 
 
 def select(tuning: list[dict], nfes, teleport: bool | None = True) -> dict[int, dict]:
     """Per NFE, the candidate with the lowest ``max(median / 0.5, worst / 0.8)`` on ``tuning``:
     among all candidates (``teleport=True``), those without the teleport start (``False``) or those
-    with it and without the Gaussian beyond it (``None``: the start of the fitted row, whose fits
-    wrap the plain sampler)."""
+    with it and without an end of its own (``None``: the start of the fitted row, whose fits wrap
+    the plain sampler). Never a candidate that uses the Gaussian beyond the teleport
+    (``_uses_gaussian``)."""
     chosen = {}
     keys = [k for k in tuning[0]["scorekit"]
             if teleport or (("/tele" in k) == (teleport is None))]  # fmt: skip
-    if teleport is None:  # the fits (random_fitted) wrap the plain sampler: no Gaussian candidates
-        keys = [k for k in keys if not _is_gaussian(k)]
+    keys = [k for k in keys if not (_own_end(k) if teleport is None else _uses_gaussian(k))]
     for nfe in nfes:
         best = None
         for key in keys:
@@ -473,9 +495,9 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
                 "seed": seed, "suite_seed": SUITE_SEED}  # fmt: skip
     cfg = {**settings, "nfes": nfes, "part": part, "reuse": _reuse(reuse_diffusers, settings),
            "reuse_tuning": _reuse_tuning(reuse_tuning, settings)}  # fmt: skip
-    all_specs = specs(
-        problems, seed, quick, block_b=part != "held-out", block_c=part == "held-out-c"
-    )
+    all_specs = specs(problems, seed, quick, block_b=part != "held-out",
+                      block_c=part in ("held-out-c", "held-out-d"),
+                      block_d=part == "held-out-d")  # fmt: skip
     log(f"random suite: {len(all_specs)} problems ({rows} rows each), NFE {list(nfes)}")
     out.mkdir(parents=True, exist_ok=True)
     tuning = []
