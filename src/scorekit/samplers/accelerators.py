@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from scorekit.samplers.gaussian import GaussianFlow, gaussian_jump
-from scorekit.samplers.registry import REGISTRY, get_sampler
+from scorekit.samplers.registry import REGISTRY, STOCHASTIC, get_sampler
 from scorekit.samplers.registry import nfe as nfe_of
 
 __all__ = [
@@ -201,7 +201,7 @@ def extrapolated_jump(sigmas: tuple[float, float], denoised: tuple[Tensor, Tenso
     (sp, ss), (dp, ds) = (float(v) for v in sigmas), denoised
     if not sp > ss > 0:
         raise ValueError(
-            f"sigmas must be (sigma_p, sigma_s) with sigma_p > sigma_s > 0; got {sigmas}"
+            f"sigmas must be (sigma_p, sigma_s) with sigma_p > sigma_s > 0; got ({sp:.6g}, {ss:.6g})"
         )
     return ds - (ss**2 / (sp**2 - ss**2)) * (dp - ds)
 
@@ -209,7 +209,19 @@ def extrapolated_jump(sigmas: tuple[float, float], denoised: tuple[Tensor, Tenso
 def with_extrapolated_jump(sampler: Callable | str) -> Callable:
     """A sampler whose final step ``x = D(x, sigma_last)`` is replaced by ``extrapolated_jump`` of
     its last two calls (the plain jump when it makes one call). Same contract as
-    ``with_gaussian_jump``: samplers ending with that jump, no extra call."""
+    ``with_gaussian_jump``: samplers ending with that jump, no extra call. The extrapolation assumes
+    the two calls lie on one probability-flow path, so the registry's stochastic samplers (noise
+    between the calls) are refused."""
+    name = (
+        sampler
+        if isinstance(sampler, str)
+        else next((k for k, v in REGISTRY.items() if v is sampler), None)
+    )
+    if name in STOCHASTIC:
+        raise ValueError(
+            f"sampler: {name} adds noise between its calls; allowed: a deterministic sampler "
+            "ending with x = D(x, sigma_last) (e.g. euler, dpmpp_2m, unipc, heun)"
+        )
 
     def finish(nodes):
         if len(nodes) < 2:

@@ -217,9 +217,10 @@ def _key(c) -> str:
 
 def candidates(quick: bool) -> list[tuple]:
     """``(sampler label, registry name, options, top or None, schedule, last sigma, start, jump)`` of
-    every candidate (``start``: ``"sigma_max"``, ``"jump"`` or ``"teleport"``; ``jump``: ``"tweedie"``
-    or ``"gaussian"``; as ``defaults.Choice``). Keys end in ``/gj`` for a teleport sampler with the
-    Gaussian jump; ``gdpm3*`` are DPM-Solver-v3 with the Gaussian's statistics."""
+    every candidate (``start``: ``"sigma_max"``, ``"jump"`` or ``"teleport"``; ``jump``: ``"tweedie"``,
+    ``"gaussian"`` or ``"extrapolated"``; as ``defaults.Choice``). Keys end in ``/gj`` for a teleport
+    sampler with the Gaussian jump and in ``/x2`` for the extrapolated jump; ``gdpm3*`` are
+    DPM-Solver-v3 with the Gaussian's statistics."""
     samplers = CANDIDATE_SAMPLERS[::2] if quick else CANDIDATE_SAMPLERS
     lasts = (0.05, 0.25) if quick else SIGMA_LAST
     floor = DiscreteProcess.linear().sigma_min  # uniform_t stays inside the DDPM table
@@ -544,7 +545,7 @@ def run_suite(*, out: Path, problems: int = 20, rows: int = 64, seed: int = 0, q
         "part": part, "chosen": chosen, "tuning_problems": tuning,
         "seconds": time.perf_counter() - t0,
     }  # fmt: skip
-    for p in PARTS:  # held_out, held_out_b, held_out_c (tables) and their *_problems (records)
+    for p in PARTS:  # held_out, held_out_b, ... (tables) and their *_problems (records)
         result[p.replace("-", "_")] = tables.get(p, {})
         result[p.replace("-", "_") + "_problems"] = held[p]
     atomic_write_json(out / "results.json", result)
