@@ -68,11 +68,7 @@ from torch import Tensor
 from scorekit._util import check_int
 from scorekit.denoiser import data_scale
 from scorekit.samplers import registry
-from scorekit.samplers.accelerators import (
-    GaussianFlow,
-    with_extrapolated_jump,
-    with_gaussian_jump,
-)
+from scorekit.samplers.accelerators import GaussianFlow, with_last_step
 from scorekit.samplers.adaptive import adaptive_ode, adaptive_sde
 from scorekit.samplers.bespoke import BespokeSolver, bespoke, linear_coefficients
 from scorekit.samplers.common import PresetNoise, check_sigmas, row_generators
@@ -320,8 +316,6 @@ def sample(
         sampler, options, sigmas, teleport_to, jump = _auto(
             denoiser, nfe, sigmas, schedule, sigma_min, sigma_max, gaussian, options
         )
-        if jump == "gaussian" and sampler == "dpm_solver_v3":
-            options, jump = {**options, "gaussian": gaussian}, "tweedie"
     elif gaussian is not None:
         raise ValueError(
             f"gaussian= is the teleport start of sampler='auto'; got sampler={sampler!r} (wrap a "
@@ -330,12 +324,8 @@ def sample(
     schedule = "karras" if schedule is None else schedule
     grid_min = sigma_min  # None: the default grid of schedule_sigmas
     sigma_min = 0.002 if sigma_min is None else sigma_min
-    fn = get_sampler(sampler)
     options_of(sampler, options)
-    if jump == "gaussian":
-        fn = with_gaussian_jump(fn, gaussian)
-    elif jump == "extrapolated":
-        fn = with_extrapolated_jump(fn)
+    fn, options = with_last_step(sampler, options, jump, gaussian)
     shape = tuple(int(v) for v in shape)
     if len(shape) < 2 or min(shape) < 1:
         raise ValueError(f"shape must be [B, ...] with rank >= 2 and positive sizes; got {shape}")

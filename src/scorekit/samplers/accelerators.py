@@ -45,6 +45,7 @@ __all__ = [
     "teleport",
     "with_extrapolated_jump",
     "with_gaussian_jump",
+    "with_last_step",
     "with_teleport",
 ]
 
@@ -56,6 +57,15 @@ def teleport(gaussian: GaussianFlow, x: Tensor, sigma_from, sigma_to) -> Tensor:
     (Wang & Vastola 2024, eq. 9, in the sigma frame). No denoiser calls.
     """
     return gaussian(x, sigma_from, sigma_to)
+
+
+def _resolve(sampler: Callable | str) -> tuple[str | None, Callable]:
+    """``(registry name or None, function)`` of a sampler given by name or as a function."""
+    if isinstance(sampler, str):
+        return sampler, get_sampler(sampler)
+    if callable(sampler):
+        return next((k for k, v in REGISTRY.items() if v is sampler), None), sampler
+    raise TypeError(f"sampler must be a function or a name; got {type(sampler).__name__}")
 
 
 def with_teleport(sampler: Callable | str, gaussian: GaussianFlow) -> Callable:
@@ -74,13 +84,7 @@ def with_teleport(sampler: Callable | str, gaussian: GaussianFlow) -> Callable:
     Returns:
         The wrapped sampler; its ``nfe(sigmas, **options)`` attribute counts its denoiser calls.
     """
-    if isinstance(sampler, str):
-        name, fn = sampler, get_sampler(sampler)
-    elif callable(sampler):
-        fn = sampler
-        name = next((k for k, v in REGISTRY.items() if v is sampler), None)
-    else:
-        raise TypeError(f"sampler must be a function or a name; got {type(sampler).__name__}")
+    name, fn = _resolve(sampler)
     if not isinstance(gaussian, GaussianFlow):
         raise TypeError(f"gaussian must be a GaussianFlow; got {type(gaussian).__name__}")
 
@@ -119,19 +123,22 @@ _NO_JUMP = (
 )
 
 
-def _with_last_step(sampler: Callable | str, tag: str, finish: Callable, check=None) -> Callable:
+def _with_last_step(
+    sampler: Callable | str, tag: str, finish: Callable, check=None, deterministic: bool = False
+) -> Callable:
     """``sampler`` with its last step ``x = D(x, sigma_last)`` replaced by ``finish(nodes)``, where
     ``nodes`` are the callback records (``sigma``, ``x``, ``denoised``) of its last two nonzero
-    sigmas (one when it has one). ``check(label, options)`` may refuse options before the run."""
-    if isinstance(sampler, str):
-        name, fn = sampler, get_sampler(sampler)
-    elif callable(sampler):
-        fn, name = sampler, next((k for k, v in REGISTRY.items() if v is sampler), None)
-    else:
-        raise TypeError(f"sampler must be a function or a name; got {type(sampler).__name__}")
+    sigmas (one when it has one). ``check(label, options)`` may refuse options before the run;
+    ``deterministic`` refuses the registry's stochastic samplers."""
+    name, fn = _resolve(sampler)
     label = name or getattr(fn, "__name__", "the sampler")
     if name in NOT_JUMP:
         raise ValueError(f"sampler: {name} {_NO_JUMP}")
+    if deterministic and name in STOCHASTIC:
+        raise ValueError(
+            f"sampler: {name} adds noise between its calls; allowed: a deterministic sampler "
+            "ending with x = D(x, sigma_last) (e.g. euler, dpmpp_2m, unipc, heun)"
+        )
 
     @functools.wraps(fn)
     def wrapped(denoiser, x, sigmas, callback=None, **options):
@@ -212,16 +219,6 @@ def with_extrapolated_jump(sampler: Callable | str) -> Callable:
     ``with_gaussian_jump``: samplers ending with that jump, no extra call. The extrapolation assumes
     the two calls lie on one probability-flow path, so the registry's stochastic samplers (noise
     between the calls) are refused."""
-    name = (
-        sampler
-        if isinstance(sampler, str)
-        else next((k for k, v in REGISTRY.items() if v is sampler), None)
-    )
-    if name in STOCHASTIC:
-        raise ValueError(
-            f"sampler: {name} adds noise between its calls; allowed: a deterministic sampler "
-            "ending with x = D(x, sigma_last) (e.g. euler, dpmpp_2m, unipc, heun)"
-        )
 
     def finish(nodes):
         if len(nodes) < 2:
@@ -229,4 +226,19 @@ def with_extrapolated_jump(sampler: Callable | str) -> Callable:
         (p, s) = nodes
         return extrapolated_jump((p["sigma"], s["sigma"]), (p["denoised"], s["denoised"]))
 
-    return _with_last_step(sampler, "extrapolated_jump", finish)
+    return _with_last_step(sampler, "extrapolated_jump", finish, deterministic=True)
+
+
+def with_last_step(sampler: str, options: dict, jump: str, gaussian: GaussianFlow | None):
+    """``(function, options)`` that run registry sampler ``sampler`` with the last step ``jump`` of a
+    ``samplers.defaults.Choice``: ``"tweedie"`` (its own ``x = D``), ``"extrapolated"``
+    (``with_extrapolated_jump``) or ``"gaussian"`` (``with_gaussian_jump``; ``dpm_solver_v3`` takes
+    ``gaussian=`` instead, which also gives it the Gaussian's statistics)."""
+    fn = get_sampler(sampler)
+    if jump == "gaussian" and sampler == "dpm_solver_v3":
+        return fn, {**options, "gaussian": gaussian}
+    if jump == "gaussian":
+        return with_gaussian_jump(fn, gaussian), options
+    if jump == "extrapolated":
+        return with_extrapolated_jump(fn), options
+    return fn, options

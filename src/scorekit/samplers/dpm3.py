@@ -42,7 +42,7 @@ from scorekit.samplers.common import (
     sampler,
     steps,
 )
-from scorekit.samplers.gaussian import GaussianFlow
+from scorekit.samplers.gaussian import GaussianFlow, jump_gain
 
 __all__ = ["DPM3_HALF_SIGMA", "EMS", "dpm_solver_v3", "fit_ems"]
 
@@ -85,6 +85,11 @@ class EMS:
         w = (lam - self.lambdas[lo]) / (self.lambdas[hi] - self.lambdas[lo])
         w = w.reshape(-1, *([1] * (self.l.ndim - 1)))
         return tuple(torch.lerp(v[lo], v[hi], w) for v in (self.l, self.s, self.b))
+
+    def integral_l(self, lam: Tensor, l: Tensor) -> Tensor:
+        """``int_{lam[0]}^{lam} l`` on the uniform grid ``lam`` from the values ``l = at(lam)[0]``
+        (cumulative trapezoid; ``_GaussianStats`` integrates in closed form)."""
+        return _cumtrapz(l, float(lam[1] - lam[0]))
 
     def to_dict(self) -> dict:
         """Plain numbers and lists, for JSON."""
@@ -177,11 +182,7 @@ def _make_step(
         l, sv, bv = statistics.at(grid)
     dx = (lam_t - lam_s) / _SUB
     Sr = _cumtrapz(sv, dx)
-    Lr = (
-        statistics.cumulative_l(grid)
-        if isinstance(statistics, _GaussianStats)
-        else _cumtrapz(l, dx)
-    )
+    Lr = _cumtrapz(l, dx) if statistics is None else statistics.integral_l(grid, l)
     Br = _cumtrapz(torch.exp(-Sr) * bv, dx)  # relative to lambda_s
     e = torch.exp(Lr + Sr)
     taus = (grid - lam_s).reshape(-1, *([1] * (e.ndim - 1)))
@@ -359,9 +360,9 @@ class _GaussianStats:
         zero = torch.zeros_like(l)
         return l, zero, zero
 
-    def cumulative_l(self, lam: Tensor) -> Tensor:
+    def integral_l(self, lam: Tensor, l: Tensor) -> Tensor:
         """``int_{lam[0]}^{lam} l`` in closed form, ``[M, d]``: ``L = lambda - log(1 + lam e^{2 lambda}) / 2``
-        (so the linear part is integrated exactly, not by the trapezoid rule)."""
+        (so the linear part is integrated exactly, not by the trapezoid rule; ``l`` is unused)."""
         lam = lam.to(torch.float64)[:, None]
         big = lam - 0.5 * torch.log1p(self.lam * torch.exp(2.0 * lam))
         return big - big[:1]
@@ -389,9 +390,8 @@ def _in_eigenbasis(gaussian, model, x: Tensor, s, callback, progress, **options)
     def model_y(y: Tensor, sigma) -> Tensor:
         return to_y(model(to_x(y), sigma))
 
-    def final(y: Tensor, d_y: Tensor, sigma: float) -> Tensor:
-        a = lam / (lam + sigma**2)
-        return d_y + ((a.sqrt() - a).to(y.dtype)) * y
+    def final(y: Tensor, d_y: Tensor, sigma: float) -> Tensor:  # gaussian_jump, in y's coordinates
+        return d_y + jump_gain(lam, sigma).to(y.dtype) * y
 
     def report(info: dict) -> None:
         den = info["denoised"]

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from scorekit._util import append_dims, as_sigma
 
-__all__ = ["GaussianFlow", "gaussian_jump"]
+__all__ = ["GaussianFlow", "gaussian_jump", "jump_gain"]
 
 
 class GaussianFlow:
@@ -65,35 +65,41 @@ class GaussianFlow:
         ``sigma_from``, ``sigma_to``: numbers or ``[B]`` tensors, ``>= 0``; either direction works (the
         flow is invertible). Computed in the Gaussian's dtype, returned in ``x``'s.
         """
-        flat = x.reshape(x.shape[0], -1)
-        if flat.shape[1] != self.dim:
-            raise ValueError(f"x must have {self.dim} values per row; got shape {tuple(x.shape)}")
-        y = flat.to(self.mean.dtype) - self.mean
+        y = self._centred(x)
         s0 = as_sigma(sigma_from, y, name="sigma_from")
         s1 = as_sigma(sigma_to, y, name="sigma_to")
         lam = self.evals
         scale = ((lam + append_dims(s1, 2) ** 2) / (lam + append_dims(s0, 2) ** 2)).sqrt()  # [B, d]
-        if self.evecs is None:
-            out = self.mean + scale * y
-        else:
-            out = self.mean + ((y @ self.evecs) * scale) @ self.evecs.mT
-        return out.reshape(x.shape).to(x.dtype)
+        return (self.mean + self._scaled(y, scale)).reshape(x.shape).to(x.dtype)
 
     def jump_correction(self, x: Tensor, sigma: float) -> Tensor:
         """``U diag(sqrt(a) - a) U^T (x - m)`` with ``a = lam / (lam + sigma^2)``: the Gaussian's exact
         flow from ``sigma`` to 0 minus its denoiser at ``sigma`` (``gaussian_jump``)."""
+        y = self._centred(x)
+        gain = jump_gain(self.evals, sigma)
+        return self._scaled(y, gain).reshape(x.shape).to(x.dtype)
+
+    def _centred(self, x: Tensor) -> Tensor:
+        """``x - m`` as ``[B, d]`` rows in the Gaussian's dtype (``x`` must have ``d`` values per row)."""
         flat = x.reshape(x.shape[0], -1)
         if flat.shape[1] != self.dim:
             raise ValueError(f"x must have {self.dim} values per row; got shape {tuple(x.shape)}")
-        if not float(sigma) > 0:
-            raise ValueError(f"sigma must be > 0 (the last nonzero noise level); got {sigma}")
-        a = self.evals / (self.evals + float(sigma) ** 2)
-        y = flat.to(self.mean.dtype) - self.mean
+        return flat.to(self.mean.dtype) - self.mean
+
+    def _scaled(self, y: Tensor, scale: Tensor) -> Tensor:
+        """``U diag(scale) U^T y`` for rows ``y`` (``scale`` ``[d]`` or ``[B, d]``)."""
         if self.evecs is None:
-            out = (a.sqrt() - a) * y
-        else:
-            out = ((y @ self.evecs) * (a.sqrt() - a)) @ self.evecs.mT
-        return out.reshape(x.shape).to(x.dtype)
+            return scale * y
+        return ((y @ self.evecs) * scale) @ self.evecs.mT
+
+
+def jump_gain(evals: Tensor, sigma: float) -> Tensor:
+    """``sqrt(a) - a`` with ``a = lam / (lam + sigma^2)``, per eigenvalue: the Gaussian's exact flow
+    from ``sigma`` to 0 minus its denoiser at ``sigma``, along each eigenvector."""
+    if not float(sigma) > 0:
+        raise ValueError(f"sigma must be > 0 (the last nonzero noise level); got {sigma}")
+    a = evals / (evals + float(sigma) ** 2)
+    return a.sqrt() - a
 
 
 def gaussian_jump(gaussian: GaussianFlow, x: Tensor, denoised: Tensor, sigma: float) -> Tensor:
@@ -111,6 +117,4 @@ def gaussian_jump(gaussian: GaussianFlow, x: Tensor, denoised: Tensor, sigma: fl
     References: the Gaussian flow as in Wang & Vastola (TMLR 2024), eq. 9; the jump ``x_0 = D`` as in
     Karras et al. (EDM, 2022) and DPM-Solver++'s last step to sigma = 0.
     """
-    if not float(sigma) > 0:
-        raise ValueError(f"sigma must be > 0 (the last nonzero noise level); got {sigma}")
     return denoised + gaussian.jump_correction(x, sigma).to(denoised.dtype)

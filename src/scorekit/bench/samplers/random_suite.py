@@ -78,9 +78,8 @@ from scorekit.bench.samplers.measure import Problem, rms_error
 from scorekit.bench.samplers.random_fitted import fitted_errors, fitted_table, fitted_text
 from scorekit.pfode import pf_ode_reference
 from scorekit.process import DiscreteProcess
-from scorekit.samplers.accelerators import GaussianFlow, with_extrapolated_jump, with_gaussian_jump
+from scorekit.samplers.accelerators import GaussianFlow, with_last_step
 from scorekit.samplers.defaults import AUTO, AUTO_TELEPORT, Choice, auto_sigmas
-from scorekit.samplers.registry import get_sampler
 
 __all__ = [
     "CANDIDATE_SAMPLERS",
@@ -273,13 +272,7 @@ def run_choice(problem: Problem, flow: GaussianFlow, c, nfe: int) -> Tensor:
     n = steps_within(choice.sampler, choice.options, nfe)
     sig, top = auto_sigmas(choice, n, problem.sigma_max, evals=flow.evals)
     x = problem.x_t.clone() if top is None else flow(problem.x_t, problem.sigma_max, top)
-    fn, options = get_sampler(choice.sampler), choice.options
-    if choice.jump == "gaussian" and choice.sampler == "dpm_solver_v3":
-        options = {**options, "gaussian": flow}
-    elif choice.jump == "gaussian":
-        fn = with_gaussian_jump(fn, flow)
-    elif choice.jump == "extrapolated":
-        fn = with_extrapolated_jump(fn)
+    fn, options = with_last_step(choice.sampler, choice.options, choice.jump, flow)
     return fn(problem.gm, x, sig, **options)
 
 
